@@ -1,0 +1,79 @@
+"""Errors that name what went wrong: the sync, the table, the column, the row key and the rule.
+
+Every failure a user can cause (bad config, missing objects, bad rows) raises a subclass of
+:class:`SyncError`, so operators can fail the task with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+class SyncError(Exception):
+    """Base class; the message is prefixed with the context it was raised in."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sync_id: str | None = None,
+        table: str | None = None,
+        column: str | Sequence[str] | None = None,
+        key: Mapping[str, Any] | None = None,
+        rule: str | None = None,
+    ) -> None:
+        self.reason = message
+        self.sync_id = sync_id
+        self.table = table
+        self.column = column
+        self.key = dict(key) if key is not None else None
+        self.rule = rule
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        context = []
+        if self.sync_id:
+            context.append(f"sync={self.sync_id!r}")
+        if self.table:
+            context.append(f"table={self.table!r}")
+        if self.column:
+            column = self.column if isinstance(self.column, str) else ", ".join(self.column)
+            context.append(f"column={column!r}")
+        if self.key:
+            context.append("key=(" + ", ".join(f"{k}={v!r}" for k, v in self.key.items()) + ")")
+        if self.rule:
+            context.append(f"rule={self.rule}")
+        prefix = f"[{' '.join(context)}] " if context else ""
+        return prefix + self.reason
+
+    def with_context(self, **context: Any) -> SyncError:
+        """Fill in context the raiser did not know (e.g. the sync id), keeping what it did know."""
+        for name, value in context.items():
+            if getattr(self, name, None) is None:
+                setattr(self, name, value)
+        self.args = (self._render(),)
+        return self
+
+    def __str__(self) -> str:
+        return self._render()
+
+
+class ConfigurationError(SyncError):
+    """The sync is declared wrongly (bad option, missing cursor column for incremental mode...)."""
+
+
+class SourceUnavailableError(SyncError):
+    """The source or target could not be reached (missing connection, refused, auth failed)."""
+
+
+class SchemaError(SyncError):
+    """A table, column or primary key the sync needs does not exist or does not fit."""
+
+
+class DataError(SyncError):
+    """A row cannot be synced as it is: NULL or duplicate key, value the target cannot hold."""
+
+
+class UnsafeOperationError(SyncError):
+    """The load would do something a guard forbids (e.g. delete more than allowed)."""

@@ -1,0 +1,453 @@
+"""Incremental and full extraction from any SQLAlchemy source into staged Parquet batches.
+
+Rows are read in keyset pages ordered by ``(cursor, primary key)`` (incremental) or by the primary
+key (full), never with OFFSET.  All pages are read in one REPEATABLE READ transaction where the
+dialect has it, so a full extraction is a consistent snapshot (deletes are detected against it).
+Each page becomes one Parquet file; memory is bounded by ``batch_rows``, not by table size.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from airflow_sync_provider.core.errors import (
+    DataError,
+    SchemaError,
+    SourceUnavailableError,
+    SyncError,
+)
+from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
+from airflow_sync_provider.core.progress import LOG, Progress
+from airflow_sync_provider.core.schema import ColumnPlan, pg_type_for_arrow, plan_column
+from airflow_sync_provider.core.spec import SyncSpec
+from airflow_sync_provider.core.staging import StagingArea
+from airflow_sync_provider.core.state import SyncState
+from airflow_sync_provider.core.values import decode_row, encode_row, encode_value
+
+#: A pandas transform applied to every staged batch between extract and load.
+BatchTransform = Callable[[pd.DataFrame], pd.DataFrame]
+
+_FETCH_CHUNK = 10_000
+
+
+@dataclass(frozen=True)
+class SourceTable:
+    """A reflected source table and how each of its synced columns is read."""
+
+    table: sa.Table
+    dialect: str
+    primary_key: tuple[str, ...]
+    plans: tuple[ColumnPlan, ...]
+
+
+def reflect_source(engine: sa.Engine, spec: SyncSpec) -> SourceTable:
+    """Reflect the source table and check the columns the sync needs exist."""
+    try:
+        table = sa.Table(spec.source_table, sa.MetaData(), schema=spec.source_schema, autoload_with=engine)
+    except sa_exc.NoSuchTableError:
+        raise SchemaError(
+            "source table does not exist (check the name, schema and the connection's database)",
+            sync_id=spec.sync_id,
+            table=spec.qualified_source,
+        ) from None
+    except (sa_exc.OperationalError, sa_exc.InterfaceError) as error:
+        raise SourceUnavailableError(
+            f"cannot reach the source database: {_first_line(error.orig or error)}",
+            sync_id=spec.sync_id,
+            table=spec.qualified_source,
+        ) from error
+
+    names = [c.name for c in table.columns]
+    primary_key = spec.primary_key or tuple(c.name for c in table.primary_key.columns)
+    if not primary_key:
+        raise SchemaError(
+            "source table has no primary key; declare primary_key=(...) with columns that are "
+            "unique and not null, so rows can be merged and deletes detected",
+            sync_id=spec.sync_id,
+            table=spec.qualified_source,
+            rule="primary key required",
+        )
+    wanted = list(spec.columns) or names
+    for column in dict.fromkeys([*primary_key, *([spec.cursor_column] if spec.cursor_column else []), *wanted]):
+        if column not in table.c:
+            raise SchemaError(
+                f"column does not exist in the source table (it has: {', '.join(names)})",
+                sync_id=spec.sync_id,
+                table=spec.qualified_source,
+                column=column,
+            )
+    selected = list(dict.fromkeys([*primary_key, *wanted]))
+    plans = tuple(plan_column(table.c[name], engine.dialect.name) for name in selected)
+    return SourceTable(table=table, dialect=engine.dialect.name, primary_key=tuple(primary_key), plans=plans)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _is_temporal(column: sa.Column[Any]) -> bool:
+    return isinstance(column.type, (sa.DateTime, sa.Date))
+
+
+def compute_upper_bound(
+    engine: sa.Engine, spec: SyncSpec, source: SourceTable, logger: logging.Logger
+) -> tuple[Any, list[str]]:
+    """Upper bound (exclusive) on the cursor for this run, and notes on how it was chosen.
+
+    Read *before* the extraction snapshot is taken: any transaction that could still commit rows
+    with a cursor below the bound was open at this moment and so lowers the bound to its start.
+    Rows stamped with the database clock at write time (``DEFAULT now()``, triggers) are covered by
+    this guard; application-stamped cursors need ``lag`` (or ``lookback``) as well.
+    """
+    notes: list[str] = []
+    assert spec.cursor_column
+    cursor = source.table.c[spec.cursor_column]
+    if not _is_temporal(cursor):
+        notes.append("cursor is not a date/time: no time upper bound; late commits are covered only by lookback")
+        return None, notes
+
+    with engine.connect() as conn:
+        if source.dialect == "postgresql":
+            now, oldest, holder = conn.execute(
+                sa.text(
+                    "SELECT now(), a.xact_start, a.pid::text || ' (' || coalesce(a.application_name, '') || ')' "
+                    "FROM (SELECT 1) one LEFT JOIN LATERAL ("
+                    "  SELECT xact_start, pid, application_name FROM pg_stat_activity"
+                    "  WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    "    AND xact_start IS NOT NULL AND backend_type = 'client backend'"
+                    "  ORDER BY xact_start LIMIT 1) a ON true"
+                )
+            ).one()
+        elif source.dialect in ("mysql", "mariadb"):
+            now = conn.execute(sa.text("SELECT NOW(6)")).scalar_one()
+            oldest = holder = None
+            if spec.guard_open_transactions:
+                try:
+                    oldest, holder = (
+                        conn.execute(
+                            sa.text(
+                                "SELECT trx_started, CAST(trx_mysql_thread_id AS CHAR) FROM information_schema.innodb_trx "
+                                "WHERE trx_mysql_thread_id <> CONNECTION_ID() ORDER BY trx_started LIMIT 1"
+                            )
+                        ).one_or_none()
+                        or (None, None)
+                    )
+                except sa_exc.DBAPIError as error:
+                    notes.append(f"open-transaction guard unavailable ({_first_line(error.orig or error)}); relying on lag")
+        else:
+            now = conn.execute(sa.select(sa.func.current_timestamp())).scalar_one()
+            if isinstance(now, str):  # SQLite returns UTC text
+                now = dt.datetime.fromisoformat(now)
+            oldest = holder = None
+
+    bound = now - spec.lag
+    if spec.guard_open_transactions and oldest is not None and oldest < bound:
+        notes.append(f"upper bound lowered from {bound.isoformat()} to {oldest.isoformat()}: open transaction {holder}")
+        logger.info("sync %s: %s", spec.sync_id, notes[-1])
+        bound = oldest
+    timezone_aware = bool(getattr(cursor.type, "timezone", False))
+    if not timezone_aware and bound.tzinfo is not None:
+        bound = bound.replace(tzinfo=None)  # naive columns hold the session's local time
+    if isinstance(cursor.type, sa.Date) and not isinstance(cursor.type, sa.DateTime):
+        bound = bound.date()
+    return bound, notes
+
+
+def _lookback_start(spec: SyncSpec, cursor_value: Any) -> Any:
+    lookback = spec.lookback
+    if lookback is None or cursor_value is None:
+        return None
+    try:
+        return cursor_value - lookback
+    except TypeError:
+        raise SyncError(
+            f"lookback {lookback!r} cannot be subtracted from a cursor value of type {type(cursor_value).__name__}",
+            sync_id=spec.sync_id,
+            table=spec.qualified_source,
+            column=spec.cursor_column,
+        ) from None
+
+
+def _key_of(row: Sequence[Any], plans: Sequence[ColumnPlan], primary_key: Sequence[str]) -> dict[str, Any]:
+    index = {p.name: i for i, p in enumerate(plans)}
+    return {k: row[index[k]] for k in primary_key}
+
+
+def _to_arrow(
+    values: Sequence[Any], plan: ColumnPlan, rows: Sequence[Sequence[Any]], source: SourceTable, spec: SyncSpec
+) -> pa.Array:
+    try:
+        return pa.array(values, type=plan.arrow_type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, ValueError) as error:
+        for position, value in enumerate(values):  # slow path, only to name the bad row
+            try:
+                pa.array([value], type=plan.arrow_type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, ValueError):
+                raise DataError(
+                    f"value {value!r} cannot be staged as {plan.arrow_type} (target type {plan.pg_type}): {error}",
+                    sync_id=spec.sync_id,
+                    table=spec.qualified_source,
+                    column=plan.name,
+                    key=_key_of(rows[position], source.plans, source.primary_key),
+                    rule="type",
+                ) from error
+        raise
+
+
+def _rows_to_table(rows: Sequence[Sequence[Any]], source: SourceTable, spec: SyncSpec) -> pa.Table:
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in source.plans]
+    arrays = [_to_arrow(values, plan, rows, source, spec) for values, plan in zip(columns, source.plans, strict=True)]
+    return pa.Table.from_arrays(arrays, names=[p.name for p in source.plans])
+
+
+def apply_transform(table: pa.Table, transform: BatchTransform, spec: SyncSpec, batch_number: int) -> pa.Table:
+    """Run a pandas transform over one batch, keeping Arrow types exact (ArrowDtype round trip)."""
+    frame = table.to_pandas(types_mapper=pd.ArrowDtype)
+    try:
+        result = transform(frame)
+    except Exception as error:
+        raise SyncError(
+            f"transform {getattr(transform, '__name__', transform)!r} failed on batch {batch_number}: "
+            f"{type(error).__name__}: {error}",
+            sync_id=spec.sync_id,
+            table=spec.qualified_source,
+        ) from error
+    if not isinstance(result, pd.DataFrame):
+        raise SyncError(
+            f"transform must return a pandas DataFrame, got {type(result).__name__}",
+            sync_id=spec.sync_id,
+            table=spec.qualified_source,
+        )
+    return pa.Table.from_pandas(result, preserve_index=False)
+
+
+def extract_to_staging(
+    engine: sa.Engine,
+    spec: SyncSpec,
+    *,
+    state: SyncState | None,
+    staging: StagingArea,
+    run_id: str,
+    transform: BatchTransform | None = None,
+    logger: logging.Logger | None = None,
+) -> Manifest:
+    """Extract the rows past the committed watermark (or the whole table) into staged Parquet files."""
+    log = logger or LOG
+    started = time.monotonic()
+    source = reflect_source(engine, spec)
+    table = source.table
+    base_version = state.version if state else 0
+    low = state.watermark if state and spec.mode == "incremental" else None
+    notes: list[str] = []
+
+    if spec.mode == "incremental":
+        assert spec.cursor_column
+        order = [table.c[spec.cursor_column], *(table.c[k] for k in source.primary_key)]
+        _refuse_null_cursors(engine, spec, source)
+        upper, bound_notes = compute_upper_bound(engine, spec, source, log)
+        notes.extend(bound_notes)
+    else:
+        order = [table.c[k] for k in source.primary_key]
+        upper = None
+
+    after: tuple[Any, ...] | None = decode_row(low) if low else None
+    first_lower = _lookback_start(spec, after[0]) if after else None
+    if first_lower is not None:
+        notes.append(f"lookback: re-reading from {first_lower!r}")
+        after = None
+
+    manifest_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+    staging_dir = staging.batch_uri(spec.sync_id, manifest_id)
+    progress = Progress(f"sync {spec.sync_id}: extracted from {spec.qualified_source}", log)
+    files: list[StagedFile] = []
+    schema: pa.Schema | None = None
+    high: tuple[Any, ...] | None = after if after else (decode_row(low) if low else None)
+    order_index = [next(i for i, p in enumerate(source.plans) if p.name == c.name) for c in order]
+
+    connection = engine.connect()
+    try:
+        if source.dialect in ("postgresql", "mysql", "mariadb"):
+            connection = connection.execution_options(isolation_level="REPEATABLE READ")
+        with connection.begin():
+            while True:
+                query = sa.select(*(p.select for p in source.plans)).select_from(table)
+                if upper is not None:
+                    query = query.where(order[0] < sa.bindparam("upper_bound", upper, type_=order[0].type))
+                if after is not None:
+                    query = query.where(_after(order, after, source))
+                elif first_lower is not None:
+                    query = query.where(order[0] >= sa.bindparam("lookback_start", first_lower, type_=order[0].type))
+                query = query.order_by(*order).limit(spec.batch_rows)
+                rows = _fetch_page(connection, query, spec)
+                if not rows:
+                    break
+                last = rows[-1]
+                after = tuple(last[i] for i in order_index)
+                if high is None or spec.mode == "full" or _later(after, high):
+                    high = after
+                batch = _rows_to_table(rows, source, spec)
+                if transform is not None:
+                    batch = apply_transform(batch, transform, spec, len(files) + 1)
+                    _check_transformed(batch, source, spec)
+                if schema is None:
+                    schema = batch.schema
+                elif batch.schema != schema:
+                    batch = _conform(batch, schema, spec)
+                if batch.num_rows:
+                    file_uri = f"{staging_dir}/part-{len(files):05d}.parquet"
+                    with staging.open_writer(file_uri, schema) as writer:
+                        writer.write_table(batch)
+                    files.append(StagedFile(uri=file_uri, rows=batch.num_rows))
+                progress.add(batch.num_rows)
+                if len(rows) < spec.batch_rows:
+                    break
+    except sa_exc.DBAPIError as error:
+        raise SyncError(
+            f"extraction failed: {_first_line(error.orig or error)}", sync_id=spec.sync_id, table=spec.qualified_source
+        ) from error
+    finally:
+        connection.close()
+
+    if schema is None:  # nothing extracted: the column plan still tells the load how to create the table
+        schema = pa.schema([pa.field(p.name, p.arrow_type) for p in source.plans])
+    progress.done(f"{len(files)} staged file(s) in {staging_dir}")
+    manifest = Manifest(
+        sync_id=spec.sync_id,
+        run_id=run_id,
+        manifest_id=manifest_id,
+        mode=spec.mode,
+        source_table=spec.qualified_source,
+        target_schema=spec.target_schema,
+        target_table=spec.target_table,
+        primary_key=source.primary_key,
+        cursor_column=spec.cursor_column,
+        columns=_manifest_columns(schema, source),
+        files=tuple(files),
+        rows=sum(f.rows for f in files),
+        base_version=base_version,
+        watermark_low=low,
+        watermark_high=encode_row(high) if high is not None and spec.mode == "incremental" else low,
+        upper_bound=encode_value(upper),
+        extracted_at=dt.datetime.now(dt.UTC).isoformat(),
+        staging_dir=staging_dir,
+        delete_mode=spec.delete_mode,
+        state_table=spec.state_table,
+        max_delete_fraction=spec.max_delete_fraction,
+        extract_seconds=round(time.monotonic() - started, 3),
+        notes=tuple(notes),
+    )
+    staging.write_manifest(manifest)
+    return manifest
+
+
+def _after(order: Sequence[sa.Column[Any]], values: tuple[Any, ...], source: SourceTable) -> Any:
+    # Key columns read as text (uuid, ...) carry text values: bind them as text, the server casts.
+    as_text = {p.name for p in source.plans if p.as_text}
+    params = [
+        sa.bindparam(f"after_{i}", v, type_=sa.String() if c.name in as_text else c.type)
+        for i, (c, v) in enumerate(zip(order, values, strict=True))
+    ]
+    if len(order) == 1:
+        return order[0] > params[0]
+    return sa.tuple_(*order) > sa.tuple_(*params)
+
+
+def _later(candidate: tuple[Any, ...], current: tuple[Any, ...]) -> bool:
+    """Whether a lookback page moved past the committed watermark (pages are in ascending order)."""
+    try:
+        return candidate > current
+    except TypeError:
+        return True
+
+
+def _fetch_page(connection: sa.Connection, query: sa.Select[Any], spec: SyncSpec) -> list[sa.Row[Any]]:
+    try:
+        result = connection.execution_options(yield_per=_FETCH_CHUNK).execute(query)
+        return list(result)
+    except (ValueError, TypeError) as error:  # a driver/type processor could not read a value
+        raise DataError(
+            f"a source value could not be read: {error}", sync_id=spec.sync_id, table=spec.qualified_source
+        ) from error
+
+
+def _refuse_null_cursors(engine: sa.Engine, spec: SyncSpec, source: SourceTable) -> None:
+    """A row whose cursor is NULL would never be extracted incrementally: refuse, naming the rows."""
+    assert spec.cursor_column
+    table = source.table
+    query = (
+        sa.select(*(table.c[k] for k in source.primary_key))
+        .where(table.c[spec.cursor_column].is_(None))
+        .limit(5)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(query).fetchall()
+    if rows:
+        raise DataError(
+            f"{len(rows)}{'+' if len(rows) == 5 else ''} row(s) have a NULL cursor and would never be synced "
+            f"incrementally (example keys: {[dict(zip(source.primary_key, r, strict=True)) for r in rows]}); "
+            "give the column a NOT NULL default or use mode='full'",
+            sync_id=spec.sync_id,
+            table=spec.qualified_source,
+            column=spec.cursor_column,
+            key=dict(zip(source.primary_key, rows[0], strict=True)),
+            rule="cursor not null",
+        )
+
+
+def _check_transformed(batch: pa.Table, source: SourceTable, spec: SyncSpec) -> None:
+    missing = [k for k in source.primary_key if k not in batch.column_names]
+    if missing:
+        raise SyncError(
+            f"the transform dropped primary-key column(s) {missing}; the load needs them to merge",
+            sync_id=spec.sync_id,
+            table=spec.qualified_source,
+            column=missing,
+        )
+
+
+def _conform(batch: pa.Table, schema: pa.Schema, spec: SyncSpec) -> pa.Table:
+    """Later batches of a transform must have the schema of the first one."""
+    if batch.column_names != schema.names:
+        raise SyncError(
+            f"the transform returned columns {batch.column_names} after returning {schema.names} for an earlier batch",
+            sync_id=spec.sync_id,
+            table=spec.qualified_source,
+        )
+    try:
+        return batch.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+        raise SyncError(
+            f"the transform returned types {batch.schema} after {schema} for an earlier batch: {error}",
+            sync_id=spec.sync_id,
+            table=spec.qualified_source,
+        ) from error
+
+
+def _manifest_columns(schema: pa.Schema, source: SourceTable) -> tuple[ManifestColumn, ...]:
+    plans = {p.name: p for p in source.plans}
+    columns = []
+    for field in schema:
+        plan = plans.get(field.name)
+        if plan is not None and _same_kind(field.type, plan.arrow_type):
+            columns.append(ManifestColumn(field.name, plan.pg_type, plan.nullable))
+        else:  # added (or retyped) by the transform
+            columns.append(ManifestColumn(field.name, pg_type_for_arrow(field.type), True))
+    return tuple(columns)
+
+
+def _same_kind(staged: pa.DataType, planned: pa.DataType) -> bool:
+    if staged == planned:
+        return True
+    text = (pa.types.is_string(staged) or pa.types.is_large_string(staged)) and pa.types.is_string(planned)
+    return bool(text)

@@ -1,0 +1,498 @@
+"""Load a staged batch into PostgreSQL: COPY into a temp stage, one set-based merge, one commit.
+
+Everything a load changes happens in one transaction: the target rows, the deletes and the sync
+state (new version and watermark).  A crash before the commit leaves all of them as they were; a
+crash after leaves all of them new.  Re-running a committed manifest is a logged no-op.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import logging
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+from psycopg import sql
+
+from airflow_sync_provider.core.errors import DataError, SchemaError, SyncError, UnsafeOperationError
+from airflow_sync_provider.core.manifest import Manifest, ManifestColumn
+from airflow_sync_provider.core.progress import LOG, PhaseObserver, Progress
+from airflow_sync_provider.core.schema import TYPES_WITHOUT_EQUALITY, validate_pg_type
+from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SYNCED_AT_COLUMN
+from airflow_sync_provider.core.staging import iter_staged_batches, remove_staged
+from airflow_sync_provider.core.state import SyncState, ensure_state_table, lock_state, write_state
+
+LoadStatus = Literal["applied", "stale", "already_applied"]
+
+_LINE = re.compile(r"\bline (\d+)\b")
+_COLUMN = re.compile(r'\bcolumn "?([^":]+)"?:')
+_COPY_ROWS = 65_536
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What a load did: small enough for XCom, complete enough for an audit line."""
+
+    sync_id: str
+    manifest_id: str
+    status: LoadStatus
+    rows_staged: int = 0
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+    version: int = 0
+    watermark: list[Any] | None = None
+    seconds: float = 0.0
+    message: str = ""
+
+    @property
+    def unchanged(self) -> int:
+        return max(self.rows_staged - self.inserted - self.updated, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TargetTable:
+    schema: str
+    name: str
+    column_types: dict[str, str]
+
+    @property
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+    @property
+    def display(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+def load_manifest(
+    conn: psycopg.Connection[Any],
+    manifest: Manifest,
+    *,
+    run_id: str | None = None,
+    logger: logging.Logger | None = None,
+    observer: PhaseObserver | None = None,
+    keep_staged: bool = False,
+) -> LoadResult:
+    """Apply a staged batch and its watermark to the target in one transaction."""
+    log = logger or LOG
+    started = time.monotonic()
+    run_id = run_id or manifest.run_id
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise SyncError("load needs a connection outside any transaction", sync_id=manifest.sync_id)
+    conn.autocommit = True
+    ensure_state_table(conn, manifest.target_schema, manifest.state_table)
+
+    with conn.transaction():
+        state = lock_state(conn, manifest.target_schema, manifest.state_table, manifest.sync_id)
+        if state.version != manifest.base_version:
+            result = _skip(manifest, state, started)
+            log.warning("sync %s: %s", manifest.sync_id, result.message)
+            return result
+
+        target = ensure_target_table(conn, manifest)
+        stage = _create_stage(conn, manifest, target)
+        staged = _copy_files(conn, manifest, target, stage, log)
+        _notify(observer, "staged", {"rows": staged})
+        inserted, updated = _merge(conn, manifest, target, stage, run_id)
+        deleted = _delete_missing(conn, manifest, target, stage, run_id) if manifest.mode == "full" else 0
+        new_state = replace(
+            state,
+            version=state.version + 1,
+            mode=manifest.mode,
+            source_table=manifest.source_table,
+            target_table=target.display,
+            watermark=manifest.watermark_high,
+            last_manifest_id=manifest.manifest_id,
+            last_run_id=run_id,
+            rows_inserted=inserted,
+            rows_updated=updated,
+            rows_deleted=deleted,
+            extracted_at=dt.datetime.fromisoformat(manifest.extracted_at) if manifest.extracted_at else None,
+        )
+        write_state(conn, manifest.target_schema, manifest.state_table, new_state)
+        _notify(observer, "merged", {"inserted": inserted, "updated": updated, "deleted": deleted})
+    # committed: data, deletes and state together
+    result = LoadResult(
+        sync_id=manifest.sync_id,
+        manifest_id=manifest.manifest_id,
+        status="applied",
+        rows_staged=staged,
+        inserted=inserted,
+        updated=updated,
+        deleted=deleted,
+        version=new_state.version,
+        watermark=new_state.watermark,
+        seconds=round(time.monotonic() - started, 3),
+    )
+    log.info(
+        "sync %s: committed version %d into %s: %d staged, %d inserted, %d updated, %d unchanged, %d deleted in %.2f s",
+        manifest.sync_id,
+        result.version,
+        target.display,
+        staged,
+        inserted,
+        updated,
+        result.unchanged,
+        deleted,
+        result.seconds,
+    )
+    _notify(observer, "committed", result.to_dict())
+    if not keep_staged:
+        try:
+            remove_staged(manifest)
+        except OSError as error:  # the data is committed; a leftover file is only clutter
+            log.warning("sync %s: could not remove staged files %s: %s", manifest.sync_id, manifest.staging_dir, error)
+    return result
+
+
+def _notify(observer: PhaseObserver | None, phase: str, facts: dict[str, Any]) -> None:
+    if observer is not None:
+        observer(phase, facts)
+
+
+def _skip(manifest: Manifest, state: SyncState, started: float) -> LoadResult:
+    if state.last_manifest_id == manifest.manifest_id:
+        status: LoadStatus = "already_applied"
+        message = f"manifest {manifest.manifest_id} is already committed (state version {state.version}); nothing to do"
+    else:
+        status = "stale"
+        message = (
+            f"stale manifest {manifest.manifest_id} skipped: it was extracted at state version "
+            f"{manifest.base_version} but version {state.version} (manifest {state.last_manifest_id}, "
+            f"run {state.last_run_id}) is committed; the next run extracts from there, nothing is lost"
+        )
+    return LoadResult(
+        sync_id=manifest.sync_id,
+        manifest_id=manifest.manifest_id,
+        status=status,
+        version=state.version,
+        watermark=state.watermark,
+        seconds=round(time.monotonic() - started, 3),
+        message=message,
+    )
+
+
+# --------------------------------------------------------------------------- target table
+
+
+def _target_columns(conn: psycopg.Connection[Any], schema: str, name: str) -> dict[str, str] | None:
+    rows = conn.execute(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+        "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+        (schema, name),
+    ).fetchall()
+    return {r[0]: r[1] for r in rows} or None
+
+
+def _unique_keys(conn: psycopg.Connection[Any], schema: str, name: str) -> list[set[str]]:
+    rows = conn.execute(
+        "SELECT array_agg(a.attname::text) FROM pg_index i "
+        "JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey) "
+        "WHERE n.nspname = %s AND c.relname = %s AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL "
+        "GROUP BY i.indexrelid",
+        (schema, name),
+    ).fetchall()
+    return [set(r[0]) for r in rows]
+
+
+def _metadata_columns(manifest: Manifest) -> list[tuple[str, str]]:
+    columns = [(RUN_ID_COLUMN, "TEXT"), (SYNCED_AT_COLUMN, "TIMESTAMP WITH TIME ZONE")]
+    if manifest.delete_mode == "soft":
+        columns.append((DELETED_AT_COLUMN, "TIMESTAMP WITH TIME ZONE"))
+    return columns
+
+
+def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> TargetTable:
+    """Create the target table from the manifest's schema if missing, or check the existing one fits."""
+    schema, name = manifest.target_schema, manifest.target_table
+    display = f"{schema}.{name}"
+    existing = _target_columns(conn, schema, name)
+    if existing is None:
+        definitions = [
+            sql.SQL("{} {}{}").format(
+                sql.Identifier(c.name),
+                sql.SQL(validate_pg_type(c.pg_type)),
+                sql.SQL(" NOT NULL") if c.name in manifest.primary_key else sql.SQL(""),
+            )
+            for c in manifest.columns
+        ]
+        definitions += [
+            sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in _metadata_columns(manifest)
+        ]
+        definitions.append(
+            sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, manifest.primary_key)))
+        )
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} ({})").format(sql.Identifier(schema, name), sql.SQL(", ").join(definitions))
+        )
+        LOG.info("sync %s: created target table %s from the source schema", manifest.sync_id, display)
+        existing = _target_columns(conn, schema, name)
+        assert existing is not None
+        return TargetTable(schema, name, existing)
+
+    missing = [c.name for c in manifest.columns if c.name not in existing]
+    if missing:
+        raise SchemaError(
+            f"the target table lacks column(s) {missing} that the source has; add them to the target "
+            f"(or drop them from the sync's columns)",
+            sync_id=manifest.sync_id,
+            table=display,
+            column=missing,
+            rule="schema drift",
+        )
+    if set(manifest.primary_key) not in _unique_keys(conn, schema, name):
+        raise SchemaError(
+            f"the target table has no primary key or unique index on ({', '.join(manifest.primary_key)}); "
+            "the merge needs one to match rows",
+            sync_id=manifest.sync_id,
+            table=display,
+            column=list(manifest.primary_key),
+        )
+    for column, pg_type in _metadata_columns(manifest):
+        if column not in existing:
+            conn.execute(
+                sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+                    sql.Identifier(schema, name), sql.Identifier(column), sql.SQL(pg_type)
+                )
+            )
+            existing[column] = pg_type.lower()
+    return TargetTable(schema, name, existing)
+
+
+# --------------------------------------------------------------------------- staging into PostgreSQL
+
+
+def _create_stage(conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable) -> sql.Identifier:
+    """A temp table with the target's column types and a primary key on the sync key.
+
+    COPY into it checks every value against the target types and rejects NULL or duplicate keys
+    with the line number, which we turn into the row key for the error message.
+    """
+    stage = sql.Identifier(f"_sync_stage_{uuid.uuid4().hex[:16]}")
+    columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in manifest.columns)
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+            stage, columns, target.ident
+        )
+    )
+    conn.execute(
+        sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
+            stage, sql.SQL(", ").join(map(sql.Identifier, manifest.primary_key))
+        )
+    )
+    return stage
+
+
+def _csv_ready(batch: pa.RecordBatch, columns: Sequence[ManifestColumn]) -> pa.Table:
+    """Arrange a staged batch for CSV COPY: manifest column order, bytea as PostgreSQL hex text."""
+    table = pa.Table.from_batches([batch]).select([c.name for c in columns])
+    for position, field in enumerate(table.schema):
+        if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            values = table.column(position).to_pylist()
+            hexed = pa.array([None if v is None else "\\x" + v.hex() for v in values], pa.string())
+            table = table.set_column(position, field.name, hexed)
+        elif pa.types.is_dictionary(field.type):
+            table = table.set_column(position, field.name, pc.cast(table.column(position), field.type.value_type))
+    return table
+
+
+def _copy_files(
+    conn: psycopg.Connection[Any],
+    manifest: Manifest,
+    target: TargetTable,
+    stage: sql.Identifier,
+    log: logging.Logger,
+) -> int:
+    names = [c.name for c in manifest.columns]
+    copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+        stage, sql.SQL(", ").join(map(sql.Identifier, names))
+    )
+    progress = Progress(f"sync {manifest.sync_id}: staged into PostgreSQL", log)
+    with conn.cursor() as cursor:
+        for staged in manifest.files:
+            for batch in iter_staged_batches(staged.uri, _COPY_ROWS):
+                table = _csv_ready(batch, manifest.columns)
+                sink = pa.BufferOutputStream()
+                pacsv.write_csv(table, sink, pacsv.WriteOptions(include_header=False))
+                payload = sink.getvalue()
+                try:
+                    with cursor.copy(copy_sql) as copy:
+                        copy.write(memoryview(payload))
+                except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as error:
+                    raise _row_error(error, manifest, target, table, payload.to_pybytes()) from error
+                progress.add(batch.num_rows)
+    progress.done()
+    return progress.rows
+
+
+def _row_error(
+    error: psycopg.Error, manifest: Manifest, target: TargetTable, table: pa.Table, payload: bytes
+) -> DataError:
+    """Turn a COPY error into one naming the row key, the column and the rule that failed."""
+    context = error.diag.context or ""
+    column = error.diag.column_name
+    match = _COLUMN.search(context)
+    if match and not column:
+        column = match.group(1)
+    key = None
+    line = _LINE.search(context)
+    if line:
+        index = _record_index(payload, int(line.group(1)))
+        if index is not None and index < table.num_rows:
+            row = table.slice(index, 1).to_pylist()[0]
+            key = {k: row[k] for k in manifest.primary_key}
+    primary = error.diag.message_primary or str(error)
+    detail = f" ({error.diag.message_detail})" if error.diag.message_detail else ""
+    if isinstance(error, psycopg.errors.UniqueViolation):
+        rule = "duplicate key in batch"
+        message = f"the batch has two rows with the same primary key{detail}; keys must be unique"
+    elif isinstance(error, psycopg.errors.NotNullViolation):
+        rule = "key not null"
+        message = f"a primary-key column is NULL: {primary}"
+    else:
+        rule = "target type"
+        column_type = target.column_types.get(column or "", "?")
+        message = f"the target column ({column_type}) cannot hold the value: {primary}{detail}"
+    return DataError(message, sync_id=manifest.sync_id, table=target.display, column=column, key=key, rule=rule)
+
+
+def _record_index(payload: bytes, line_number: int) -> int | None:
+    """Map PostgreSQL's 1-based COPY line number to a record index (values may contain newlines)."""
+    line = 1
+    reader = csv.reader(io.StringIO(payload.decode("utf-8"), newline=""))
+    for index, record in enumerate(reader):
+        if line >= line_number:
+            return index
+        line += 1 + sum(value.count("\n") for value in record)
+        if line > line_number:
+            return index
+    return None
+
+
+# --------------------------------------------------------------------------- merge and deletes
+
+
+def _value_columns(manifest: Manifest) -> list[str]:
+    return [c.name for c in manifest.columns if c.name not in manifest.primary_key]
+
+
+def _comparable(alias: str, column: str, target: TargetTable) -> sql.Composable:
+    ref = sql.Identifier(alias, column)
+    base_type = target.column_types.get(column, "").split("(")[0].strip().lower()
+    return sql.SQL("{}::text").format(ref) if base_type in TYPES_WITHOUT_EQUALITY else ref
+
+
+def _merge(
+    conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, stage: sql.Identifier, run_id: str
+) -> tuple[int, int]:
+    """One INSERT ... ON CONFLICT that inserts new keys, updates changed rows, skips unchanged ones."""
+    keys = list(manifest.primary_key)
+    values = _value_columns(manifest)
+    all_columns = [c.name for c in manifest.columns]
+    soft = manifest.delete_mode == "soft"
+    insert_columns = sql.SQL(", ").join(map(sql.Identifier, [*all_columns, RUN_ID_COLUMN, SYNCED_AT_COLUMN]))
+    select_columns = sql.SQL(", ").join(sql.Identifier("s", c) for c in all_columns)
+    changed: list[sql.Composable] = []
+    if values:
+        changed.append(
+            sql.SQL("({}) IS DISTINCT FROM ({})").format(
+                sql.SQL(", ").join(_comparable("t", c, target) for c in values),
+                sql.SQL(", ").join(_comparable("excluded", c, target) for c in values),
+            )
+        )
+    if soft:
+        changed.append(sql.SQL("{} IS NOT NULL").format(sql.Identifier("t", DELETED_AT_COLUMN)))
+    if changed:
+        assignments = [sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in [*values, RUN_ID_COLUMN, SYNCED_AT_COLUMN]]
+        if soft:
+            assignments.append(sql.SQL("{} = NULL").format(sql.Identifier(DELETED_AT_COLUMN)))
+        on_conflict = sql.SQL("DO UPDATE SET {} WHERE {}").format(
+            sql.SQL(", ").join(assignments), sql.SQL(" OR ").join(changed)
+        )
+    else:
+        on_conflict = sql.SQL("DO NOTHING")
+    query = sql.SQL(
+        "WITH merged AS ("
+        " INSERT INTO {target} AS t ({insert_columns})"
+        " SELECT {select_columns}, %(run_id)s, now() FROM {stage} s"
+        " ON CONFLICT ({keys}) {on_conflict}"
+        " RETURNING (t.xmax = 0) AS inserted)"
+        " SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM merged"
+    ).format(
+        target=target.ident,
+        insert_columns=insert_columns,
+        select_columns=select_columns,
+        stage=stage,
+        keys=sql.SQL(", ").join(map(sql.Identifier, keys)),
+        on_conflict=on_conflict,
+    )
+    try:
+        row = conn.execute(query, {"run_id": run_id}).fetchone()
+    except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as error:
+        raise DataError(
+            f"merge rejected by the target: {error.diag.message_primary}"
+            + (f" ({error.diag.message_detail})" if error.diag.message_detail else ""),
+            sync_id=manifest.sync_id,
+            table=target.display,
+            column=error.diag.column_name,
+            rule=error.diag.constraint_name or "target constraint",
+        ) from error
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def _delete_missing(
+    conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, stage: sql.Identifier, run_id: str
+) -> int:
+    """Full refresh: remove (or mark) target rows whose key the source no longer has."""
+    if manifest.delete_mode == "none":
+        return 0
+    match = sql.SQL(" AND ").join(
+        sql.SQL("{} = {}").format(sql.Identifier("s", k), sql.Identifier("t", k)) for k in manifest.primary_key
+    )
+    missing = sql.SQL("NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(stage, match)
+    if manifest.delete_mode == "soft":
+        statement = sql.SQL("UPDATE {} t SET {} = now(), {} = %s WHERE {} IS NULL AND {}").format(
+            target.ident,
+            sql.Identifier(DELETED_AT_COLUMN),
+            sql.Identifier(RUN_ID_COLUMN),
+            sql.Identifier("t", DELETED_AT_COLUMN),
+            missing,
+        )
+        params: tuple[Any, ...] = (run_id,)
+    else:
+        statement = sql.SQL("DELETE FROM {} t WHERE {}").format(target.ident, missing)
+        params = ()
+    before = None
+    if manifest.max_delete_fraction is not None:
+        before = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target.ident)).fetchone()
+    deleted = conn.execute(statement, params).rowcount
+    if before is not None and manifest.max_delete_fraction is not None:
+        total = int(before[0])
+        if total and deleted / total > manifest.max_delete_fraction:
+            raise UnsafeOperationError(
+                f"the full refresh would delete {deleted} of {total} target rows "
+                f"({deleted / total:.1%} > max_delete_fraction {manifest.max_delete_fraction:.1%}); "
+                "nothing was changed. Check the source, or raise max_delete_fraction",
+                sync_id=manifest.sync_id,
+                table=target.display,
+                rule="max_delete_fraction",
+            )
+    return deleted

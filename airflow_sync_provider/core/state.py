@@ -1,0 +1,139 @@
+"""The sync state table in the target database: the single source of truth for where a sync is.
+
+One row per sync.  ``version`` increases by one with every committed load; a manifest records the
+version it was extracted against, and the load applies it only if the state is still at that
+version.  That makes retries, stale manifests and concurrent runs safe without comparing watermark
+values (which would need the source's collation to order text keys).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+STATE_COLUMNS = (
+    "sync_id",
+    "version",
+    "mode",
+    "source_table",
+    "target_table",
+    "watermark",
+    "last_manifest_id",
+    "last_run_id",
+    "rows_inserted",
+    "rows_updated",
+    "rows_deleted",
+    "extracted_at",
+    "committed_at",
+)
+
+
+@dataclass(frozen=True)
+class SyncState:
+    sync_id: str
+    version: int = 0
+    mode: str | None = None
+    source_table: str | None = None
+    target_table: str | None = None
+    watermark: list[Any] | None = None
+    last_manifest_id: str | None = None
+    last_run_id: str | None = None
+    rows_inserted: int = 0
+    rows_updated: int = 0
+    rows_deleted: int = 0
+    extracted_at: dt.datetime | None = None
+    committed_at: dt.datetime | None = None
+
+
+def state_table_ident(schema: str, table: str) -> sql.Composable:
+    return sql.Identifier(schema, table)
+
+
+def ensure_state_table(conn: psycopg.Connection[Any], schema: str, table: str) -> None:
+    """Create the schema and state table if missing (idempotent, safe under concurrency)."""
+    with conn.transaction():
+        # Serialise concurrent first runs: CREATE ... IF NOT EXISTS can still race on the catalog.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('airflow_sync_provider:ddl'))")
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(
+            sql.SQL(
+                """CREATE TABLE IF NOT EXISTS {} (
+                    sync_id text PRIMARY KEY,
+                    version bigint NOT NULL DEFAULT 0,
+                    mode text,
+                    source_table text,
+                    target_table text,
+                    watermark jsonb,
+                    last_manifest_id text,
+                    last_run_id text,
+                    rows_inserted bigint NOT NULL DEFAULT 0,
+                    rows_updated bigint NOT NULL DEFAULT 0,
+                    rows_deleted bigint NOT NULL DEFAULT 0,
+                    extracted_at timestamptz,
+                    committed_at timestamptz
+                )"""
+            ).format(state_table_ident(schema, table))
+        )
+
+
+def _row_to_state(row: tuple[Any, ...]) -> SyncState:
+    values = dict(zip(STATE_COLUMNS, row, strict=True))
+    if isinstance(values["watermark"], str):
+        values["watermark"] = json.loads(values["watermark"])
+    return SyncState(**values)
+
+
+def _select_state(schema: str, table: str, lock: bool) -> sql.Composed:
+    query = sql.SQL("SELECT {} FROM {} WHERE sync_id = %s").format(
+        sql.SQL(", ").join(sql.Identifier(c) for c in STATE_COLUMNS), state_table_ident(schema, table)
+    )
+    return query + sql.SQL(" FOR UPDATE") if lock else query
+
+
+def read_state(conn: psycopg.Connection[Any], schema: str, table: str, sync_id: str) -> SyncState | None:
+    """Committed state of a sync, or None if it never ran (or the state table does not exist)."""
+    exists = conn.execute(
+        "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s",
+        (schema, table),
+    ).fetchone()
+    if not exists:
+        return None
+    row = conn.execute(_select_state(schema, table, lock=False), (sync_id,)).fetchone()
+    return _row_to_state(row) if row else None
+
+
+def lock_state(conn: psycopg.Connection[Any], schema: str, table: str, sync_id: str) -> SyncState:
+    """Inside the load transaction: create the state row if needed and lock it.
+
+    The row lock serialises concurrent loads of one sync; the second waits for the first to commit
+    and then sees its new version (and turns its own manifest into a logged no-op).
+    """
+    conn.execute(
+        sql.SQL("INSERT INTO {} (sync_id) VALUES (%s) ON CONFLICT (sync_id) DO NOTHING").format(
+            state_table_ident(schema, table)
+        ),
+        (sync_id,),
+    )
+    row = conn.execute(_select_state(schema, table, lock=True), (sync_id,)).fetchone()
+    assert row is not None
+    return _row_to_state(row)
+
+
+def write_state(conn: psycopg.Connection[Any], schema: str, table: str, state: SyncState) -> None:
+    """Write the new state (inside the same transaction as the data)."""
+    columns = [c for c in STATE_COLUMNS if c not in ("sync_id", "committed_at")]
+    assignments = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in columns)
+    values = [getattr(state, c) for c in columns]
+    values[columns.index("watermark")] = None if state.watermark is None else json.dumps(state.watermark)
+    conn.execute(
+        sql.SQL("UPDATE {} SET {}, committed_at = now() WHERE sync_id = %s").format(
+            state_table_ident(schema, table), assignments
+        ),
+        [*values, state.sync_id],
+    )

@@ -1,0 +1,67 @@
+"""The whole flow in one call: read state, extract, (transform), load.  Used by the all-in-one
+operator, the demo and the tests; the split operators call the same two halves.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+
+from airflow_sync_provider.core.extract import BatchTransform, extract_to_staging
+from airflow_sync_provider.core.load import LoadResult, load_manifest
+from airflow_sync_provider.core.manifest import Manifest
+from airflow_sync_provider.core.progress import PhaseObserver
+from airflow_sync_provider.core.spec import SyncSpec
+from airflow_sync_provider.core.staging import StagingArea
+from airflow_sync_provider.core.state import SyncState, read_state
+
+
+def committed_state(conn: psycopg.Connection[Any], spec: SyncSpec) -> SyncState | None:
+    """The state as committed now (autocommit: a read must not leave a transaction open)."""
+    if not conn.autocommit:
+        conn.rollback()
+        conn.autocommit = True
+    return read_state(conn, spec.target_schema, spec.state_table, spec.sync_id)
+
+
+def extract_for(
+    source: sa.Engine,
+    target: psycopg.Connection[Any],
+    spec: SyncSpec,
+    *,
+    staging: StagingArea,
+    run_id: str,
+    transform: BatchTransform | None = None,
+    logger: logging.Logger | None = None,
+) -> Manifest:
+    """Extract from where the committed state in the target says the sync is."""
+    return extract_to_staging(
+        source,
+        spec,
+        state=committed_state(target, spec),
+        staging=staging,
+        run_id=run_id,
+        transform=transform,
+        logger=logger,
+    )
+
+
+def run_sync(
+    source: sa.Engine,
+    target: psycopg.Connection[Any],
+    spec: SyncSpec,
+    *,
+    staging: StagingArea | None = None,
+    run_id: str = "manual",
+    transform: BatchTransform | None = None,
+    logger: logging.Logger | None = None,
+    observer: PhaseObserver | None = None,
+) -> tuple[Manifest, LoadResult]:
+    manifest = extract_for(
+        source, target, spec, staging=staging or StagingArea(), run_id=run_id, transform=transform, logger=logger
+    )
+    result = load_manifest(target, manifest, run_id=run_id, logger=logger, observer=observer)
+    return manifest, result
