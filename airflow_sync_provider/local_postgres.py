@@ -105,7 +105,9 @@ class LocalPostgres:
 
     def create_database(self, name: str) -> str:
         with self.connect() as conn:
-            conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psycopg.sql.Identifier(name)))
+            conn.execute(
+                psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psycopg.sql.Identifier(name))
+            )
             conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
         return name
 
@@ -156,8 +158,16 @@ def init_server(datadir: Path, port: int | None = None) -> LocalPostgres:
     datadir.chmod(0o700)
     if not (datadir / "PG_VERSION").exists():
         subprocess.run(
-            [str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres", "--auth=trust", "--encoding=UTF8",
-             "--locale=C.UTF-8" if _has_c_utf8() else "--no-locale"],
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C.UTF-8" if _has_c_utf8() else "--no-locale",
+            ],
             check=True,
             capture_output=True,
             user=user,

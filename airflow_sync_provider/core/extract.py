@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,17 +134,16 @@ def compute_upper_bound(
             oldest = holder = None
             if spec.guard_open_transactions:
                 try:
-                    oldest, holder = (
-                        conn.execute(
-                            sa.text(
-                                "SELECT trx_started, CAST(trx_mysql_thread_id AS CHAR) FROM information_schema.innodb_trx "
-                                "WHERE trx_mysql_thread_id <> CONNECTION_ID() ORDER BY trx_started LIMIT 1"
-                            )
-                        ).one_or_none()
-                        or (None, None)
-                    )
+                    oldest, holder = conn.execute(
+                        sa.text(
+                            "SELECT trx_started, CAST(trx_mysql_thread_id AS CHAR) FROM information_schema.innodb_trx "
+                            "WHERE trx_mysql_thread_id <> CONNECTION_ID() ORDER BY trx_started LIMIT 1"
+                        )
+                    ).one_or_none() or (None, None)
                 except sa_exc.DBAPIError as error:
-                    notes.append(f"open-transaction guard unavailable ({_first_line(error.orig or error)}); relying on lag")
+                    notes.append(
+                        f"open-transaction guard unavailable ({_first_line(error.orig or error)}); relying on lag"
+                    )
         else:
             now = conn.execute(sa.select(sa.func.current_timestamp())).scalar_one()
             if isinstance(now, str):  # SQLite returns UTC text
@@ -275,25 +274,21 @@ def extract_to_staging(
     high: tuple[Any, ...] | None = after if after else (decode_row(low) if low else None)
     order_index = [next(i for i, p in enumerate(source.plans) if p.name == c.name) for c in order]
 
+    key_files: list[StagedFile] = []
     connection = engine.connect()
     try:
         if source.dialect in ("postgresql", "mysql", "mariadb"):
             connection = connection.execution_options(isolation_level="REPEATABLE READ")
         with connection.begin():
-            while True:
-                query = sa.select(*(p.select for p in source.plans)).select_from(table)
-                if upper is not None:
-                    query = query.where(order[0] < sa.bindparam("upper_bound", upper, type_=order[0].type))
-                if after is not None:
-                    query = query.where(_after(order, after, source))
-                elif first_lower is not None:
-                    query = query.where(order[0] >= sa.bindparam("lookback_start", first_lower, type_=order[0].type))
-                query = query.order_by(*order).limit(spec.batch_rows)
-                rows = _fetch_page(connection, query, spec)
-                if not rows:
-                    break
-                last = rows[-1]
-                after = tuple(last[i] for i in order_index)
+            conditions = []
+            if upper is not None:
+                conditions.append(order[0] < sa.bindparam("upper_bound", upper, type_=order[0].type))
+            first = None
+            if first_lower is not None:
+                first = order[0] >= sa.bindparam("lookback_start", first_lower, type_=order[0].type)
+            selected = [p.select for p in source.plans]
+            for rows in _pages(connection, source, spec, selected, order, order_index, after, conditions, first):
+                after = tuple(rows[-1][i] for i in order_index)
                 if high is None or spec.mode == "full" or _later(after, high):
                     high = after
                 batch = _rows_to_table(rows, source, spec)
@@ -305,13 +300,10 @@ def extract_to_staging(
                 elif batch.schema != schema:
                     batch = _conform(batch, schema, spec)
                 if batch.num_rows:
-                    file_uri = f"{staging_dir}/part-{len(files):05d}.parquet"
-                    with staging.open_writer(file_uri, schema) as writer:
-                        writer.write_table(batch)
-                    files.append(StagedFile(uri=file_uri, rows=batch.num_rows))
+                    files.append(_write(staging, f"{staging_dir}/part-{len(files):05d}.parquet", batch))
                 progress.add(batch.num_rows)
-                if len(rows) < spec.batch_rows:
-                    break
+            if spec.mode == "incremental" and spec.detect_deletes:
+                key_files = _stage_keys(connection, source, spec, staging, staging_dir, log)
     except sa_exc.DBAPIError as error:
         raise SyncError(
             f"extraction failed: {_first_line(error.orig or error)}", sync_id=spec.sync_id, table=spec.qualified_source
@@ -342,6 +334,8 @@ def extract_to_staging(
         extracted_at=dt.datetime.now(dt.UTC).isoformat(),
         staging_dir=staging_dir,
         delete_mode=spec.delete_mode,
+        detect_deletes=bool(spec.detect_deletes),
+        key_files=tuple(key_files),
         state_table=spec.state_table,
         max_delete_fraction=spec.max_delete_fraction,
         extract_seconds=round(time.monotonic() - started, 3),
@@ -349,6 +343,62 @@ def extract_to_staging(
     )
     staging.write_manifest(manifest)
     return manifest
+
+
+def _pages(
+    connection: sa.Connection,
+    source: SourceTable,
+    spec: SyncSpec,
+    selected: Sequence[Any],
+    order: Sequence[sa.Column[Any]],
+    order_index: Sequence[int],
+    after: tuple[Any, ...] | None,
+    conditions: Sequence[Any] = (),
+    first_condition: Any = None,
+) -> Iterator[list[sa.Row[Any]]]:
+    """Keyset pagination: ``WHERE (order) > (last row's order) ORDER BY order LIMIT batch_rows``."""
+    while True:
+        query = sa.select(*selected).select_from(source.table).where(*conditions)
+        if after is not None:
+            query = query.where(_after(order, after, source))
+        elif first_condition is not None:
+            query = query.where(first_condition)
+        rows = _fetch_page(connection, query.order_by(*order).limit(spec.batch_rows), spec)
+        if not rows:
+            return
+        yield rows
+        if len(rows) < spec.batch_rows:
+            return
+        after = tuple(rows[-1][i] for i in order_index)
+
+
+def _write(staging: StagingArea, file_uri: str, batch: pa.Table) -> StagedFile:
+    with staging.open_writer(file_uri, batch.schema) as writer:
+        writer.write_table(batch)
+    return StagedFile(uri=file_uri, rows=batch.num_rows)
+
+
+def _stage_keys(
+    connection: sa.Connection,
+    source: SourceTable,
+    spec: SyncSpec,
+    staging: StagingArea,
+    staging_dir: str,
+    log: logging.Logger,
+) -> list[StagedFile]:
+    """Stage every source key (same snapshot as the rows) so the load can find deleted rows."""
+    key_plans = [next(p for p in source.plans if p.name == k) for k in source.primary_key]
+    key_source = SourceTable(source.table, source.dialect, source.primary_key, tuple(key_plans))
+    order = [source.table.c[k] for k in source.primary_key]
+    progress = Progress(f"sync {spec.sync_id}: staged source keys for delete detection", log)
+    files = []
+    index = list(range(len(order)))
+    for rows in _pages(connection, key_source, spec, [p.select for p in key_plans], order, index, None):
+        batch = _rows_to_table(rows, key_source, spec)
+        files.append(_write(staging, f"{staging_dir}/keys-{len(files):05d}.parquet", batch))
+        progress.add(batch.num_rows)
+    progress.done()
+    return files
 
 
 def _after(order: Sequence[sa.Column[Any]], values: tuple[Any, ...], source: SourceTable) -> Any:
@@ -385,11 +435,7 @@ def _refuse_null_cursors(engine: sa.Engine, spec: SyncSpec, source: SourceTable)
     """A row whose cursor is NULL would never be extracted incrementally: refuse, naming the rows."""
     assert spec.cursor_column
     table = source.table
-    query = (
-        sa.select(*(table.c[k] for k in source.primary_key))
-        .where(table.c[spec.cursor_column].is_(None))
-        .limit(5)
-    )
+    query = sa.select(*(table.c[k] for k in source.primary_key)).where(table.c[spec.cursor_column].is_(None)).limit(5)
     with engine.connect() as conn:
         rows = conn.execute(query).fetchall()
     if rows:

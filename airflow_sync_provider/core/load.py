@@ -25,7 +25,7 @@ import pyarrow.csv as pacsv
 from psycopg import sql
 
 from airflow_sync_provider.core.errors import DataError, SchemaError, SyncError, UnsafeOperationError
-from airflow_sync_provider.core.manifest import Manifest, ManifestColumn
+from airflow_sync_provider.core.manifest import Manifest, StagedFile
 from airflow_sync_provider.core.progress import LOG, PhaseObserver, Progress
 from airflow_sync_provider.core.schema import TYPES_WITHOUT_EQUALITY, validate_pg_type
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SYNCED_AT_COLUMN
@@ -108,7 +108,10 @@ def load_manifest(
         staged = _copy_files(conn, manifest, target, stage, log)
         _notify(observer, "staged", {"rows": staged})
         inserted, updated = _merge(conn, manifest, target, stage, run_id)
-        deleted = _delete_missing(conn, manifest, target, stage, run_id) if manifest.mode == "full" else 0
+        deleted = 0
+        if manifest.detect_deletes:
+            keys = stage if manifest.mode == "full" else _stage_keys(conn, manifest, target, log)
+            deleted = _delete_missing(conn, manifest, target, keys, run_id)
         new_state = replace(
             state,
             version=state.version + 1,
@@ -232,9 +235,7 @@ def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Ta
             )
             for c in manifest.columns
         ]
-        definitions += [
-            sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in _metadata_columns(manifest)
-        ]
+        definitions += [sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in _metadata_columns(manifest)]
         definitions.append(
             sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, manifest.primary_key)))
         )
@@ -279,17 +280,19 @@ def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Ta
 # --------------------------------------------------------------------------- staging into PostgreSQL
 
 
-def _create_stage(conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable) -> sql.Identifier:
+def _create_stage(
+    conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, columns: Sequence[str] | None = None
+) -> sql.Identifier:
     """A temp table with the target's column types and a primary key on the sync key.
 
     COPY into it checks every value against the target types and rejects NULL or duplicate keys
     with the line number, which we turn into the row key for the error message.
     """
     stage = sql.Identifier(f"_sync_stage_{uuid.uuid4().hex[:16]}")
-    columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in manifest.columns)
+    names = columns or [c.name for c in manifest.columns]
     conn.execute(
         sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
-            stage, columns, target.ident
+            stage, sql.SQL(", ").join(map(sql.Identifier, names)), target.ident
         )
     )
     conn.execute(
@@ -300,9 +303,19 @@ def _create_stage(conn: psycopg.Connection[Any], manifest: Manifest, target: Tar
     return stage
 
 
-def _csv_ready(batch: pa.RecordBatch, columns: Sequence[ManifestColumn]) -> pa.Table:
+def _stage_keys(
+    conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, log: logging.Logger
+) -> sql.Identifier:
+    """Load the staged source key set (incremental delete detection) into its own keyed temp table."""
+    keys = list(manifest.primary_key)
+    table = _create_stage(conn, manifest, target, keys)
+    _copy_files(conn, manifest, target, table, log, manifest.key_files, keys, "loaded source keys")
+    return table
+
+
+def _csv_ready(batch: pa.RecordBatch, columns: Sequence[str]) -> pa.Table:
     """Arrange a staged batch for CSV COPY: manifest column order, bytea as PostgreSQL hex text."""
-    table = pa.Table.from_batches([batch]).select([c.name for c in columns])
+    table = pa.Table.from_batches([batch]).select(list(columns))
     for position, field in enumerate(table.schema):
         if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
             values = table.column(position).to_pylist()
@@ -319,16 +332,19 @@ def _copy_files(
     target: TargetTable,
     stage: sql.Identifier,
     log: logging.Logger,
+    files: Sequence[StagedFile] | None = None,
+    names: Sequence[str] | None = None,
+    what: str = "staged into PostgreSQL",
 ) -> int:
-    names = [c.name for c in manifest.columns]
+    names = list(names or [c.name for c in manifest.columns])
     copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
         stage, sql.SQL(", ").join(map(sql.Identifier, names))
     )
-    progress = Progress(f"sync {manifest.sync_id}: staged into PostgreSQL", log)
+    progress = Progress(f"sync {manifest.sync_id}: {what}", log)
     with conn.cursor() as cursor:
-        for staged in manifest.files:
+        for staged in manifest.files if files is None else files:
             for batch in iter_staged_batches(staged.uri, _COPY_ROWS):
-                table = _csv_ready(batch, manifest.columns)
+                table = _csv_ready(batch, names)
                 sink = pa.BufferOutputStream()
                 pacsv.write_csv(table, sink, pacsv.WriteOptions(include_header=False))
                 payload = sink.getvalue()
@@ -420,7 +436,9 @@ def _merge(
     if soft:
         changed.append(sql.SQL("{} IS NOT NULL").format(sql.Identifier("t", DELETED_AT_COLUMN)))
     if changed:
-        assignments = [sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in [*values, RUN_ID_COLUMN, SYNCED_AT_COLUMN]]
+        assignments = [
+            sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in [*values, RUN_ID_COLUMN, SYNCED_AT_COLUMN]
+        ]
         if soft:
             assignments.append(sql.SQL("{} = NULL").format(sql.Identifier(DELETED_AT_COLUMN)))
         on_conflict = sql.SQL("DO UPDATE SET {} WHERE {}").format(
@@ -461,9 +479,7 @@ def _merge(
 def _delete_missing(
     conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, stage: sql.Identifier, run_id: str
 ) -> int:
-    """Full refresh: remove (or mark) target rows whose key the source no longer has."""
-    if manifest.delete_mode == "none":
-        return 0
+    """Remove (or mark) target rows whose key is not in ``stage`` (the complete source key set)."""
     match = sql.SQL(" AND ").join(
         sql.SQL("{} = {}").format(sql.Identifier("s", k), sql.Identifier("t", k)) for k in manifest.primary_key
     )
@@ -488,7 +504,7 @@ def _delete_missing(
         total = int(before[0])
         if total and deleted / total > manifest.max_delete_fraction:
             raise UnsafeOperationError(
-                f"the full refresh would delete {deleted} of {total} target rows "
+                f"delete detection would delete {deleted} of {total} target rows "
                 f"({deleted / total:.1%} > max_delete_fraction {manifest.max_delete_fraction:.1%}); "
                 "nothing was changed. Check the source, or raise max_delete_fraction",
                 sync_id=manifest.sync_id,

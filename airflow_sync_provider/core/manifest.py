@@ -50,6 +50,10 @@ class Manifest:
     extracted_at: str = ""
     staging_dir: str = ""
     delete_mode: str = "hard"
+    #: Whether the load removes target rows whose key is not in the source (see ``key_files``).
+    detect_deletes: bool = False
+    #: Incremental + detect_deletes: every source key, from the same snapshot as the rows.
+    key_files: tuple[StagedFile, ...] = ()
     state_table: str = "_sync_state"
     max_delete_fraction: float | None = None
     extract_seconds: float = 0.0
@@ -61,6 +65,7 @@ class Manifest:
         data["primary_key"] = list(self.primary_key)
         data["columns"] = [asdict(c) for c in self.columns]
         data["files"] = [asdict(f) for f in self.files]
+        data["key_files"] = [asdict(f) for f in self.key_files]
         data["notes"] = list(self.notes)
         return data
 
@@ -78,6 +83,7 @@ class Manifest:
         values["primary_key"] = tuple(values["primary_key"])
         values["columns"] = tuple(ManifestColumn(**c) for c in values["columns"])
         values["files"] = tuple(StagedFile(**f) for f in values["files"])
+        values["key_files"] = tuple(StagedFile(**f) for f in values.get("key_files", ()))
         values["notes"] = tuple(values.get("notes", ()))
         return cls(**values)
 

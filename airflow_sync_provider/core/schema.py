@@ -21,7 +21,7 @@ _PG = postgresql.dialect()
 # A PostgreSQL type expression as SQLAlchemy compiles it, e.g. 'NUMERIC(12, 2)', 'VARCHAR(40)[]',
 # 'TIMESTAMP WITH TIME ZONE'.  Type names travel in manifests; refuse anything else so a manifest
 # can never smuggle SQL into DDL.
-_PG_TYPE_PATTERN = re.compile(r'^[A-Za-z][A-Za-z0-9_ ]*(\(\s*\d+(\s*,\s*\d+)?\s*\))?[A-Za-z ]*(\[\])*$')
+_PG_TYPE_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_ ]*(\(\s*\d+(\s*,\s*\d+)?\s*\))?[A-Za-z ]*(\[\])*$")
 
 # PostgreSQL types without a default equality operator: compared as text in the merge.
 TYPES_WITHOUT_EQUALITY = {"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"}
@@ -91,7 +91,7 @@ def plan_column(column: sa.Column[Any], dialect_name: str) -> ColumnPlan:
             native, arrow, pg_type = False, pa.string(), "TIME WITH TIME ZONE"
         else:
             arrow, pg_type = pa.time64("us"), "TIME WITHOUT TIME ZONE"
-    elif isinstance(sa_type, sa.LargeBinary) or isinstance(sa_type, sa.types._Binary):
+    elif isinstance(sa_type, (sa.LargeBinary, sa.types._Binary)):
         arrow, pg_type = pa.binary(), "BYTEA"
     elif isinstance(sa_type, sa.JSON):
         native, arrow = False, pa.string()

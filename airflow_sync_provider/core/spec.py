@@ -25,8 +25,10 @@ class SyncSpec:
     """Declaration of one table sync.
 
     ``mode="incremental"`` reads rows whose ``(cursor_column, primary key)`` is past the committed
-    watermark; ``mode="full"`` reads the whole table and, with ``delete_mode`` ``hard`` or ``soft``,
-    removes (or marks with ``_sync_deleted_at``) target rows the source no longer has.
+    watermark; ``mode="full"`` reads the whole table.  With ``detect_deletes`` (default: on for full,
+    off for incremental, where it adds a key-only scan of the source) target rows whose key the
+    source no longer has are deleted (``delete_mode="hard"``) or marked in ``_sync_deleted_at``
+    (``delete_mode="soft"``).
 
     Late commits (a source transaction that commits after an extraction with an older cursor value)
     are defended by an upper bound on the cursor: ``now() - lag`` on the source, lowered to the start
@@ -44,6 +46,7 @@ class SyncSpec:
     primary_key: tuple[str, ...] = ()
     columns: tuple[str, ...] = ()
     delete_mode: DeleteMode = "hard"
+    detect_deletes: bool | None = None
     batch_rows: int = 50_000
     lag: dt.timedelta = dt.timedelta(0)
     lookback: dt.timedelta | int | None = None
@@ -55,6 +58,8 @@ class SyncSpec:
     def __post_init__(self) -> None:
         if not self.target_table:
             object.__setattr__(self, "target_table", self.source_table)
+        if self.detect_deletes is None:
+            object.__setattr__(self, "detect_deletes", self.mode == "full" and self.delete_mode != "none")
         object.__setattr__(self, "primary_key", tuple(self.primary_key))
         object.__setattr__(self, "columns", tuple(self.columns))
         self.validate()
@@ -73,6 +78,8 @@ class SyncSpec:
             fail("incremental mode needs cursor_column (e.g. an updated_at column); use mode='full' otherwise")
         if self.delete_mode not in ("hard", "soft", "none"):
             fail(f"delete_mode must be 'hard', 'soft' or 'none', not {self.delete_mode!r}")
+        if self.detect_deletes and self.delete_mode == "none":
+            fail("detect_deletes needs delete_mode 'hard' or 'soft'")
         if self.batch_rows < 1:
             fail("batch_rows must be positive")
         if self.lag < dt.timedelta(0):

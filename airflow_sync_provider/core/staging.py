@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 
 from airflow_sync_provider.core.manifest import Manifest
 
-DEFAULT_STAGING_DIR = Path(os.environ.get("SYNC_STAGING_DIR", Path.home() / ".cache" / "airflow_sync_provider" / "staging"))
+DEFAULT_STAGING_DIR = Path(
+    os.environ.get("SYNC_STAGING_DIR", Path.home() / ".cache" / "airflow_sync_provider" / "staging")
+)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
 

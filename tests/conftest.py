@@ -1,0 +1,129 @@
+"""Test harness: one real PostgreSQL server (wal_level=logical) for the whole session, started by
+the suite itself, and a fresh pair of source/target databases for every test that asks for one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from psycopg import sql
+
+from airflow_sync_provider.core import StagingArea, SyncSpec, run_sync
+from airflow_sync_provider.core.load import LoadResult
+from airflow_sync_provider.core.manifest import Manifest
+from airflow_sync_provider.local_postgres import LocalPostgres, local_postgres
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
+    """The suite's own PostgreSQL server, stopped and deleted at the end of the session."""
+    with local_postgres(tmp_path_factory.mktemp("pg") / "data") as server:
+        yield server
+
+
+@dataclass
+class SyncEnv:
+    """A source and a target database on the test server, plus helpers to sync and compare."""
+
+    server: LocalPostgres
+    source_db: str
+    target_db: str
+    staging: StagingArea
+
+    @property
+    def source_engine(self) -> sa.Engine:
+        return sa.create_engine(self.server.url(self.source_db), poolclass=sa.NullPool)
+
+    @property
+    def source_url(self) -> str:
+        return self.server.url(self.source_db)
+
+    @property
+    def target_url(self) -> str:
+        return self.server.url(self.target_db)
+
+    def source(self, autocommit: bool = True) -> psycopg.Connection[Any]:
+        return self.server.connect(self.source_db, autocommit=autocommit)
+
+    def target(self, autocommit: bool = True) -> psycopg.Connection[Any]:
+        return self.server.connect(self.target_db, autocommit=autocommit)
+
+    def sync(self, spec: SyncSpec, **kwargs: Any) -> tuple[Manifest, LoadResult]:
+        engine = self.source_engine
+        try:
+            with self.target() as target:
+                return run_sync(engine, target, spec, staging=self.staging, **kwargs)
+        finally:
+            engine.dispose()
+
+    def state(self, sync_id: str, schema: str = "public") -> tuple[Any, ...] | None:
+        with self.target() as conn:
+            exists = conn.execute("SELECT to_regclass(%s)", (f"{schema}._sync_state",)).fetchone()
+            if not exists or exists[0] is None:
+                return None
+            return conn.execute(
+                sql.SQL("SELECT version, watermark, last_manifest_id FROM {} WHERE sync_id = %s").format(
+                    sql.Identifier(schema, "_sync_state")
+                ),
+                (sync_id,),
+            ).fetchone()
+
+
+def table_checksum(
+    conn: psycopg.Connection[Any], table: str, columns: list[str], key: list[str], schema: str = "public"
+) -> tuple[int, str]:
+    """(row count, md5 of every row's text rendering in key order): equal iff the tables are equal."""
+    row = conn.execute(
+        sql.SQL("SELECT count(*), md5(coalesce(string_agg(({cols})::text, E'\\n' ORDER BY {key}), '')) FROM {t}").format(
+            cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
+            key=sql.SQL(", ").join(map(sql.Identifier, key)),
+            t=sql.Identifier(schema, table),
+        )
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), str(row[1])
+
+
+def source_columns(conn: psycopg.Connection[Any], table: str, schema: str = "public") -> list[str]:
+    rows = conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
+        "ORDER BY ordinal_position",
+        (schema, table),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+@pytest.fixture
+def env(pg_server: LocalPostgres, tmp_path: Path) -> Iterator[SyncEnv]:
+    n = next(_counter)
+    source_db = pg_server.create_database(f"src_{os.getpid()}_{n}")
+    target_db = pg_server.create_database(f"tgt_{os.getpid()}_{n}")
+    yield SyncEnv(pg_server, source_db, target_db, StagingArea(tmp_path / "staging"))
+    with pg_server.connect() as conn:
+        for db in (source_db, target_db):
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
+
+
+def mariadb_url() -> str | None:
+    """SQLAlchemy URL of the local MariaDB test database, or None when it is not reachable."""
+    try:
+        import pymysql
+    except ImportError:
+        return None
+    host = os.environ.get("SYNC_TEST_MYSQL_HOST", "127.0.0.1")
+    port = int(os.environ.get("SYNC_TEST_MYSQL_PORT", "3306"))
+    try:
+        pymysql.connect(host=host, port=port, user="root", password="", connect_timeout=2).close()
+    except pymysql.Error:
+        return None
+    return f"mysql+pymysql://root@{host}:{port}"
