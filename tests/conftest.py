@@ -84,7 +84,9 @@ def table_checksum(
 ) -> tuple[int, str]:
     """(row count, md5 of every row's text rendering in key order): equal iff the tables are equal."""
     row = conn.execute(
-        sql.SQL("SELECT count(*), md5(coalesce(string_agg(({cols})::text, E'\\n' ORDER BY {key}), '')) FROM {t}").format(
+        sql.SQL(
+            "SELECT count(*), md5(coalesce(string_agg(({cols})::text, E'\\n' ORDER BY {key}), '')) FROM {t}"
+        ).format(
             cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
             key=sql.SQL(", ").join(map(sql.Identifier, key)),
             t=sql.Identifier(schema, table),

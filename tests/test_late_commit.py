@@ -93,9 +93,7 @@ def test_lookback_recovers_late_commits_without_the_guard(env: SyncEnv) -> None:
 
 
 def test_lag_leaves_recent_rows_for_the_next_run(env: SyncEnv) -> None:
-    spec = SyncSpec(
-        sync_id="events", source_table="events", cursor_column="updated_at", lag=dt.timedelta(minutes=5)
-    )
+    spec = SyncSpec(sync_id="events", source_table="events", cursor_column="updated_at", lag=dt.timedelta(minutes=5))
     with env.source() as conn:
         conn.execute("CREATE TABLE events (id bigint PRIMARY KEY, payload text, updated_at timestamptz NOT NULL)")
         conn.execute("INSERT INTO events VALUES (1, 'old', now() - interval '1 hour'), (2, 'recent', now())")

@@ -1,0 +1,66 @@
+"""Provider metadata, read by Airflow through the ``apache_airflow_provider`` entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-sync-provider",
+        "name": "Database Sync",
+        "description": "Exactly-once incremental and change-data-capture sync from SQLAlchemy sources into PostgreSQL.",
+        "versions": ["0.1.0"],
+        "integrations": [
+            {
+                "integration-name": "Database Sync",
+                "external-doc-url": "https://github.com/airflow-sync-provider/airflow-sync-provider",
+                "tags": ["software"],
+            }
+        ],
+        "hooks": [
+            {
+                "integration-name": "Database Sync",
+                "python-modules": [
+                    "airflow_sync_provider.hooks.source",
+                    "airflow_sync_provider.hooks.target",
+                ],
+            }
+        ],
+        "operators": [
+            {
+                "integration-name": "Database Sync",
+                "python-modules": ["airflow_sync_provider.operators.sync"],
+            }
+        ],
+        "connection-types": [
+            {
+                "connection-type": "sync_sqlalchemy",
+                "hook-class-name": "airflow_sync_provider.hooks.source.SqlSourceHook",
+                "hook-name": "SQLAlchemy source (Database Sync)",
+                "ui-field-behaviour": {
+                    "hidden-fields": [],
+                    "relabeling": {"schema": "Database"},
+                    "placeholders": {
+                        "extra": '{"sqlalchemy_drivername": "mssql+pymssql"}  or  {"sqlalchemy_url": "..."}',
+                    },
+                },
+            }
+        ],
+        "config": {
+            "sync": {
+                "description": "Defaults for airflow-sync-provider operators.",
+                "options": {
+                    "staging_uri": {
+                        "description": "Where staged Parquet batches are written: a local folder, or a URI "
+                        "(s3://bucket/prefix, gs://..., abfs://...) that every worker can read. "
+                        "Defaults to ~/.cache/airflow_sync_provider/staging.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "s3://my-bucket/airflow-sync/staging",
+                        "default": None,
+                    }
+                },
+            }
+        },
+    }
