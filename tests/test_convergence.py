@@ -40,7 +40,8 @@ SEED = """
 INSERT INTO items (id, sku, name, qty, price, weight, active, created, attrs, tags, payload, uid, updated_at)
 SELECT g,
        'SKU-' || lpad(g::text, 7, '0'),
-       CASE WHEN g %% 13 = 0 THEN NULL WHEN g %% 17 = 0 THEN '' WHEN g %% 19 = 0 THEN 'quote " comma , nl' || E'\\n' || 'x'
+       CASE WHEN g %% 13 = 0 THEN NULL WHEN g %% 17 = 0 THEN ''
+            WHEN g %% 19 = 0 THEN 'quote " comma , nl' || E'\\n' || 'x'
             ELSE 'Ärtikel ' || g || ' 😀 ünïcödé' END,
        CASE WHEN g %% 11 = 0 THEN NULL ELSE (random() * 1000)::int END,
        CASE WHEN g %% 23 = 0 THEN NULL ELSE round((random() * 100000)::numeric, 2) END,
@@ -48,7 +49,8 @@ SELECT g,
        CASE WHEN g %% 37 = 0 THEN NULL ELSE g %% 2 = 0 END,
        DATE '2020-01-01' + (g %% 2000),
        CASE WHEN g %% 41 = 0 THEN NULL
-            ELSE jsonb_build_object('n', g, 'nested', jsonb_build_object('a', jsonb_build_array(1, 'two', null)), 'u', 'ü') END,
+            ELSE jsonb_build_object('n', g, 'u', 'ü',
+                                    'nested', jsonb_build_object('a', jsonb_build_array(1, 'two', null))) END,
        CASE WHEN g %% 43 = 0 THEN NULL ELSE ARRAY['red', 'green', 'b"lue'] END,
        CASE WHEN g %% 47 = 0 THEN NULL ELSE decode(md5(g::text), 'hex') END,
        md5(g::text)::uuid,
@@ -66,7 +68,8 @@ WHERE id IN (SELECT id FROM items ORDER BY random() LIMIT %(updates)s);
 UPDATE items SET id = id + 10000000 WHERE id IN (SELECT id FROM items ORDER BY random() LIMIT 100);
 DELETE FROM items WHERE id IN (SELECT id FROM items ORDER BY random() LIMIT %(deletes)s);
 INSERT INTO items (id, sku, name, qty, price, weight, active, created, attrs, tags, payload, uid)
-SELECT 20000000 + g, 'NEW-' || g, 'neu ' || g || ' ✓', g, 1.5, -0.0, true, current_date, '{"new": true}', '{}', '\\x00', NULL
+SELECT 20000000 + g, 'NEW-' || g, 'neu ' || g || ' ✓', g, 1.5, -0.0, true, current_date,
+       '{"new": true}', '{}', '\\x00', NULL
 FROM generate_series(1, %(inserts)s) g;
 """
 
