@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import tempfile
+
+# Airflow reads its home at import time: give the session its own, away from ~/airflow.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="sync-tests-airflow-"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path

@@ -9,7 +9,6 @@ Each page becomes one Parquet file; memory is bounded by ``batch_rows``, not by 
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +27,7 @@ from airflow_sync_provider.core.errors import (
     SyncError,
 )
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
-from airflow_sync_provider.core.progress import LOG, Progress
+from airflow_sync_provider.core.progress import LOG, Logger, Progress
 from airflow_sync_provider.core.schema import ColumnPlan, pg_type_for_arrow, plan_column
 from airflow_sync_provider.core.spec import SyncSpec
 from airflow_sync_provider.core.staging import StagingArea
@@ -101,7 +100,7 @@ def _is_temporal(column: sa.Column[Any]) -> bool:
 
 
 def compute_upper_bound(
-    engine: sa.Engine, spec: SyncSpec, source: SourceTable, logger: logging.Logger
+    engine: sa.Engine, spec: SyncSpec, source: SourceTable, logger: Logger
 ) -> tuple[Any, list[str]]:
     """Upper bound (exclusive) on the cursor for this run, and notes on how it was chosen.
 
@@ -239,7 +238,7 @@ def extract_to_staging(
     staging: StagingArea,
     run_id: str,
     transform: BatchTransform | None = None,
-    logger: logging.Logger | None = None,
+    logger: Logger | None = None,
 ) -> Manifest:
     """Extract the rows past the committed watermark (or the whole table) into staged Parquet files."""
     log = logger or LOG
@@ -384,14 +383,14 @@ def _stage_keys(
     spec: SyncSpec,
     staging: StagingArea,
     staging_dir: str,
-    log: logging.Logger,
+    log: Logger,
 ) -> list[StagedFile]:
     """Stage every source key (same snapshot as the rows) so the load can find deleted rows."""
     key_plans = [next(p for p in source.plans if p.name == k) for k in source.primary_key]
     key_source = SourceTable(source.table, source.dialect, source.primary_key, tuple(key_plans))
     order = [source.table.c[k] for k in source.primary_key]
     progress = Progress(f"sync {spec.sync_id}: staged source keys for delete detection", log)
-    files = []
+    files: list[StagedFile] = []
     index = list(range(len(order)))
     for rows in _pages(connection, key_source, spec, [p.select for p in key_plans], order, index, None):
         batch = _rows_to_table(rows, key_source, spec)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-import logging
 import re
 import time
 import uuid
@@ -26,7 +25,7 @@ from psycopg import sql
 
 from airflow_sync_provider.core.errors import DataError, SchemaError, SyncError, UnsafeOperationError
 from airflow_sync_provider.core.manifest import Manifest, StagedFile
-from airflow_sync_provider.core.progress import LOG, PhaseObserver, Progress
+from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver, Progress
 from airflow_sync_provider.core.schema import TYPES_WITHOUT_EQUALITY, validate_pg_type
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SYNCED_AT_COLUMN
 from airflow_sync_provider.core.staging import iter_staged_batches, remove_staged
@@ -83,7 +82,7 @@ def load_manifest(
     manifest: Manifest,
     *,
     run_id: str | None = None,
-    logger: logging.Logger | None = None,
+    logger: Logger | None = None,
     observer: PhaseObserver | None = None,
     keep_staged: bool = False,
 ) -> LoadResult:
@@ -303,9 +302,7 @@ def _create_stage(
     return stage
 
 
-def _stage_keys(
-    conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, log: logging.Logger
-) -> sql.Identifier:
+def _stage_keys(conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, log: Logger) -> sql.Identifier:
     """Load the staged source key set (incremental delete detection) into its own keyed temp table."""
     keys = list(manifest.primary_key)
     table = _create_stage(conn, manifest, target, keys)
@@ -331,7 +328,7 @@ def _copy_files(
     manifest: Manifest,
     target: TargetTable,
     stage: sql.Identifier,
-    log: logging.Logger,
+    log: Logger,
     files: Sequence[StagedFile] | None = None,
     names: Sequence[str] | None = None,
     what: str = "staged into PostgreSQL",
@@ -435,6 +432,7 @@ def _merge(
         )
     if soft:
         changed.append(sql.SQL("{} IS NOT NULL").format(sql.Identifier("t", DELETED_AT_COLUMN)))
+    on_conflict: sql.Composable = sql.SQL("DO NOTHING")
     if changed:
         assignments = [
             sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in [*values, RUN_ID_COLUMN, SYNCED_AT_COLUMN]
@@ -444,8 +442,6 @@ def _merge(
         on_conflict = sql.SQL("DO UPDATE SET {} WHERE {}").format(
             sql.SQL(", ").join(assignments), sql.SQL(" OR ").join(changed)
         )
-    else:
-        on_conflict = sql.SQL("DO NOTHING")
     query = sql.SQL(
         "WITH merged AS ("
         " INSERT INTO {target} AS t ({insert_columns})"

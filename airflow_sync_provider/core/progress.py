@@ -5,9 +5,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 LOG = logging.getLogger("airflow_sync_provider")
+
+
+class Logger(Protocol):
+    """What the engine needs of a logger: ``logging.Logger`` and Airflow's task logger both fit."""
+
+    def info(self, msg: str, /, *args: Any) -> Any: ...
+
+    def warning(self, msg: str, /, *args: Any) -> Any: ...
+
 
 #: Called at the phases of a load ("staged", "merged", "committed") with a small dict of facts.
 #: Useful for metrics; the crash tests use it to kill the process between merge and commit.
@@ -15,9 +24,9 @@ PhaseObserver = Callable[[str, dict[str, Any]], None]
 
 
 class Progress:
-    def __init__(self, what: str, logger: logging.Logger | None = None, interval: float = 10.0) -> None:
+    def __init__(self, what: str, logger: Logger | None = None, interval: float = 10.0) -> None:
         self.what = what
-        self.log = logger or LOG
+        self.log: Logger = logger or LOG
         self.interval = interval
         self.rows = 0
         self.started = time.monotonic()

@@ -4,7 +4,6 @@ operator, the demo and the tests; the split operators call the same two halves.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import psycopg
@@ -13,7 +12,7 @@ import sqlalchemy as sa
 from airflow_sync_provider.core.extract import BatchTransform, extract_to_staging
 from airflow_sync_provider.core.load import LoadResult, load_manifest
 from airflow_sync_provider.core.manifest import Manifest
-from airflow_sync_provider.core.progress import PhaseObserver
+from airflow_sync_provider.core.progress import Logger, PhaseObserver
 from airflow_sync_provider.core.spec import SyncSpec
 from airflow_sync_provider.core.staging import StagingArea
 from airflow_sync_provider.core.state import SyncState, read_state
@@ -35,7 +34,7 @@ def extract_for(
     staging: StagingArea,
     run_id: str,
     transform: BatchTransform | None = None,
-    logger: logging.Logger | None = None,
+    logger: Logger | None = None,
 ) -> Manifest:
     """Extract from where the committed state in the target says the sync is."""
     return extract_to_staging(
@@ -57,7 +56,7 @@ def run_sync(
     staging: StagingArea | None = None,
     run_id: str = "manual",
     transform: BatchTransform | None = None,
-    logger: logging.Logger | None = None,
+    logger: Logger | None = None,
     observer: PhaseObserver | None = None,
 ) -> tuple[Manifest, LoadResult]:
     manifest = extract_for(

@@ -63,7 +63,7 @@ def resolve_transform(transform: BatchTransform | str | None) -> BatchTransform 
     function = getattr(importlib.import_module(module_name), attribute)
     if not callable(function):
         raise ConfigurationError(f"transform {transform!r} is not callable")
-    return function  # type: ignore[no-any-return]
+    return function
 
 
 def _fail(error: SyncError) -> Exception:

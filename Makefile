@@ -1,0 +1,32 @@
+# Two commands on a fresh machine (each installs what it needs into .venv):
+#   make demo   - end-to-end sync on an embedded PostgreSQL (no Docker)
+#   make test   - lint, type-check and the test suite (starts its own PostgreSQL)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test lint pytest clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip uv
+	$(VENV)/bin/uv pip install --python $(PY) --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m airflow_sync_provider.demo
+
+lint: install
+	$(VENV)/bin/ruff check airflow_sync_provider dags tests benchmarks
+	$(VENV)/bin/ruff format --check airflow_sync_provider dags tests benchmarks
+	$(VENV)/bin/mypy
+
+pytest: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: lint pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
