@@ -26,7 +26,7 @@ from airflow_sync_provider.operators.sync import (
 )
 
 # Postgres asset URIs name host:port/database/schema/table; adjust them to your target.
-ORDERS_TARGET = Asset(name="orders_synced", uri="postgres://localhost:5432/target/public/orders")
+ORDERS_TARGET = Asset(name="orders_synced", uri="postgres://warehouse:5432/analytics/public/orders")
 
 
 def add_total(batch: pd.DataFrame) -> pd.DataFrame:
@@ -51,6 +51,7 @@ with DAG(
         sync_id="orders",
         source_table="orders",
         cursor_column="updated_at",
+        detect_deletes=True,  # also remove rows deleted at the source
         transform=add_total,
         outlets=[ORDERS_TARGET],
         retries=2,
@@ -81,6 +82,6 @@ with DAG(
         task_id="load_orders",
         manifest=extract.output,
         target_conn_id="sync_target",
-        outlets=[Asset(name="orders_full_copy", uri="postgres://localhost:5432/target/public/orders_full_copy")],
+        outlets=[Asset(name="orders_full_copy", uri="postgres://warehouse:5432/analytics/public/orders_full_copy")],
     )
     extract >> load
