@@ -50,7 +50,8 @@ def postgres_demo(server: LocalPostgres, rows: int, staging: StagingArea) -> boo
     with server.connect(source_db) as src:
         src.execute(
             "CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL, sku text, quantity int, "
-            "unit_price numeric(12,2), status text, note text, updated_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+            "unit_price numeric(12,2), status text, note text, "
+            "updated_at timestamptz NOT NULL DEFAULT clock_timestamp())"
         )
         src.execute("CREATE INDEX orders_cursor ON orders (updated_at, id)")
         src.execute(
@@ -120,7 +121,8 @@ def sqlite_demo(server: LocalPostgres, workdir: Path, staging: StagingArea) -> b
         marked = target.execute("SELECT count(*) FROM products WHERE _sync_deleted_at IS NOT NULL").fetchone()
     engine.dispose()
     ok = (second.updated, second.deleted) == (20, 10) and marked == (10,)
-    print(f"  soft-deleted rows kept and marked in the target: {marked[0] if marked else '?'}; OK: {'YES' if ok else 'NO'}")
+    kept = marked[0] if marked else "?"
+    print(f"  soft-deleted rows kept and marked in the target: {kept}; OK: {'YES' if ok else 'NO'}")
     return ok
 
 

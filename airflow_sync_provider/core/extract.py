@@ -401,15 +401,19 @@ def _stage_keys(
 
 
 def _after(order: Sequence[sa.Column[Any]], values: tuple[Any, ...], source: SourceTable) -> Any:
-    # Key columns read as text (uuid, ...) carry text values: bind them as text, the server casts.
-    as_text = {p.name for p in source.plans if p.as_text}
-    params = [
-        sa.bindparam(f"after_{i}", v, type_=sa.String() if c.name in as_text else c.type)
-        for i, (c, v) in enumerate(zip(order, values, strict=True))
-    ]
+    params = [_bind(f"after_{i}", c, v, source) for i, (c, v) in enumerate(zip(order, values, strict=True))]
     if len(order) == 1:
         return order[0] > params[0]
     return sa.tuple_(*order) > sa.tuple_(*params)
+
+
+def _bind(name: str, column: sa.Column[Any], value: Any, source: SourceTable) -> Any:
+    """A bound keyset value.  Key columns read as text (uuid, ...) carry text values: bind them as
+    text and, on PostgreSQL (whose dialect casts binds explicitly), cast back to the column's type."""
+    if not any(p.as_text and p.name == column.name for p in source.plans):
+        return sa.bindparam(name, value, type_=column.type)
+    text = sa.bindparam(name, value, type_=sa.String())
+    return sa.cast(text, column.type) if source.dialect == "postgresql" else text
 
 
 def _later(candidate: tuple[Any, ...], current: tuple[Any, ...]) -> bool:

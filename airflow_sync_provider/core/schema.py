@@ -55,6 +55,9 @@ def plan_column(column: sa.Column[Any], dialect_name: str) -> ColumnPlan:
 
     if isinstance(sa_type, postgresql.DOMAIN):
         sa_type = sa_type.data_type
+    if isinstance(sa_type, sa.String) and sa_type.collation:
+        sa_type = sa_type.copy()
+        sa_type.collation = None  # the target database may not have the source's collations
     if isinstance(sa_type, sa.Boolean):
         arrow, pg_type = pa.bool_(), "BOOLEAN"
     elif isinstance(sa_type, sa.Integer):
