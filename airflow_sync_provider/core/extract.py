@@ -303,10 +303,15 @@ def extract_to_staging(
                 progress.add(batch.num_rows)
             if spec.mode == "incremental" and spec.detect_deletes:
                 key_files = _stage_keys(connection, source, spec, staging, staging_dir, log)
-    except sa_exc.DBAPIError as error:
-        raise SyncError(
-            f"extraction failed: {_first_line(error.orig or error)}", sync_id=spec.sync_id, table=spec.qualified_source
-        ) from error
+    except BaseException as error:
+        staging.discard(staging_dir, log)  # a half-written batch is never loaded: do not leave it behind
+        if isinstance(error, sa_exc.DBAPIError):
+            raise SyncError(
+                f"extraction failed: {_first_line(error.orig or error)}",
+                sync_id=spec.sync_id,
+                table=spec.qualified_source,
+            ) from error
+        raise
     finally:
         connection.close()
 

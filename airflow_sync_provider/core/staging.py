@@ -9,6 +9,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -48,6 +49,14 @@ class StagingArea:
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         return pq.ParquetWriter(path, schema, filesystem=fs, compression="snappy")
 
+    def discard(self, batch_uri: str, log: Any = None) -> None:
+        """Remove a batch directory (best effort: failing to clean up must not hide the real error)."""
+        try:
+            _remove_dir(batch_uri)
+        except OSError as error:
+            if log is not None:
+                log.warning("could not remove partial staged batch %s: %s", batch_uri, error)
+
     def write_manifest(self, manifest: Manifest) -> str:
         uri = f"{manifest.staging_dir}/manifest.json"
         fs, path = filesystem_for(uri)
@@ -79,9 +88,11 @@ def read_manifest(uri: str) -> Manifest:
 
 def remove_staged(manifest: Manifest) -> None:
     """Delete a batch's files once it is committed (staging is a buffer, not an archive)."""
-    if not manifest.staging_dir:
-        return
-    fs, path = filesystem_for(manifest.staging_dir)
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.NotFound:
+    if manifest.staging_dir:
+        _remove_dir(manifest.staging_dir)
+
+
+def _remove_dir(uri: str) -> None:
+    fs, path = filesystem_for(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)
