@@ -27,7 +27,7 @@ SERVER_SETTINGS = {
     "max_wal_senders": "20",
     "max_connections": "200",
     "fsync": "off",
-    "synchronous_commit": "off",
+    "synchronous_commit": "on",  # logical decoding reads only flushed WAL: keep CDC latency real
     "full_page_writes": "off",
     "shared_buffers": "128MB",
     "listen_addresses": "127.0.0.1",

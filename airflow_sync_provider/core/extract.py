@@ -8,6 +8,7 @@ Each page becomes one Parquet file; memory is bounded by ``batch_rows``, not by 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 import uuid
@@ -21,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from airflow_sync_provider.core.errors import (
+    ConfigurationError,
     DataError,
     SchemaError,
     SourceUnavailableError,
@@ -99,6 +101,23 @@ def _is_temporal(column: sa.Column[Any]) -> bool:
     return isinstance(column.type, (sa.DateTime, sa.Date))
 
 
+def _ordered(column: sa.Column[Any], dialect: str, expression: Any = None) -> Any:
+    """``column`` (or a value bound for it) in the form that orders, compares and pages it.
+
+    SQLite keeps DATETIME as text in whichever format the writer used: SQLAlchemy writes
+    ``YYYY-MM-DD HH:MM:SS.ffffff`` (and so binds keyset values and bounds that way), while
+    ``DEFAULT CURRENT_TIMESTAMP`` and ``datetime('now')`` write ``YYYY-MM-DD HH:MM:SS``.  Compared as
+    text one instant is then unequal to itself (``'..:00' < '..:00.000000'``): the keyset condition
+    after a CURRENT_TIMESTAMP-stamped row skips every later row of that second, and the exclusive
+    upper bound lets rows of its own second through.  Both sides go through ``strftime`` instead,
+    which renders every format SQLite understands the same way (milliseconds; ties go to the key).
+    """
+    expression = column if expression is None else expression
+    if dialect == "sqlite" and isinstance(column.type, sa.DateTime):
+        return sa.func.strftime("%Y-%m-%d %H:%M:%f", expression)
+    return expression
+
+
 def compute_upper_bound(
     engine: sa.Engine, spec: SyncSpec, source: SourceTable, logger: Logger
 ) -> tuple[Any, list[str]]:
@@ -160,6 +179,20 @@ def compute_upper_bound(
     if isinstance(cursor.type, sa.Date) and not isinstance(cursor.type, sa.DateTime):
         bound = bound.date()
     return bound, notes
+
+
+def _table_watermark(state: SyncState | None, spec: SyncSpec) -> list[Any] | None:
+    """The committed ``[cursor, *key]`` of an incremental sync (None: start from the beginning)."""
+    if state is None or state.watermark is None:
+        return None
+    if not isinstance(state.watermark, list):
+        raise ConfigurationError(
+            f"the state row of this sync_id holds a {state.mode or 'different'} sync's position, not a cursor "
+            "watermark: give the table sync its own sync_id",
+            sync_id=spec.sync_id,
+            table=spec.qualified_source,
+        )
+    return state.watermark if spec.mode == "incremental" else None
 
 
 def _lookback_start(spec: SyncSpec, cursor_value: Any) -> Any:
@@ -239,14 +272,19 @@ def extract_to_staging(
     run_id: str,
     transform: BatchTransform | None = None,
     logger: Logger | None = None,
+    connection: sa.Connection | None = None,
 ) -> Manifest:
-    """Extract the rows past the committed watermark (or the whole table) into staged Parquet files."""
+    """Extract the rows past the committed watermark (or the whole table) into staged Parquet files.
+
+    ``connection``: read inside this caller-owned transaction instead of opening a REPEATABLE READ
+    one (CDC snapshots read several tables from one snapshot this way).
+    """
     log = logger or LOG
     started = time.monotonic()
     source = reflect_source(engine, spec)
     table = source.table
     base_version = state.version if state else 0
-    low = state.watermark if state and spec.mode == "incremental" else None
+    low = _table_watermark(state, spec)
     notes: list[str] = []
 
     if spec.mode == "incremental":
@@ -274,17 +312,21 @@ def extract_to_staging(
     order_index = [next(i for i, p in enumerate(source.plans) if p.name == c.name) for c in order]
 
     key_files: list[StagedFile] = []
-    connection = engine.connect()
-    try:
+    owned = connection is None
+    if connection is None:
+        connection = engine.connect()
         if source.dialect in ("postgresql", "mysql", "mariadb"):
             connection = connection.execution_options(isolation_level="REPEATABLE READ")
-        with connection.begin():
+    try:
+        with connection.begin() if owned else contextlib.nullcontext():
             conditions = []
             if upper is not None:
-                conditions.append(order[0] < sa.bindparam("upper_bound", upper, type_=order[0].type))
+                bound = sa.bindparam("upper_bound", upper, type_=order[0].type)
+                conditions.append(_ordered(order[0], source.dialect) < _ordered(order[0], source.dialect, bound))
             first = None
             if first_lower is not None:
-                first = order[0] >= sa.bindparam("lookback_start", first_lower, type_=order[0].type)
+                start = sa.bindparam("lookback_start", first_lower, type_=order[0].type)
+                first = _ordered(order[0], source.dialect) >= _ordered(order[0], source.dialect, start)
             selected = [p.select for p in source.plans]
             for rows in _pages(connection, source, spec, selected, order, order_index, after, conditions, first):
                 after = tuple(rows[-1][i] for i in order_index)
@@ -313,7 +355,8 @@ def extract_to_staging(
             ) from error
         raise
     finally:
-        connection.close()
+        if owned:
+            connection.close()
 
     if schema is None:  # nothing extracted: the column plan still tells the load how to create the table
         schema = pa.schema([pa.field(p.name, p.arrow_type) for p in source.plans])
@@ -367,7 +410,8 @@ def _pages(
             query = query.where(_after(order, after, source))
         elif first_condition is not None:
             query = query.where(first_condition)
-        rows = _fetch_page(connection, query.order_by(*order).limit(spec.batch_rows), spec)
+        order_by = [_ordered(c, source.dialect) for c in order]
+        rows = _fetch_page(connection, query.order_by(*order_by).limit(spec.batch_rows), spec)
         if not rows:
             return
         yield rows
@@ -406,10 +450,14 @@ def _stage_keys(
 
 
 def _after(order: Sequence[sa.Column[Any]], values: tuple[Any, ...], source: SourceTable) -> Any:
-    params = [_bind(f"after_{i}", c, v, source) for i, (c, v) in enumerate(zip(order, values, strict=True))]
+    columns = [_ordered(c, source.dialect) for c in order]
+    params = [
+        _ordered(c, source.dialect, _bind(f"after_{i}", c, v, source))
+        for i, (c, v) in enumerate(zip(order, values, strict=True))
+    ]
     if len(order) == 1:
-        return order[0] > params[0]
-    return sa.tuple_(*order) > sa.tuple_(*params)
+        return columns[0] > params[0]
+    return sa.tuple_(*columns) > sa.tuple_(*params)
 
 
 def _bind(name: str, column: sa.Column[Any], value: Any, source: SourceTable) -> Any:
@@ -443,12 +491,15 @@ def _refuse_null_cursors(engine: sa.Engine, spec: SyncSpec, source: SourceTable)
     """A row whose cursor is NULL would never be extracted incrementally: refuse, naming the rows."""
     assert spec.cursor_column
     table = source.table
-    query = sa.select(*(table.c[k] for k in source.primary_key)).where(table.c[spec.cursor_column].is_(None)).limit(5)
+    cursor = table.c[spec.cursor_column]
+    normalised = _ordered(cursor, source.dialect)  # on SQLite, text it cannot read as a time is NULL here
+    query = sa.select(*(table.c[k] for k in source.primary_key)).where(normalised.is_(None)).limit(5)
     with engine.connect() as conn:
         rows = conn.execute(query).fetchall()
     if rows:
         raise DataError(
-            f"{len(rows)}{'+' if len(rows) == 5 else ''} row(s) have a NULL cursor and would never be synced "
+            f"{len(rows)}{'+' if len(rows) == 5 else ''} row(s) have a NULL "
+            f"{'(or unreadable) ' if normalised is not cursor else ''}cursor and would never be synced "
             f"incrementally (example keys: {[dict(zip(source.primary_key, r, strict=True)) for r in rows]}); "
             "give the column a NOT NULL default or use mode='full'",
             sync_id=spec.sync_id,

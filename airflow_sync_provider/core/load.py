@@ -50,7 +50,7 @@ class LoadResult:
     updated: int = 0
     deleted: int = 0
     version: int = 0
-    watermark: list[Any] | None = None
+    watermark: list[Any] | dict[str, Any] | None = None
     seconds: float = 0.0
     message: str = ""
 
@@ -102,15 +102,9 @@ def load_manifest(
             log.warning("sync %s: %s", manifest.sync_id, result.message)
             return result
 
-        target = ensure_target_table(conn, manifest)
-        stage = _create_stage(conn, manifest, target)
-        staged = _copy_files(conn, manifest, target, stage, log)
-        _notify(observer, "staged", {"rows": staged})
-        inserted, updated = _merge(conn, manifest, target, stage, run_id)
-        deleted = 0
-        if manifest.detect_deletes:
-            keys = stage if manifest.mode == "full" else _stage_keys(conn, manifest, target, log)
-            deleted = _delete_missing(conn, manifest, target, keys, run_id)
+        applied = apply_table_batch(conn, manifest, run_id, log, observer)
+        target, staged = applied.target, applied.staged
+        inserted, updated, deleted = applied.inserted, applied.updated, applied.deleted
         new_state = replace(
             state,
             version=state.version + 1,
@@ -126,7 +120,7 @@ def load_manifest(
             extracted_at=dt.datetime.fromisoformat(manifest.extracted_at) if manifest.extracted_at else None,
         )
         write_state(conn, manifest.target_schema, manifest.state_table, new_state)
-        _notify(observer, "merged", {"inserted": inserted, "updated": updated, "deleted": deleted})
+        notify(observer, "merged", {"inserted": inserted, "updated": updated, "deleted": deleted})
     # committed: data, deletes and state together
     result = LoadResult(
         sync_id=manifest.sync_id,
@@ -152,7 +146,7 @@ def load_manifest(
         deleted,
         result.seconds,
     )
-    _notify(observer, "committed", result.to_dict())
+    notify(observer, "committed", result.to_dict())
     if not keep_staged:
         try:
             remove_staged(manifest)
@@ -161,7 +155,36 @@ def load_manifest(
     return result
 
 
-def _notify(observer: PhaseObserver | None, phase: str, facts: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class TableApplied:
+    target: TargetTable
+    staged: int
+    inserted: int
+    updated: int
+    deleted: int
+
+
+def apply_table_batch(
+    conn: psycopg.Connection[Any],
+    manifest: Manifest,
+    run_id: str,
+    log: Logger,
+    observer: PhaseObserver | None = None,
+) -> TableApplied:
+    """Inside the caller's transaction: create/check the target, COPY the batch, merge, delete missing."""
+    target = ensure_target_table(conn, manifest)
+    stage = _create_stage(conn, manifest, target)
+    staged = copy_files(conn, manifest, target, stage, log)
+    notify(observer, "staged", {"rows": staged})
+    inserted, updated = merge_stage(conn, manifest, target, stage, run_id)
+    deleted = 0
+    if manifest.detect_deletes:
+        keys = stage if manifest.mode == "full" else _stage_keys(conn, manifest, target, log)
+        deleted = _delete_missing(conn, manifest, target, keys, run_id)
+    return TableApplied(target, staged, inserted, updated, deleted)
+
+
+def notify(observer: PhaseObserver | None, phase: str, facts: dict[str, Any]) -> None:
     if observer is not None:
         observer(phase, facts)
 
@@ -213,7 +236,7 @@ def _unique_keys(conn: psycopg.Connection[Any], schema: str, name: str) -> list[
     return [set(r[0]) for r in rows]
 
 
-def _metadata_columns(manifest: Manifest) -> list[tuple[str, str]]:
+def metadata_columns(manifest: Manifest) -> list[tuple[str, str]]:
     columns = [(RUN_ID_COLUMN, "TEXT"), (SYNCED_AT_COLUMN, "TIMESTAMP WITH TIME ZONE")]
     if manifest.delete_mode == "soft":
         columns.append((DELETED_AT_COLUMN, "TIMESTAMP WITH TIME ZONE"))
@@ -234,7 +257,7 @@ def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Ta
             )
             for c in manifest.columns
         ]
-        definitions += [sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in _metadata_columns(manifest)]
+        definitions += [sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in metadata_columns(manifest)]
         definitions.append(
             sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, manifest.primary_key)))
         )
@@ -265,7 +288,7 @@ def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Ta
             table=display,
             column=list(manifest.primary_key),
         )
-    for column, pg_type in _metadata_columns(manifest):
+    for column, pg_type in metadata_columns(manifest):
         if column not in existing:
             conn.execute(
                 sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
@@ -306,7 +329,7 @@ def _stage_keys(conn: psycopg.Connection[Any], manifest: Manifest, target: Targe
     """Load the staged source key set (incremental delete detection) into its own keyed temp table."""
     keys = list(manifest.primary_key)
     table = _create_stage(conn, manifest, target, keys)
-    _copy_files(conn, manifest, target, table, log, manifest.key_files, keys, "loaded source keys")
+    copy_files(conn, manifest, target, table, log, manifest.key_files, keys, "loaded source keys")
     return table
 
 
@@ -323,7 +346,7 @@ def _csv_ready(batch: pa.RecordBatch, columns: Sequence[str]) -> pa.Table:
     return table
 
 
-def _copy_files(
+def copy_files(
     conn: psycopg.Connection[Any],
     manifest: Manifest,
     target: TargetTable,
@@ -412,10 +435,18 @@ def _comparable(alias: str, column: str, target: TargetTable) -> sql.Composable:
     return sql.SQL("{}::text").format(ref) if base_type in TYPES_WITHOUT_EQUALITY else ref
 
 
-def _merge(
-    conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, stage: sql.Identifier, run_id: str
+def merge_stage(
+    conn: psycopg.Connection[Any],
+    manifest: Manifest,
+    target: TargetTable,
+    stage: sql.Identifier,
+    run_id: str,
+    where: sql.Composable | None = None,
 ) -> tuple[int, int]:
-    """One INSERT ... ON CONFLICT that inserts new keys, updates changed rows, skips unchanged ones."""
+    """One INSERT ... ON CONFLICT that inserts new keys, updates changed rows, skips unchanged ones.
+
+    ``where`` filters the stage rows (alias ``s``), e.g. to leave out CDC deletes.
+    """
     keys = list(manifest.primary_key)
     values = _value_columns(manifest)
     all_columns = [c.name for c in manifest.columns]
@@ -445,7 +476,7 @@ def _merge(
     query = sql.SQL(
         "WITH merged AS ("
         " INSERT INTO {target} AS t ({insert_columns})"
-        " SELECT {select_columns}, %(run_id)s, now() FROM {stage} s"
+        " SELECT {select_columns}, %(run_id)s, now() FROM {stage} s{where}"
         " ON CONFLICT ({keys}) {on_conflict}"
         " RETURNING (t.xmax = 0) AS inserted)"
         " SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM merged"
@@ -454,6 +485,7 @@ def _merge(
         insert_columns=insert_columns,
         select_columns=select_columns,
         stage=stage,
+        where=sql.SQL(" WHERE {}").format(where) if where is not None else sql.SQL(""),
         keys=sql.SQL(", ").join(map(sql.Identifier, keys)),
         on_conflict=on_conflict,
     )

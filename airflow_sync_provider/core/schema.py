@@ -114,6 +114,10 @@ def plan_column(column: sa.Column[Any], dialect_name: str) -> ColumnPlan:
     except ValueError:
         native, arrow, pg_type = False, pa.string(), "TEXT"
     select = column if native else sa.cast(column, sa.String).label(column.name)
+    if native and isinstance(sa_type, sa.Float) and sa_type.asdecimal:
+        # MySQL/MariaDB DOUBLE and REAL reflect with asdecimal=True: SQLAlchemy would turn every value
+        # into a Decimal rounded to 10 places (lossy, and not a float Arrow accepts).  Keep the driver's float.
+        select = sa.type_coerce(column, sa.Float(asdecimal=False)).label(column.name)
     return ColumnPlan(
         name=column.name,
         select=select,

@@ -9,7 +9,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -22,6 +22,15 @@ DEFAULT_STAGING_DIR = Path(
 )
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
+
+
+class StagedBatch(Protocol):
+    """What staging needs of a manifest (table or CDC): where its batch lives, and its JSON."""
+
+    @property
+    def staging_dir(self) -> str: ...
+
+    def to_json(self) -> str: ...
 
 
 def _to_uri(location: str | Path) -> str:
@@ -57,7 +66,7 @@ class StagingArea:
             if log is not None:
                 log.warning("could not remove partial staged batch %s: %s", batch_uri, error)
 
-    def write_manifest(self, manifest: Manifest) -> str:
+    def write_manifest(self, manifest: StagedBatch) -> str:
         uri = f"{manifest.staging_dir}/manifest.json"
         fs, path = filesystem_for(uri)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -86,7 +95,7 @@ def read_manifest(uri: str) -> Manifest:
         return Manifest.from_dict(json.loads(stream.read().decode()))
 
 
-def remove_staged(manifest: Manifest) -> None:
+def remove_staged(manifest: StagedBatch) -> None:
     """Delete a batch's files once it is committed (staging is a buffer, not an archive)."""
     if manifest.staging_dir:
         _remove_dir(manifest.staging_dir)

@@ -40,7 +40,8 @@ class SyncState:
     mode: str | None = None
     source_table: str | None = None
     target_table: str | None = None
-    watermark: list[Any] | None = None
+    #: ``[cursor, *key]`` for table syncs; a dict with the LSN position for CDC syncs.
+    watermark: list[Any] | dict[str, Any] | None = None
     last_manifest_id: str | None = None
     last_run_id: str | None = None
     rows_inserted: int = 0

@@ -1,0 +1,77 @@
+"""Log-based change data capture from PostgreSQL (logical decoding with ``pgoutput``).
+
+``changes_to_staging`` stages the initial snapshot (first run) or the committed changes past the
+target's position; ``load_cdc_manifest`` applies them with the position in one target transaction;
+``confirm_applied`` then lets the slot free the WAL.  ``run_cdc_sync`` does all three.
+"""
+
+from __future__ import annotations
+
+from contextlib import closing
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+
+from airflow_sync_provider.core.cdc import slot
+from airflow_sync_provider.core.cdc.apply import CdcLoadResult, load_cdc_manifest
+from airflow_sync_provider.core.cdc.extract import CdcPosition, changes_to_staging, open_source, snapshot_to_staging
+from airflow_sync_provider.core.cdc.manifest import CdcManifest
+from airflow_sync_provider.core.cdc.spec import CdcSpec
+from airflow_sync_provider.core.progress import Logger, PhaseObserver
+from airflow_sync_provider.core.staging import StagingArea
+from airflow_sync_provider.core.state import SyncState, read_state
+
+
+def committed_cdc_state(conn: psycopg.Connection[Any], spec: CdcSpec) -> SyncState | None:
+    if not conn.autocommit:
+        conn.rollback()
+        conn.autocommit = True
+    return read_state(conn, spec.target_schema, spec.state_table, spec.sync_id)
+
+
+def confirm_applied(source: sa.Engine, spec: CdcSpec, end_lsn: int) -> int:
+    """Advance the slot to what the target committed (after the commit, never before)."""
+    with closing(open_source(source, spec.sync_id)) as conn:
+        return slot.advance_slot(conn, spec.slot_name, end_lsn)
+
+
+def run_cdc_sync(
+    source: sa.Engine,
+    target: psycopg.Connection[Any],
+    spec: CdcSpec,
+    *,
+    staging: StagingArea | None = None,
+    run_id: str = "manual",
+    logger: Logger | None = None,
+    observer: PhaseObserver | None = None,
+) -> tuple[CdcManifest, CdcLoadResult]:
+    """Stage (snapshot or changes), apply with the position in one transaction, then confirm the slot."""
+    manifest = changes_to_staging(
+        source,
+        spec,
+        state=committed_cdc_state(target, spec),
+        staging=staging or StagingArea(),
+        run_id=run_id,
+        logger=logger,
+    )
+    result = load_cdc_manifest(target, manifest, run_id=run_id, logger=logger, observer=observer)
+    if result.status in ("applied", "already_applied"):
+        position = CdcPosition.from_state(committed_cdc_state(target, spec))
+        if position is not None:
+            confirm_applied(source, spec, position.end_lsn)
+    return manifest, result
+
+
+__all__ = [
+    "CdcLoadResult",
+    "CdcManifest",
+    "CdcPosition",
+    "CdcSpec",
+    "changes_to_staging",
+    "committed_cdc_state",
+    "confirm_applied",
+    "load_cdc_manifest",
+    "run_cdc_sync",
+    "snapshot_to_staging",
+]

@@ -1,0 +1,500 @@
+"""Stage a CDC batch: the initial snapshot, or the changes the slot holds past the committed state.
+
+Snapshot hand-off (no gap, no duplicate): the slot is created *before* the snapshot is read, so
+every transaction committing after the slot's start is in the stream.  The tables are then read in
+one REPEATABLE READ transaction whose snapshot (``pg_current_snapshot()``) is stored with the copy.
+When the stream is read, a transaction that the snapshot already saw is skipped: it is the overlap.
+That decision is exact (by transaction id, not by time), so nothing is applied twice and nothing
+is missed, whatever the concurrent writes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import sqlalchemy as sa
+
+from airflow_sync_provider.core.cdc import pgoutput, slot
+from airflow_sync_provider.core.cdc.manifest import (
+    LSN_COLUMN,
+    MOVED_FROM_COLUMN,
+    OP_COLUMN,
+    SEQ_COLUMN,
+    UNCHANGED_COLUMN,
+    CdcManifest,
+    TruncateEvent,
+)
+from airflow_sync_provider.core.cdc.spec import CdcSpec
+from airflow_sync_provider.core.errors import SyncError
+from airflow_sync_provider.core.extract import extract_to_staging
+from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
+from airflow_sync_provider.core.progress import LOG, Logger, Progress
+from airflow_sync_provider.core.schema import validate_pg_type
+from airflow_sync_provider.core.spec import SyncSpec
+from airflow_sync_provider.core.staging import StagingArea
+from airflow_sync_provider.core.state import SyncState
+
+#: Key of the CDC position inside the state row's ``watermark`` JSON.
+POSITION_KEYS = ("commit_lsn", "end_lsn", "snapshot", "snapshot_lsn")
+
+
+@dataclass(frozen=True)
+class CdcPosition:
+    """Where a CDC sync is, as committed in the target state row (``watermark`` JSON)."""
+
+    commit_lsn: int
+    end_lsn: int
+    snapshot: str | None = None
+    snapshot_lsn: int | None = None
+
+    def to_watermark(self) -> dict[str, Any]:
+        return {
+            "cdc": True,
+            "commit_lsn": pgoutput.int_to_lsn(self.commit_lsn),
+            "end_lsn": pgoutput.int_to_lsn(self.end_lsn),
+            "snapshot": self.snapshot,
+            "snapshot_lsn": pgoutput.int_to_lsn(self.snapshot_lsn) if self.snapshot_lsn is not None else None,
+        }
+
+    @classmethod
+    def from_state(cls, state: SyncState | None) -> CdcPosition | None:
+        mark = state.watermark if state else None
+        if not isinstance(mark, dict) or not mark.get("cdc"):
+            return None
+        snapshot_lsn = mark.get("snapshot_lsn")
+        return cls(
+            commit_lsn=pgoutput.lsn_to_int(mark["commit_lsn"]),
+            end_lsn=pgoutput.lsn_to_int(mark["end_lsn"]),
+            snapshot=mark.get("snapshot"),
+            snapshot_lsn=pgoutput.lsn_to_int(snapshot_lsn) if snapshot_lsn else None,
+        )
+
+
+class SnapshotFilter:
+    """Is a transaction already contained in the initial snapshot (``xmin:xmax:xip,...``)?"""
+
+    def __init__(self, snapshot: str) -> None:
+        xmin, xmax, xip = snapshot.split(":")
+        self.xmin, self.xmax = int(xmin), int(xmax)
+        self.in_progress = {int(x) for x in xip.split(",") if x}
+
+    def visible(self, xid32: int) -> bool:
+        # pgoutput gives 32-bit xids; the snapshot has 64-bit ones. The transactions in question are
+        # recent (they commit before snapshot_lsn), so place the xid in the epoch nearest to xmax.
+        full = (self.xmax & ~0xFFFFFFFF) | xid32
+        if full > self.xmax + 2**31:
+            full -= 2**32
+        elif full < self.xmax - 2**31:
+            full += 2**32
+        if full < self.xmin:
+            return True
+        return full < self.xmax and full not in self.in_progress
+
+
+def open_source(engine: sa.Engine, sync_id: str) -> psycopg.Connection[Any]:
+    """A psycopg (autocommit) connection to the PostgreSQL source behind a SQLAlchemy engine."""
+    if engine.dialect.name != "postgresql":
+        raise SyncError(f"CDC needs a PostgreSQL source, not {engine.dialect.name}", sync_id=sync_id)
+    url = engine.url.set(drivername="postgresql")
+    try:
+        conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+    except psycopg.OperationalError as error:
+        raise slot.connect_error(error, sync_id) from error
+    return conn
+
+
+def _new_manifest_id() -> str:
+    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+
+
+# --------------------------------------------------------------------------- snapshot
+
+
+def snapshot_to_staging(
+    engine: sa.Engine,
+    spec: CdcSpec,
+    *,
+    state: SyncState | None,
+    staging: StagingArea,
+    run_id: str,
+    logger: Logger | None = None,
+) -> CdcManifest:
+    """Create publication and slot, then copy every table from one snapshot (see the module doc)."""
+    log = logger or LOG
+    started = time.monotonic()
+    with closing(open_source(engine, spec.sync_id)) as conn:
+        tables = slot.check_source(conn, spec)
+        slot.ensure_publication(conn, spec, tables)
+        info = slot.ensure_slot(conn, spec)
+    assert info.confirmed_flush_lsn is not None
+    log.info("sync %s: initial snapshot after %s", spec.sync_id, info.describe())
+    manifest_id = _new_manifest_id()
+    staging_dir = staging.batch_uri(spec.sync_id, manifest_id)
+    table_manifests: list[Manifest] = []
+    with engine.connect() as connection:
+        connection = connection.execution_options(isolation_level="REPEATABLE READ")
+        with connection.begin():
+            snapshot, snapshot_lsn = connection.execute(
+                sa.text("SELECT pg_current_snapshot()::text, pg_current_wal_lsn()::text")
+            ).one()
+            for table in tables:
+                table_spec = SyncSpec(
+                    sync_id=spec.sync_id,
+                    source_table=table.name,
+                    source_schema=table.schema,
+                    target_schema=spec.target_schema,
+                    target_table=spec.target_name(table.qualified),
+                    mode="full",
+                    primary_key=table.primary_key,
+                    delete_mode=spec.delete_mode,
+                    batch_rows=spec.batch_rows,
+                    state_table=spec.state_table,
+                )
+                part = extract_to_staging(
+                    engine,
+                    table_spec,
+                    state=None,
+                    staging=StagingArea(staging_dir),
+                    run_id=run_id,
+                    logger=log,
+                    connection=connection,
+                )
+                table_manifests.append(part)
+    manifest = CdcManifest(
+        sync_id=spec.sync_id,
+        run_id=run_id,
+        manifest_id=manifest_id,
+        kind="snapshot",
+        slot_name=spec.slot_name,
+        publication=spec.publication,
+        target_schema=spec.target_schema,
+        state_table=spec.state_table,
+        delete_mode=spec.delete_mode,
+        tables=tuple(table_manifests),
+        base_version=state.version if state else 0,
+        applied_lsn=0,
+        commit_lsn=info.confirmed_flush_lsn,
+        end_lsn=info.confirmed_flush_lsn,
+        snapshot=snapshot,
+        snapshot_lsn=pgoutput.lsn_to_int(snapshot_lsn),
+        staging_dir=staging_dir,
+        extracted_at=dt.datetime.now(dt.UTC).isoformat(),
+        extract_seconds=round(time.monotonic() - started, 3),
+        notes=(f"snapshot {snapshot} at {snapshot_lsn}; slot {spec.slot_name} from {info.describe()}",),
+    )
+    staging.write_manifest(manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------- change stream
+
+
+@dataclass
+class _TableStream:
+    """Staged changes of one table: column buffers flushed to a Parquet file every ``batch_rows``."""
+
+    source: slot.SourceTableInfo
+    relation: pgoutput.Relation | None = None
+    columns: tuple[ManifestColumn, ...] = ()
+    files: list[StagedFile] = field(default_factory=list)
+    buffer: list[list[Any]] = field(default_factory=list)
+    rows: int = 0
+
+    def schema(self) -> pa.Schema:
+        fields = [pa.field(c.name, pa.string()) for c in self.columns]
+        fields += [
+            pa.field(OP_COLUMN, pa.string()),
+            pa.field(LSN_COLUMN, pa.int64()),
+            pa.field(SEQ_COLUMN, pa.int64()),
+            pa.field(UNCHANGED_COLUMN, pa.string()),
+            pa.field(MOVED_FROM_COLUMN, pa.int64()),
+        ]
+        return pa.schema(fields)
+
+
+def _pending_rows(values: Sequence[object], op: str, lsn: int, seq: int, moved_from: int | None = None) -> list[Any]:
+    unchanged = [i + 1 for i, v in enumerate(values) if v is pgoutput.UNCHANGED_TOAST]
+    row: list[Any] = [None if v is pgoutput.UNCHANGED_TOAST else v for v in values]
+    row += [
+        op,
+        lsn - 2**63 if lsn >= 2**63 else lsn,
+        seq,
+        "{" + ",".join(map(str, unchanged)) + "}" if unchanged else None,
+        moved_from,
+    ]
+    return row
+
+
+def changes_to_staging(
+    engine: sa.Engine,
+    spec: CdcSpec,
+    *,
+    state: SyncState | None,
+    staging: StagingArea,
+    run_id: str,
+    logger: Logger | None = None,
+) -> CdcManifest:
+    """Stage the committed transactions the slot holds past the target's committed position."""
+    log = logger or LOG
+    started = time.monotonic()
+    position = CdcPosition.from_state(state)
+    if position is None:
+        return snapshot_to_staging(engine, spec, state=state, staging=staging, run_id=run_id, logger=log)
+    manifest_id = _new_manifest_id()
+    staging_dir = staging.batch_uri(spec.sync_id, manifest_id)
+    snapshot_filter = SnapshotFilter(position.snapshot) if position.snapshot else None
+    notes: list[str] = []
+    with closing(open_source(engine, spec.sync_id)) as conn:
+        tables = slot.check_source(conn, spec)
+        slot.ensure_publication(conn, spec, tables)
+        info = slot.slot_info(conn, spec.slot_name)
+        slot.check_slot_usable(info, spec)
+        # The target committed up to end_lsn: confirm it now (a crash after the commit may have
+        # skipped that), so the slot frees WAL and the peek starts where the target is.
+        slot.advance_slot(conn, spec.slot_name, position.end_lsn)
+        upto = slot.slot_info(conn, spec.slot_name).current_lsn
+        streams = {t.oid: _TableStream(t) for t in tables}
+        by_name = {(t.schema, t.name): t.oid for t in tables}
+        relation_map: dict[int, int] = {}  # relation id in the stream -> source oid we track
+        pending_types: dict[tuple[int, int], str] = {}
+        truncates: list[TruncateEvent] = []
+        progress = Progress(f"sync {spec.sync_id}: read changes from slot {spec.slot_name}", log)
+        seq = 0
+        changes = transactions = skipped = 0
+        last_commit, last_end = position.commit_lsn, position.end_lsn
+        skip = False
+        txn_lsn = 0
+        txn_rows: list[tuple[int, list[Any]]] = []
+        txn_truncates: list[TruncateEvent] = []
+        for _xid, data in slot.read_changes(conn, spec, upto):
+            message = pgoutput.decode(data)
+            if isinstance(message, pgoutput.Begin):
+                txn_lsn = message.final_lsn
+                skip = txn_lsn <= position.commit_lsn or bool(
+                    snapshot_filter
+                    and position.snapshot_lsn is not None
+                    and txn_lsn <= position.snapshot_lsn
+                    and snapshot_filter.visible(message.xid)
+                )
+                txn_rows, txn_truncates = [], []
+            elif isinstance(message, pgoutput.Relation):
+                oid = by_name.get((message.namespace, message.name))
+                if oid is None:
+                    continue
+                relation_map[message.relation_id] = oid
+                stream = streams[oid]
+                if stream.relation is not None and _relation_shape(stream.relation) != _relation_shape(message):
+                    if stream.rows or stream.buffer:
+                        # The table's columns changed mid-batch: end the batch before this transaction,
+                        # so every staged file has one shape; the next run starts with the new one.
+                        notes.append(
+                            f"columns of {stream.source.qualified} changed at {pgoutput.int_to_lsn(txn_lsn)}; "
+                            "the batch ends before that transaction"
+                        )
+                        break
+                    stream.columns = ()
+                stream.relation = message
+                pending_types.update(
+                    {
+                        (c.type_oid, c.type_modifier): ""
+                        for c in message.columns
+                        if (c.type_oid, c.type_modifier) not in pending_types
+                    }
+                )
+            elif isinstance(message, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete)):
+                oid = relation_map.get(message.relation_id)
+                if oid is None or skip:
+                    continue
+                changes += 1
+                if isinstance(message, pgoutput.Insert):
+                    seq += 1
+                    txn_rows.append((oid, _pending_rows(message.new, "I", txn_lsn, seq)))
+                elif isinstance(message, pgoutput.Update):
+                    moved_from = None
+                    if message.old_kind == "K" and message.old is not None:
+                        seq += 1  # the key changed: delete the old key, then upsert the new one
+                        moved_from = seq
+                        txn_rows.append((oid, _pending_rows(message.old, "D", txn_lsn, seq)))
+                    elif (
+                        message.old_kind == "O"
+                        and message.old is not None
+                        and _key_changed(streams[oid], message.old, message.new)
+                    ):
+                        seq += 1
+                        moved_from = seq
+                        txn_rows.append((oid, _pending_rows(message.old, "D", txn_lsn, seq)))
+                    seq += 1
+                    txn_rows.append((oid, _pending_rows(message.new, "U", txn_lsn, seq, moved_from)))
+                else:
+                    seq += 1
+                    txn_rows.append((oid, _pending_rows(message.old, "D", txn_lsn, seq)))
+            elif isinstance(message, pgoutput.Truncate):
+                if skip:
+                    continue
+                for relation_id in message.relation_ids:
+                    oid = relation_map.get(relation_id)
+                    if oid is not None:
+                        seq += 1
+                        changes += 1
+                        txn_truncates.append(TruncateEvent(streams[oid].source.qualified, txn_lsn, seq))
+            elif isinstance(message, pgoutput.Commit):
+                last_commit, last_end = message.commit_lsn, message.end_lsn
+                if skip:
+                    skipped += 1
+                    continue
+                transactions += 1
+                for oid, row in txn_rows:
+                    stream = streams[oid]
+                    if stream.relation is None:
+                        raise SyncError(
+                            "a change arrived before its relation description",
+                            sync_id=spec.sync_id,
+                            table=stream.source.qualified,
+                        )
+                    stream.buffer.append(row)
+                    if len(stream.buffer) >= spec.batch_rows:
+                        _flush(staging, staging_dir, stream, conn, pending_types, spec)
+                truncates.extend(txn_truncates)
+                progress.add(len(txn_rows))
+        for stream in streams.values():
+            if stream.buffer:
+                _flush(staging, staging_dir, stream, conn, pending_types, spec)
+            elif stream.relation is not None and not stream.columns:
+                stream.columns = _columns(stream, conn, pending_types)
+        progress.done(f"{transactions} transaction(s), {skipped} already applied or in the snapshot")
+        target_columns = {oid: s.columns or _catalog_columns(conn, s.source) for oid, s in streams.items()}
+    manifest = CdcManifest(
+        sync_id=spec.sync_id,
+        run_id=run_id,
+        manifest_id=manifest_id,
+        kind="changes",
+        slot_name=spec.slot_name,
+        publication=spec.publication,
+        target_schema=spec.target_schema,
+        state_table=spec.state_table,
+        delete_mode=spec.delete_mode,
+        tables=tuple(
+            _table_manifest(spec, s, target_columns[oid], run_id, manifest_id, staging_dir)
+            for oid, s in streams.items()
+        ),
+        base_version=state.version if state else 0,
+        applied_lsn=position.commit_lsn,
+        commit_lsn=last_commit,
+        end_lsn=last_end,
+        changes=changes,
+        transactions=transactions,
+        truncates=tuple(truncates),
+        snapshot=position.snapshot,
+        snapshot_lsn=position.snapshot_lsn,
+        staging_dir=staging_dir,
+        extracted_at=dt.datetime.now(dt.UTC).isoformat(),
+        extract_seconds=round(time.monotonic() - started, 3),
+        notes=tuple(notes),
+    )
+    staging.write_manifest(manifest)
+    return manifest
+
+
+def _relation_shape(relation: pgoutput.Relation) -> tuple[tuple[str, int, int], ...]:
+    return tuple((c.name, c.type_oid, c.type_modifier) for c in relation.columns)
+
+
+def _key_changed(stream: _TableStream, old: Sequence[object], new: Sequence[object]) -> bool:
+    """REPLICA IDENTITY FULL sends the whole old row: compare the primary-key columns."""
+    assert stream.relation is not None
+    names = [c.name for c in stream.relation.columns]
+    return any(old[names.index(k)] != new[names.index(k)] for k in stream.source.primary_key)
+
+
+def _columns(
+    stream: _TableStream, conn: psycopg.Connection[Any], pending_types: dict[tuple[int, int], str]
+) -> tuple[ManifestColumn, ...]:
+    assert stream.relation is not None
+    unknown = {k for k, v in pending_types.items() if not v}
+    if unknown:
+        pending_types.update(slot.type_names(conn, unknown))
+    return tuple(
+        ManifestColumn(
+            c.name, pending_types[(c.type_oid, c.type_modifier)].upper(), c.name not in stream.source.primary_key
+        )
+        for c in stream.relation.columns
+    )
+
+
+def _catalog_columns(conn: psycopg.Connection[Any], table: slot.SourceTableInfo) -> tuple[ManifestColumn, ...]:
+    rows = conn.execute(
+        "SELECT a.attname, a.atttypid::int, a.atttypmod FROM pg_attribute a "
+        "WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+        (table.oid,),
+    ).fetchall()
+    names = slot.type_names(conn, {(r[1], r[2]) for r in rows})
+    return tuple(ManifestColumn(r[0], _target_type(names[(r[1], r[2])]), r[0] not in table.primary_key) for r in rows)
+
+
+def _target_type(source_type: str) -> str:
+    """The source's type for the target column, or text for a type expression we would not put in DDL."""
+    try:
+        return validate_pg_type(source_type.upper())
+    except ValueError:
+        return "TEXT"
+
+
+def _flush(
+    staging: StagingArea,
+    staging_dir: str,
+    stream: _TableStream,
+    conn: psycopg.Connection[Any],
+    pending_types: dict[tuple[int, int], str],
+    spec: CdcSpec,
+) -> None:
+    if not stream.columns:
+        stream.columns = _columns(stream, conn, pending_types)
+    schema = stream.schema()
+    batch = pa.Table.from_arrays(
+        [pa.array(list(col), type=f.type) for col, f in zip(zip(*stream.buffer, strict=True), schema, strict=True)],
+        schema=schema,
+    )
+    name = f"{staging_dir}/{stream.source.schema}.{stream.source.name}-{len(stream.files):05d}.parquet"
+    with staging.open_writer(name, schema) as writer:
+        writer.write_table(batch)
+    stream.files.append(StagedFile(uri=name, rows=batch.num_rows))
+    stream.rows += batch.num_rows
+    stream.buffer.clear()
+
+
+def _table_manifest(
+    spec: CdcSpec,
+    stream: _TableStream,
+    columns: tuple[ManifestColumn, ...],
+    run_id: str,
+    manifest_id: str,
+    staging_dir: str,
+) -> Manifest:
+    return Manifest(
+        sync_id=spec.sync_id,
+        run_id=run_id,
+        manifest_id=manifest_id,
+        mode="cdc",
+        source_table=stream.source.qualified,
+        target_schema=spec.target_schema,
+        target_table=spec.target_name(stream.source.qualified),
+        primary_key=stream.source.primary_key,
+        cursor_column=None,
+        columns=columns,
+        files=tuple(stream.files),
+        rows=sum(f.rows for f in stream.files),
+        base_version=0,
+        watermark_low=None,
+        watermark_high=None,
+        staging_dir=staging_dir,
+        delete_mode=spec.delete_mode,
+        state_table=spec.state_table,
+    )

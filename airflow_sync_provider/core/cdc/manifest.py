@@ -1,0 +1,101 @@
+"""The CDC manifest: one staged batch of changes (or the initial snapshot) of a CDC sync.
+
+Per table it holds an ordinary :class:`~airflow_sync_provider.core.manifest.Manifest` (files,
+columns, key), so quality gates read CDC batches like any other; around them it carries the LSN
+range, the truncates, and the snapshot hand-off facts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from airflow_sync_provider.core.manifest import Manifest
+
+CdcKind = Literal["snapshot", "changes"]
+
+#: Columns every staged change file carries next to the table's own columns.
+OP_COLUMN = "_cdc_op"  # I, U, D
+LSN_COLUMN = "_cdc_lsn"  # LSN of the commit record of the change's transaction
+SEQ_COLUMN = "_cdc_seq"  # position of the change within the batch (commit order, then statement order)
+UNCHANGED_COLUMN = "_cdc_unchanged"  # PostgreSQL int[] text of 1-based positions of unchanged TOAST values
+MOVED_FROM_COLUMN = "_cdc_moved_from"  # for an update that changed the key: seq of the old key's delete
+CHANGE_COLUMNS = (OP_COLUMN, LSN_COLUMN, SEQ_COLUMN, UNCHANGED_COLUMN, MOVED_FROM_COLUMN)
+
+
+@dataclass(frozen=True)
+class TruncateEvent:
+    table: str  # source table, "schema.name"
+    lsn: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class CdcManifest:
+    sync_id: str
+    run_id: str
+    manifest_id: str
+    kind: CdcKind
+    slot_name: str
+    publication: str
+    target_schema: str
+    state_table: str
+    delete_mode: str
+    #: One per source table, in declaration order (files may be empty).
+    tables: tuple[Manifest, ...]
+    base_version: int
+    #: Commit LSN of the last transaction the state had applied when this batch was read.
+    applied_lsn: int
+    #: Last transaction in the batch: its commit LSN (stored in the state) and end LSN (slot advance).
+    commit_lsn: int
+    end_lsn: int
+    changes: int = 0
+    transactions: int = 0
+    truncates: tuple[TruncateEvent, ...] = ()
+    #: Snapshot hand-off: the snapshot the initial copy was read in (``pg_current_snapshot()``) and the
+    #: WAL position read right after it.  Transactions that commit at or before that position and are
+    #: visible in the snapshot are already in the copy and are skipped when the stream is read.
+    snapshot: str | None = None
+    snapshot_lsn: int | None = None
+    staging_dir: str = ""
+    extracted_at: str = ""
+    extract_seconds: float = 0.0
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def rows(self) -> int:
+        return sum(t.rows for t in self.tables)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tables"] = [t.to_dict() for t in self.tables]
+        data["truncates"] = [asdict(t) for t in self.truncates]
+        data["notes"] = list(self.notes)
+        data["format"] = "cdc-1"
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | str) -> CdcManifest:
+        if isinstance(data, str):
+            data = json.loads(data)
+        assert isinstance(data, dict)
+        if data.get("format") != "cdc-1":
+            raise ValueError(f"not a CDC manifest (format {data.get('format')!r})")
+        values = {k: v for k, v in data.items() if k != "format"}
+        values["tables"] = tuple(Manifest.from_dict(t) for t in values["tables"])
+        values["truncates"] = tuple(TruncateEvent(**t) for t in values.get("truncates", ()))
+        values["notes"] = tuple(values.get("notes", ()))
+        return cls(**values)
+
+    def summary(self) -> str:
+        from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
+
+        return (
+            f"CDC {self.kind} {self.manifest_id} of sync {self.sync_id!r}: {self.rows} rows "
+            f"({self.changes} changes in {self.transactions} transactions) for {len(self.tables)} table(s), "
+            f"up to commit {int_to_lsn(self.commit_lsn)}"
+        )

@@ -1,0 +1,292 @@
+"""The source side of CDC: publication, replication slot, guards, reading and confirming changes.
+
+Changes are read with ``pg_logical_slot_peek_binary_changes`` (pgoutput, over an ordinary SQL
+connection, no replication protocol) and confirmed with ``pg_replication_slot_advance`` only after
+the target has committed them.  A crash anywhere in between leaves the slot behind the target, and
+the target's state tells the next run which transactions to skip: exactly-once effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn, lsn_to_int
+from airflow_sync_provider.core.cdc.spec import CdcSpec
+from airflow_sync_provider.core.errors import (
+    ConfigurationError,
+    SchemaError,
+    SourceUnavailableError,
+    UnsafeOperationError,
+)
+
+_PEEK = (
+    "SELECT xid::text::bigint, data FROM pg_logical_slot_peek_binary_changes("
+    "%(slot)s, %(upto_lsn)s::pg_lsn, %(upto_n)s, 'proto_version', '1', 'publication_names', %(publication)s)"
+)
+
+
+@dataclass(frozen=True)
+class SourceTableInfo:
+    schema: str
+    name: str
+    oid: int
+    primary_key: tuple[str, ...]
+    replica_identity: str
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    slot_name: str
+    exists: bool
+    restart_lsn: int | None = None
+    confirmed_flush_lsn: int | None = None
+    current_lsn: int = 0
+    retained_bytes: int = 0
+    active: bool = False
+    wal_status: str | None = None
+
+    def describe(self) -> str:
+        if not self.exists:
+            return f"slot {self.slot_name!r} does not exist"
+        confirmed = int_to_lsn(self.confirmed_flush_lsn) if self.confirmed_flush_lsn is not None else "-"
+        return (
+            f"slot {self.slot_name!r}: confirmed up to {confirmed}, WAL at {int_to_lsn(self.current_lsn)}, "
+            f"{self.retained_bytes:,} bytes of WAL retained (wal_status={self.wal_status})"
+        )
+
+
+def check_source(conn: psycopg.Connection[Any], spec: CdcSpec) -> list[SourceTableInfo]:
+    """Fail early, naming what to fix: wal_level, privileges, tables, keys and replica identity."""
+    wal_level = _scalar(conn, "SHOW wal_level")
+    if wal_level != "logical":
+        raise ConfigurationError(
+            f"the source server has wal_level={wal_level}; CDC needs wal_level=logical "
+            "(ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL)",
+            sync_id=spec.sync_id,
+            rule="wal_level",
+        )
+    can_replicate = _scalar(conn, "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user")
+    if not can_replicate:
+        raise ConfigurationError(
+            "the source user lacks the REPLICATION privilege needed to read a replication slot "
+            "(ALTER ROLE <user> WITH REPLICATION)",
+            sync_id=spec.sync_id,
+            rule="privileges",
+        )
+    tables = []
+    for declared in spec.tables:
+        schema, name = spec.source_name(declared)
+        row = conn.execute(
+            "SELECT c.oid, c.relreplident::text, coalesce(("
+            "  SELECT array_agg(a.attname::text ORDER BY array_position(i.indkey::int2[], a.attnum))"
+            "  FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+            "  WHERE i.indrelid = c.oid AND i.indisprimary), '{}') "
+            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+            (schema, name),
+        ).fetchone()
+        if row is None:
+            raise SchemaError("source table does not exist", sync_id=spec.sync_id, table=f"{schema}.{name}")
+        oid, identity, primary_key = row
+        if not primary_key:
+            raise SchemaError(
+                "table has no primary key: CDC cannot match updates and deletes to target rows; add a primary key",
+                sync_id=spec.sync_id,
+                table=f"{schema}.{name}",
+                rule="primary key required",
+            )
+        if identity == "n":
+            raise SchemaError(
+                "table has REPLICA IDENTITY NOTHING, so deletes and updates carry no key; "
+                "ALTER TABLE ... REPLICA IDENTITY DEFAULT",
+                sync_id=spec.sync_id,
+                table=f"{schema}.{name}",
+                rule="replica identity",
+            )
+        if identity == "i":
+            raise SchemaError(
+                "table uses REPLICA IDENTITY USING INDEX; CDC needs the primary key (REPLICA IDENTITY DEFAULT) or FULL",
+                sync_id=spec.sync_id,
+                table=f"{schema}.{name}",
+                rule="replica identity",
+            )
+        tables.append(SourceTableInfo(schema, name, int(oid), tuple(primary_key), identity))
+    return tables
+
+
+def ensure_publication(conn: psycopg.Connection[Any], spec: CdcSpec, tables: Sequence[SourceTableInfo]) -> None:
+    """Create the publication, or add the sync's tables to an existing one."""
+    exists = _scalar(conn, "SELECT count(*) FROM pg_publication WHERE pubname = %s", (spec.publication,))
+    idents = [sql.Identifier(t.schema, t.name) for t in tables]
+    if not exists:
+        conn.execute(
+            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                sql.Identifier(spec.publication), sql.SQL(", ").join(idents)
+            )
+        )
+        return
+    published = {
+        (r[0], r[1])
+        for r in conn.execute(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (spec.publication,)
+        )
+    }
+    for table, ident in zip(tables, idents, strict=True):
+        if (table.schema, table.name) not in published:
+            conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(spec.publication), ident))
+
+
+def slot_info(conn: psycopg.Connection[Any], slot_name: str) -> SlotInfo:
+    row = conn.execute(
+        "SELECT pg_current_wal_lsn()::text, s.restart_lsn::text, s.confirmed_flush_lsn::text, s.active, "
+        "s.wal_status, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn), 0)::bigint, s.plugin "
+        "FROM (SELECT 1) one LEFT JOIN pg_replication_slots s ON s.slot_name = %s",
+        (slot_name,),
+    ).fetchone()
+    assert row is not None
+    current, restart, confirmed, active, wal_status, retained, plugin = row
+    if restart is None and wal_status is None and plugin is None:
+        return SlotInfo(slot_name, False, current_lsn=lsn_to_int(current))
+    return SlotInfo(
+        slot_name,
+        True,
+        restart_lsn=lsn_to_int(restart) if restart else None,
+        confirmed_flush_lsn=lsn_to_int(confirmed) if confirmed else None,
+        current_lsn=lsn_to_int(current),
+        retained_bytes=int(retained),
+        active=bool(active),
+        wal_status=wal_status,
+    )
+
+
+def ensure_slot(conn: psycopg.Connection[Any], spec: CdcSpec) -> SlotInfo:
+    """Create the logical slot (pgoutput) if missing; refuse one that is unusable."""
+    info = slot_info(conn, spec.slot_name)
+    if not info.exists:
+        try:
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (spec.slot_name,))
+        except psycopg.errors.InsufficientPrivilege as error:
+            raise ConfigurationError(
+                f"cannot create replication slot: {error.diag.message_primary}", sync_id=spec.sync_id, rule="privileges"
+            ) from error
+        except psycopg.errors.ObjectNotInPrerequisiteState as error:
+            raise ConfigurationError(
+                f"cannot create replication slot: {error.diag.message_primary} ({error.diag.message_hint or ''})",
+                sync_id=spec.sync_id,
+                rule="max_replication_slots",
+            ) from error
+        return slot_info(conn, spec.slot_name)
+    check_slot_usable(info, spec)
+    return info
+
+
+def check_slot_usable(info: SlotInfo, spec: CdcSpec) -> None:
+    if not info.exists:
+        raise SchemaError(
+            f"replication slot {spec.slot_name!r} is missing, so changes since the last run cannot be read; "
+            "reset the sync (drop its state row) to take a new initial snapshot",
+            sync_id=spec.sync_id,
+            rule="slot missing",
+        )
+    if info.wal_status == "lost" or info.restart_lsn is None:
+        raise SchemaError(
+            f"replication slot {spec.slot_name!r} was invalidated (wal_status={info.wal_status}): the WAL it "
+            "needed is gone; drop the slot and reset the sync to take a new initial snapshot",
+            sync_id=spec.sync_id,
+            rule="slot invalidated",
+        )
+    if spec.max_retained_wal_bytes is not None and info.retained_bytes > spec.max_retained_wal_bytes:
+        raise UnsafeOperationError(
+            f"{info.describe()}: more than max_retained_wal_bytes={spec.max_retained_wal_bytes:,}. The source "
+            "keeps this WAL on disk until the sync catches up; raise the limit to let this run catch up, or "
+            "drop the slot (CdcHook.drop_slot) and reset the sync",
+            sync_id=spec.sync_id,
+            rule="max_retained_wal_bytes",
+        )
+
+
+def read_changes(
+    conn: psycopg.Connection[Any], spec: CdcSpec, upto_lsn: int, fetch_rows: int = 5_000
+) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(xid, pgoutput message)`` of the complete transactions committed before ``upto_lsn``.
+
+    Streams through a server-side cursor, so memory stays bounded however much is pending; the
+    slot is not consumed (``peek``): it moves only when :func:`advance_slot` is called.
+    """
+    params = {
+        "slot": spec.slot_name,
+        "upto_lsn": int_to_lsn(upto_lsn),
+        "upto_n": spec.max_changes,
+        "publication": spec.publication,
+    }
+    with conn.transaction(), conn.cursor(name=f"cdc_{spec.slot_name}") as cursor:
+        cursor.itersize = fetch_rows
+        try:
+            cursor.execute(_PEEK, params)
+        except psycopg.errors.UndefinedObject as error:
+            raise SchemaError(
+                f"cannot read replication slot {spec.slot_name!r}: {error.diag.message_primary}",
+                sync_id=spec.sync_id,
+                rule="slot missing",
+            ) from error
+        for xid, data in cursor:
+            yield int(xid), data
+
+
+def has_pending_changes(conn: psycopg.Connection[Any], slot_name: str, publication: str, peek_rows: int = 64) -> bool:
+    """Whether the slot holds at least one data change (insert/update/delete/truncate) not yet confirmed."""
+    rows = conn.execute(
+        "SELECT get_byte(data, 0) FROM pg_logical_slot_peek_binary_changes("
+        "%s, NULL, %s, 'proto_version', '1', 'publication_names', %s)",
+        (slot_name, peek_rows, publication),
+    ).fetchall()
+    return any(chr(r[0]) in "IUDT" for r in rows)
+
+
+def advance_slot(conn: psycopg.Connection[Any], slot_name: str, lsn: int) -> int:
+    """Confirm everything up to ``lsn`` (call only after the target committed it); returns the new position."""
+    info = slot_info(conn, slot_name)
+    if not info.exists or info.confirmed_flush_lsn is None or info.confirmed_flush_lsn >= lsn:
+        return info.confirmed_flush_lsn or 0
+    row = conn.execute(
+        "SELECT end_lsn::text FROM pg_replication_slot_advance(%s, %s::pg_lsn)", (slot_name, int_to_lsn(lsn))
+    )
+    result = row.fetchone()
+    return lsn_to_int(result[0]) if result else lsn
+
+
+def drop_slot(conn: psycopg.Connection[Any], slot_name: str) -> bool:
+    """Drop the slot (frees the WAL it retains). Returns whether it existed."""
+    if not slot_info(conn, slot_name).exists:
+        return False
+    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot_name,))
+    return True
+
+
+def type_names(conn: psycopg.Connection[Any], pairs: set[tuple[int, int]]) -> dict[tuple[int, int], str]:
+    """``format_type`` of (type oid, typmod) pairs; user-defined types (enums, domains...) map to text."""
+    names: dict[tuple[int, int], str] = {}
+    for oid, typmod in pairs:
+        if oid >= 16384:  # FirstNormalObjectId: a user-defined type the target may not have
+            names[(oid, typmod)] = "TEXT"
+            continue
+        names[(oid, typmod)] = str(_scalar(conn, "SELECT format_type(%s, %s)", (oid, typmod)))
+    return names
+
+
+def connect_error(error: psycopg.OperationalError, sync_id: str) -> SourceUnavailableError:
+    return SourceUnavailableError(f"cannot reach the CDC source: {error}", sync_id=sync_id)
+
+
+def _scalar(conn: psycopg.Connection[Any], query: str, params: Sequence[Any] = ()) -> Any:
+    row = conn.execute(query, params).fetchone()
+    return row[0] if row else None

@@ -1,0 +1,65 @@
+"""What a CDC sync is: a set of PostgreSQL source tables streamed through one slot into a target."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from airflow_sync_provider.core.errors import ConfigurationError
+from airflow_sync_provider.core.spec import DeleteMode
+
+_SLOT_UNSAFE = re.compile(r"[^a-z0-9_]")
+
+
+@dataclass(frozen=True)
+class CdcSpec:
+    """Declaration of one CDC sync.
+
+    ``tables`` are source tables (``"table"`` or ``"schema.table"``); each lands in ``target_schema``
+    under its own name.  One replication slot and one publication serve the whole sync, so changes
+    to several tables are applied in commit order and a multi-table transaction lands in one target
+    transaction.  ``max_changes`` bounds one run (a run always ends at a transaction boundary);
+    ``batch_rows`` bounds each staged file (memory).  ``max_retained_wal_bytes`` fails the run (with
+    the slot's figures) when the slot holds more WAL than that, e.g. after the DAG was paused.
+    """
+
+    sync_id: str
+    tables: tuple[str, ...]
+    target_schema: str = "public"
+    slot_name: str = ""
+    publication: str = ""
+    delete_mode: DeleteMode = "hard"
+    max_changes: int = 1_000_000
+    batch_rows: int = 50_000
+    max_retained_wal_bytes: int | None = None
+    state_table: str = "_sync_state"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tables", tuple(self.tables))
+        default = "sync_" + _SLOT_UNSAFE.sub("_", self.sync_id.lower())
+        if not self.slot_name:
+            object.__setattr__(self, "slot_name", default[:63])
+        if not self.publication:
+            object.__setattr__(self, "publication", default[:63])
+        self.validate()
+
+    def validate(self) -> None:
+        def fail(message: str) -> None:
+            raise ConfigurationError(message, sync_id=self.sync_id)
+
+        if not self.tables:
+            fail("a CDC sync needs at least one source table")
+        if not re.fullmatch(r"[a-z0-9_]{1,63}", self.slot_name):
+            fail(f"slot_name {self.slot_name!r} must be 1-63 characters of lower-case letters, digits and '_'")
+        if self.delete_mode not in ("hard", "soft"):
+            fail(f"delete_mode must be 'hard' or 'soft' for CDC, not {self.delete_mode!r}")
+        if self.max_changes < 1 or self.batch_rows < 1:
+            fail("max_changes and batch_rows must be positive")
+
+    def source_name(self, table: str) -> tuple[str, str]:
+        """``(schema, table)`` of a declared source table."""
+        schema, _, name = table.rpartition(".")
+        return (schema or "public", name)
+
+    def target_name(self, table: str) -> str:
+        return self.source_name(table)[1]
