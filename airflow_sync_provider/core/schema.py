@@ -113,7 +113,7 @@ def plan_column(column: sa.Column[Any], dialect_name: str) -> ColumnPlan:
         pg_type = validate_pg_type(pg_type)
     except ValueError:
         native, arrow, pg_type = False, pa.string(), "TEXT"
-    select = column if native else sa.cast(column, sa.String).label(column.name)
+    select: Any = column if native else sa.cast(column, sa.String).label(column.name)
     if native and isinstance(sa_type, sa.Float) and sa_type.asdecimal:
         # MySQL/MariaDB DOUBLE and REAL reflect with asdecimal=True: SQLAlchemy would turn every value
         # into a Decimal rounded to 10 places (lossy, and not a float Arrow accepts).  Keep the driver's float.
