@@ -24,13 +24,29 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": [
                     "airflow_sync_provider.hooks.source",
                     "airflow_sync_provider.hooks.target",
+                    "airflow_sync_provider.hooks.cdc",
                 ],
             }
         ],
         "operators": [
             {
                 "integration-name": "Database Sync",
-                "python-modules": ["airflow_sync_provider.operators.sync"],
+                "python-modules": [
+                    "airflow_sync_provider.operators.sync",
+                    "airflow_sync_provider.operators.cdc",
+                ],
+            }
+        ],
+        "sensors": [
+            {
+                "integration-name": "Database Sync",
+                "python-modules": ["airflow_sync_provider.sensors.cdc"],
+            }
+        ],
+        "triggers": [
+            {
+                "integration-name": "Database Sync",
+                "python-modules": ["airflow_sync_provider.triggers.cdc"],
             }
         ],
         "connection-types": [

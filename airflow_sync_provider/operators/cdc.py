@@ -1,0 +1,332 @@
+"""CDC operators: stage a batch of changes, apply it, or both in one task.
+
+The engine is :mod:`airflow_sync_provider.core.cdc` (logical decoding with ``pgoutput``).  The first
+run of a sync takes the initial snapshot; later runs stage the committed transactions the slot
+holds past the position committed in the target.  XCom carries only the manifest (paths, counts,
+LSN range) and the load result, never rows.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+from collections.abc import Sequence
+from contextlib import closing
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowNotFoundException
+
+from airflow_sync_provider.core import ConfigurationError, SourceUnavailableError, StagingArea, SyncError
+from airflow_sync_provider.core.cdc import (
+    CdcManifest,
+    CdcPosition,
+    CdcSpec,
+    changes_to_staging,
+    committed_cdc_state,
+    confirm_applied,
+    load_cdc_manifest,
+    run_cdc_sync,
+)
+from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
+from airflow_sync_provider.hooks.cdc import PostgresCdcHook
+from airflow_sync_provider.operators.sync import _fail, _source_engine, _target_connection, default_staging_uri
+
+CDC_TEMPLATE_FIELDS: tuple[str, ...] = (
+    "sync_id",
+    "tables",
+    "slot_name",
+    "publication",
+    "target_schema",
+    "source_conn_id",
+    "target_conn_id",
+    "staging_uri",
+)
+
+
+def _table_list(tables: Sequence[str] | str) -> tuple[str, ...]:
+    """A sequence of names, or one string (e.g. a rendered template) of comma-separated names."""
+    if isinstance(tables, str):
+        return tuple(t.strip() for t in tables.split(",") if t.strip())
+    return tuple(tables)
+
+
+class _CdcSpecMixin:
+    """Keyword arguments that declare a CDC sync (see :class:`~airflow_sync_provider.core.cdc.CdcSpec`)."""
+
+    sync_id: str | None
+    tables: Sequence[str] | str
+    target_schema: str
+    slot_name: str
+    publication: str
+    delete_mode: str
+    max_changes: int
+    batch_rows: int
+    max_retained_wal_bytes: int | None
+    state_table: str
+
+    def _init_spec(
+        self,
+        *,
+        tables: Sequence[str] | str,
+        sync_id: str | None = None,
+        target_schema: str = "public",
+        slot_name: str = "",
+        publication: str = "",
+        delete_mode: str = "hard",
+        max_changes: int = 1_000_000,
+        batch_rows: int = 50_000,
+        max_retained_wal_bytes: int | None = None,
+        state_table: str = "_sync_state",
+    ) -> None:
+        self.tables = tables
+        self.sync_id = sync_id
+        self.target_schema = target_schema
+        self.slot_name = slot_name
+        self.publication = publication
+        self.delete_mode = delete_mode
+        self.max_changes = max_changes
+        self.batch_rows = batch_rows
+        self.max_retained_wal_bytes = max_retained_wal_bytes
+        self.state_table = state_table
+
+    def build_spec(self) -> CdcSpec:
+        tables = _table_list(self.tables)
+        sync_id = self.sync_id
+        if not sync_id:
+            if len(tables) != 1:
+                raise ConfigurationError(f"a CDC sync of {len(tables)} tables needs an explicit sync_id")
+            sync_id = tables[0].rpartition(".")[2]
+        return CdcSpec(
+            sync_id=sync_id,
+            tables=tables,
+            target_schema=self.target_schema,
+            slot_name=self.slot_name or "",
+            publication=self.publication or "",
+            delete_mode=self.delete_mode,  # type: ignore[arg-type]
+            max_changes=int(self.max_changes),
+            batch_rows=int(self.batch_rows),
+            max_retained_wal_bytes=self.max_retained_wal_bytes,
+            state_table=self.state_table,
+        )
+
+
+def log_slot_lag(log: Any, conn_id: str, spec: CdcSpec) -> dict[str, Any]:
+    """Log (and return) how much WAL the slot retains and where it is confirmed, without peeking."""
+    try:
+        lag = PostgresCdcHook(source_conn_id=conn_id).slot_lag(spec, check_pending=False)
+    except AirflowNotFoundException:
+        raise SourceUnavailableError(
+            f"Airflow connection {conn_id!r} (source) is not defined", sync_id=spec.sync_id
+        ) from None
+    log.info("sync %s: %s", spec.sync_id, lag["description"])
+    return lag
+
+
+def parse_cdc_manifest(value: Any) -> CdcManifest:
+    """Accept the manifest as XCom gives it: a dict (XComArg), JSON text, or a rendered dict repr."""
+    if isinstance(value, CdcManifest):
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = ast.literal_eval(value)  # a Jinja-rendered Python dict
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"manifest must be a dict from a CDC extract task's XCom, got {type(value).__name__}")
+    try:
+        return CdcManifest.from_dict(value)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigurationError(f"manifest is not a CDC manifest: {error}") from error
+
+
+def manifest_spec(manifest: CdcManifest) -> CdcSpec:
+    """The spec a manifest was extracted for (enough to confirm its slot)."""
+    return CdcSpec(
+        sync_id=manifest.sync_id,
+        tables=tuple(t.source_table for t in manifest.tables),
+        target_schema=manifest.target_schema,
+        slot_name=manifest.slot_name,
+        publication=manifest.publication,
+        delete_mode=manifest.delete_mode,  # type: ignore[arg-type]
+        state_table=manifest.state_table,
+    )
+
+
+def manifest_summary(manifest: CdcManifest) -> dict[str, Any]:
+    """The manifest without its file lists: what a one-task sync returns as XCom."""
+    summary = {k: v for k, v in manifest.to_dict().items() if k not in ("tables", "truncates")}
+    summary["tables"] = {t.source_table: t.rows for t in manifest.tables}
+    summary["truncates"] = len(manifest.truncates)
+    summary["rows"] = manifest.rows
+    return summary
+
+
+class CdcExtractOperator(_CdcSpecMixin, BaseOperator):
+    """Stage the next CDC batch: the initial snapshot on the first run, then the pending changes.
+
+    Reads the committed position from the target's state table, so it needs ``target_conn_id`` too.
+    Returns the manifest (a small dict) as XCom; pass it to :class:`CdcLoadOperator`.  The slot is not
+    consumed here: it moves only after the target has committed the batch.
+    """
+
+    template_fields: Sequence[str] = CDC_TEMPLATE_FIELDS
+    ui_color = "#e3eefc"
+
+    def __init__(
+        self,
+        *,
+        source_conn_id: str,
+        target_conn_id: str,
+        tables: Sequence[str] | str,
+        sync_id: str | None = None,
+        staging_uri: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        spec_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _CDC_SPEC_ARGUMENTS}
+        super().__init__(**kwargs)
+        self._init_spec(tables=tables, sync_id=sync_id, **spec_kwargs)
+        self.source_conn_id = source_conn_id
+        self.target_conn_id = target_conn_id
+        self.staging_uri = staging_uri
+
+    def _spec(self) -> CdcSpec:
+        try:
+            return self.build_spec()
+        except SyncError as error:
+            raise _fail(error.with_context(sync_id=self.sync_id)) from error
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        spec = self._spec()
+        try:
+            log_slot_lag(self.log, self.source_conn_id, spec)
+            manifest = self._extract(spec, context["run_id"])
+        except SyncError as error:
+            raise _fail(error.with_context(sync_id=spec.sync_id)) from error
+        self.log.info("%s", manifest.summary())
+        return manifest.to_dict()
+
+    def _extract(self, spec: CdcSpec, run_id: str) -> CdcManifest:
+        engine = _source_engine(self.source_conn_id, spec.sync_id)
+        try:
+            with closing(_target_connection(self.target_conn_id, spec.sync_id)) as target:
+                state = committed_cdc_state(target, spec)
+            return changes_to_staging(
+                engine,
+                spec,
+                state=state,
+                staging=StagingArea(self.staging_uri or default_staging_uri()),
+                run_id=run_id,
+                logger=self.log,
+            )
+        finally:
+            engine.dispose()
+
+
+class CdcLoadOperator(BaseOperator):
+    """Apply a staged CDC batch to PostgreSQL together with its position, exactly once.
+
+    ``manifest`` is the extract task's XCom (``extract_task.output``).  With ``source_conn_id`` the
+    slot is confirmed right after the commit, so the source frees the WAL at once; without it the
+    next extract confirms it.  A batch that was already committed (retry) or overtaken is a no-op.
+    Returns the load result, plus ``confirmed_lsn`` when the slot was confirmed.
+    """
+
+    template_fields: Sequence[str] = ("manifest", "target_conn_id", "source_conn_id")
+    ui_color = "#e3f6e8"
+
+    def __init__(
+        self,
+        *,
+        manifest: Any,
+        target_conn_id: str,
+        source_conn_id: str | None = None,
+        keep_staged: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.manifest = manifest
+        self.target_conn_id = target_conn_id
+        self.source_conn_id = source_conn_id
+        self.keep_staged = keep_staged
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        try:
+            manifest = parse_cdc_manifest(self.manifest)
+        except SyncError as error:
+            raise _fail(error) from error
+        spec = manifest_spec(manifest)
+        try:
+            if self.source_conn_id:
+                log_slot_lag(self.log, self.source_conn_id, spec)
+            with closing(_target_connection(self.target_conn_id, spec.sync_id)) as target:
+                result = load_cdc_manifest(
+                    target, manifest, run_id=context["run_id"], logger=self.log, keep_staged=self.keep_staged
+                )
+                position = (
+                    CdcPosition.from_state(committed_cdc_state(target, spec))
+                    if self.source_conn_id and result.status in ("applied", "already_applied")
+                    else None
+                )
+            output = result.to_dict()
+            if position is not None and self.source_conn_id:
+                output["confirmed_lsn"] = self._confirm(spec, position.end_lsn)
+        except SyncError as error:
+            raise _fail(error.with_context(sync_id=spec.sync_id)) from error
+        return output
+
+    def _confirm(self, spec: CdcSpec, end_lsn: int) -> str:
+        assert self.source_conn_id
+        engine = _source_engine(self.source_conn_id, spec.sync_id)
+        try:
+            confirmed = confirm_applied(engine, spec, end_lsn)
+        finally:
+            engine.dispose()
+        self.log.info("sync %s: slot %s confirmed up to %s", spec.sync_id, spec.slot_name, int_to_lsn(confirmed))
+        return int_to_lsn(confirmed)
+
+
+class CdcSyncOperator(CdcExtractOperator):
+    """Stage, apply and confirm one CDC batch in a single task: the simple case.
+
+    Returns ``{"manifest": <manifest summary>, "load": <load result>}``.
+    """
+
+    ui_color = "#fcf0dc"
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        spec = self._spec()
+        try:
+            log_slot_lag(self.log, self.source_conn_id, spec)
+            engine = _source_engine(self.source_conn_id, spec.sync_id)
+            try:
+                with closing(_target_connection(self.target_conn_id, spec.sync_id)) as target:
+                    manifest, result = run_cdc_sync(
+                        engine,
+                        target,
+                        spec,
+                        staging=StagingArea(self.staging_uri or default_staging_uri()),
+                        run_id=context["run_id"],
+                        logger=self.log,
+                    )
+            finally:
+                engine.dispose()
+        except SyncError as error:
+            raise _fail(error.with_context(sync_id=spec.sync_id)) from error
+        self.log.info("%s", manifest.summary())
+        return {"manifest": manifest_summary(manifest), "load": result.to_dict()}
+
+
+_CDC_SPEC_ARGUMENTS = frozenset(inspect.signature(_CdcSpecMixin._init_spec).parameters) - {
+    "self",
+    "tables",
+    "sync_id",
+}
+
+__all__: Sequence[str] = (
+    "CdcExtractOperator",
+    "CdcLoadOperator",
+    "CdcSyncOperator",
+    "parse_cdc_manifest",
+)
