@@ -12,6 +12,7 @@ import tempfile
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="sync-tests-airflow-"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from airflow_sync_provider.core import StagingArea, SyncSpec, run_sync
+from airflow_sync_provider.core.cdc import CdcLoadResult, CdcManifest, CdcSpec, run_cdc_sync
+from airflow_sync_provider.core.cdc import slot as cdc_slot
+from airflow_sync_provider.core.cdc.extract import open_source
 from airflow_sync_provider.core.load import LoadResult
 from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.local_postgres import LocalPostgres, local_postgres
@@ -134,3 +138,44 @@ def mariadb_url() -> str | None:
     except pymysql.Error:
         return None
     return f"mysql+pymysql://root@{host}:{port}"
+
+
+@dataclass
+class CdcEnv:
+    env: SyncEnv
+
+    def run(self, spec: CdcSpec, **kwargs: Any) -> tuple[CdcManifest, CdcLoadResult]:
+        engine = self.env.source_engine
+        try:
+            with self.env.target() as target:
+                return run_cdc_sync(engine, target, spec, staging=self.env.staging, **kwargs)
+        finally:
+            engine.dispose()
+
+    def checksums(self, table: str, key: list[str]) -> tuple[tuple[int, str], tuple[int, str]]:
+        with self.env.source() as src, self.env.target() as tgt:
+            columns = source_columns(src, table)
+            return table_checksum(src, table, columns, key), table_checksum(tgt, table, columns, key)
+
+    def assert_converged(self, table: str, key: list[str]) -> int:
+        source, target = self.checksums(table, key)
+        assert target == source, f"{table}: target {target} != source {source}"
+        return source[0]
+
+    def slot(self, spec: CdcSpec) -> cdc_slot.SlotInfo:
+        engine = self.env.source_engine
+        try:
+            with closing(open_source(engine, spec.sync_id)) as conn:
+                return cdc_slot.slot_info(conn, spec.slot_name)
+        finally:
+            engine.dispose()
+
+
+@pytest.fixture
+def cdc(env: SyncEnv) -> Iterator[CdcEnv]:
+    yield CdcEnv(env)
+    with env.source() as conn:  # a database with a replication slot cannot be dropped
+        for (name,) in conn.execute(
+            "SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"
+        ).fetchall():
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))

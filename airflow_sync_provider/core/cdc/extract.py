@@ -254,13 +254,15 @@ def changes_to_staging(
     notes: list[str] = []
     with closing(open_source(engine, spec.sync_id)) as conn:
         tables = slot.check_source(conn, spec)
-        slot.ensure_publication(conn, spec, tables)
+        slot.check_publication(conn, spec, tables)
         info = slot.slot_info(conn, spec.slot_name)
         slot.check_slot_usable(info, spec)
         # The target committed up to end_lsn: confirm it now (a crash after the commit may have
         # skipped that), so the slot frees WAL and the peek starts where the target is.
         slot.advance_slot(conn, spec.slot_name, position.end_lsn)
-        upto = slot.slot_info(conn, spec.slot_name).current_lsn
+        heartbeat, upto = slot.emit_heartbeat(conn)
+        reached = in_heartbeat = False
+        heartbeat_end = 0
         streams = {t.oid: _TableStream(t) for t in tables}
         by_name = {(t.schema, t.name): t.oid for t in tables}
         relation_map: dict[int, int] = {}  # relation id in the stream -> source oid we track
@@ -345,11 +347,20 @@ def changes_to_staging(
                         seq += 1
                         changes += 1
                         txn_truncates.append(TruncateEvent(streams[oid].source.qualified, txn_lsn, seq))
+            elif isinstance(message, pgoutput.LogicalMessage):
+                in_heartbeat = in_heartbeat or (
+                    message.prefix == slot.HEARTBEAT_PREFIX and message.content == heartbeat.encode()
+                )
             elif isinstance(message, pgoutput.Commit):
+                if in_heartbeat:  # everything committed before this transaction has been read
+                    reached, in_heartbeat, heartbeat_end = True, False, message.end_lsn
+                    continue
                 last_commit, last_end = message.commit_lsn, message.end_lsn
                 if skip:
                     skipped += 1
                     continue
+                if not txn_rows and not txn_truncates:
+                    continue  # only other tables' rows or logical messages
                 transactions += 1
                 for oid, row in txn_rows:
                     stream = streams[oid]
@@ -370,6 +381,11 @@ def changes_to_staging(
             elif stream.relation is not None and not stream.columns:
                 stream.columns = _columns(stream, conn, pending_types)
         progress.done(f"{transactions} transaction(s), {skipped} already applied or in the snapshot")
+        if reached:
+            # Everything committed before the heartbeat was read: nothing older is left to apply.
+            last_end = max(last_end, heartbeat_end)
+            if transactions == 0:
+                slot.advance_slot(conn, spec.slot_name, heartbeat_end)
         target_columns = {oid: s.columns or _catalog_columns(conn, s.source) for oid, s in streams.items()}
     manifest = CdcManifest(
         sync_id=spec.sync_id,

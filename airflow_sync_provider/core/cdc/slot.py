@@ -8,6 +8,7 @@ the target's state tells the next run which transactions to skip: exactly-once e
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +27,12 @@ from airflow_sync_provider.core.errors import (
 
 _PEEK = (
     "SELECT xid::text::bigint, data FROM pg_logical_slot_peek_binary_changes("
-    "%(slot)s, %(upto_lsn)s::pg_lsn, %(upto_n)s, 'proto_version', '1', 'publication_names', %(publication)s)"
+    "%(slot)s, %(upto_lsn)s::pg_lsn, %(upto_n)s, 'proto_version', '1', 'publication_names', %(publication)s, "
+    "'messages', 'true')"
 )
+
+#: Prefix of the logical message each read emits to learn how far the stream was read (see ``emit_heartbeat``).
+HEARTBEAT_PREFIX = "airflow_sync_provider.heartbeat"
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,13 @@ def check_source(conn: psycopg.Connection[Any], spec: CdcSpec) -> list[SourceTab
             "(ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL)",
             sync_id=spec.sync_id,
             rule="wal_level",
+        )
+    version = int(_scalar(conn, "SHOW server_version_num"))
+    if version < 140000:
+        raise ConfigurationError(
+            f"the source runs PostgreSQL {version // 10000}; CDC needs PostgreSQL 14 or later (pgoutput messages)",
+            sync_id=spec.sync_id,
+            rule="server version",
         )
     can_replicate = _scalar(conn, "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user")
     if not can_replicate:
@@ -143,6 +155,50 @@ def ensure_publication(conn: psycopg.Connection[Any], spec: CdcSpec, tables: Seq
     for table, ident in zip(tables, idents, strict=True):
         if (table.schema, table.name) not in published:
             conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(spec.publication), ident))
+
+
+def check_publication(conn: psycopg.Connection[Any], spec: CdcSpec, tables: Sequence[SourceTableInfo]) -> None:
+    """Between runs the publication must stay as the snapshot left it.
+
+    While a publication is missing, PostgreSQL decodes nothing for it (it only logs a warning), so
+    changes made meanwhile are gone from the stream: recreating it silently would lose them.
+    """
+    exists = _scalar(conn, "SELECT count(*) FROM pg_publication WHERE pubname = %s", (spec.publication,))
+    published = {
+        (r[0], r[1])
+        for r in conn.execute(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (spec.publication,)
+        )
+    }
+    missing = [t.qualified for t in tables if (t.schema, t.name) not in published]
+    if not exists or missing:
+        what = (
+            f"publication {spec.publication!r} is missing"
+            if not exists
+            else (f"publication {spec.publication!r} does not include {', '.join(missing)}")
+        )
+        raise SchemaError(
+            f"{what}: changes made while a table is not published never reach the slot, so they cannot be "
+            "streamed. Reset the sync (delete its state row) to take a new initial snapshot, which recreates it",
+            sync_id=spec.sync_id,
+            table=", ".join(missing) or None,
+            rule="publication",
+        )
+
+
+def emit_heartbeat(conn: psycopg.Connection[Any]) -> tuple[str, int]:
+    """Commit a tiny transactional logical message; returns its token and the WAL position after it.
+
+    Reading the slot up to that position and seeing the message's transaction come back proves
+    every transaction committed before it was decoded, so the slot may be confirmed up to it even
+    when none touched the published tables (otherwise a quiet publication on a busy database would
+    retain WAL forever).  Committed with synchronous_commit on: decoding reads only flushed WAL.
+    """
+    token = uuid.uuid4().hex
+    with conn.transaction():
+        conn.execute("SET LOCAL synchronous_commit = on")
+        conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", (HEARTBEAT_PREFIX, token))
+    return token, lsn_to_int(str(_scalar(conn, "SELECT pg_current_wal_lsn()::text")))
 
 
 def slot_info(conn: psycopg.Connection[Any], slot_name: str) -> SlotInfo:

@@ -1,0 +1,588 @@
+"""Log-based CDC from PostgreSQL: snapshot hand-off, commit-order apply, TOAST, truncates, key changes,
+exactly-once effect across crashes, and the guards (with a real server, wal_level=logical).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from contextlib import closing
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from airflow_sync_provider.core.cdc import (
+    CdcSpec,
+    changes_to_staging,
+    committed_cdc_state,
+    confirm_applied,
+    load_cdc_manifest,
+    snapshot_to_staging,
+)
+from airflow_sync_provider.core.cdc import slot as cdc_slot
+from airflow_sync_provider.core.cdc.extract import SnapshotFilter, open_source
+from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn, lsn_to_int
+from airflow_sync_provider.core.errors import ConfigurationError, DataError, SchemaError, UnsafeOperationError
+
+from .conftest import CdcEnv
+
+ITEMS_DDL = """
+CREATE TABLE items (
+    id bigint PRIMARY KEY, sku text NOT NULL, qty integer, price numeric(12, 2), note text,
+    attrs jsonb, tags text[], changed_at timestamptz DEFAULT now()
+)
+"""
+
+
+def _seed_items(cdc: CdcEnv, rows: int = 1_000) -> None:
+    with cdc.env.source() as conn:
+        conn.execute(ITEMS_DDL)
+        conn.execute(
+            "INSERT INTO items (id, sku, qty, price, note, attrs, tags) "
+            "SELECT g, 'SKU-' || g, g %% 50, g * 1.25, CASE WHEN g %% 7 = 0 THEN NULL ELSE 'nöte ' || g END, "
+            "jsonb_build_object('g', g), ARRAY['a', 'b'] FROM generate_series(1, %s) g",
+            (rows,),
+        )
+
+
+def _staged_ids(manifest_tables: Any, table: str) -> list[int]:
+    ids: list[int] = []
+    for part in manifest_tables:
+        if part.source_table == table:
+            for staged in part.files:
+                ids += [
+                    int(v) for v in pq.read_table(staged.uri.removeprefix("file://"), columns=["id"])["id"].to_pylist()
+                ]
+    return ids
+
+
+def test_first_run_snapshots_then_changes_flow_in_order(cdc: CdcEnv) -> None:
+    _seed_items(cdc)
+    spec = CdcSpec(sync_id="items_cdc", tables=("items",))
+    _, first = cdc.run(spec, run_id="r1")
+    assert (first.kind, first.status, first.inserted) == ("snapshot", "applied", 1_000)
+    cdc.assert_converged("items", ["id"])
+
+    with cdc.env.source() as conn:
+        conn.execute("UPDATE items SET qty = qty + 1 WHERE id <= 100")
+        conn.execute("UPDATE items SET qty = qty + 1 WHERE id <= 10")  # same keys twice: the last wins
+        conn.execute("INSERT INTO items (id, sku) SELECT g, 'NEW' FROM generate_series(5001, 5050) g")
+        conn.execute("DELETE FROM items WHERE id BETWEEN 200 AND 219")
+        conn.execute("UPDATE items SET id = id + 100000 WHERE id BETWEEN 300 AND 304")  # key changes
+        conn.execute("INSERT INTO items (id, sku) VALUES (9999, 'gone again')")
+        conn.execute("DELETE FROM items WHERE id = 9999")  # inserted and deleted within one batch
+    manifest, second = cdc.run(spec, run_id="r2")
+    assert manifest.kind == "changes" and manifest.transactions == 7
+    assert (second.inserted, second.updated, second.deleted) == (50 + 5, 100, 20 + 5)
+    assert cdc.assert_converged("items", ["id"]) == 1_000 + 50 - 20
+
+    _, third = cdc.run(spec, run_id="r3")
+    assert third.status == "no_changes"
+    state = cdc.slot(spec)
+    assert state.confirmed_flush_lsn is not None
+    with cdc.env.target() as target:
+        position = committed_cdc_state(target, spec)
+    assert position is not None and position.version == 2  # the no-change run committed nothing
+
+
+def test_snapshot_hand_off_with_concurrent_writes_has_no_gap_and_no_duplicate(cdc: CdcEnv) -> None:
+    """Slot first, then the snapshot; writers run throughout, and one transaction is open across it.
+
+    Every writer row is either in the snapshot copy or in the first change batch, never both; the
+    transaction that was still open when the snapshot was taken is applied from the stream.
+    """
+    _seed_items(cdc, rows=150_000)
+    spec = CdcSpec(sync_id="handoff", tables=("items",), batch_rows=20_000)
+    engine = cdc.env.source_engine
+    with closing(open_source(engine, spec.sync_id)) as conn:
+        tables = cdc_slot.check_source(conn, spec)
+        cdc_slot.ensure_publication(conn, spec, tables)
+        cdc_slot.ensure_slot(conn, spec)
+
+    open_txn = cdc.env.source(autocommit=False)  # begins after the slot: decoded, and open at the snapshot
+    open_txn.execute("UPDATE items SET note = 'committed after the snapshot' WHERE id = 1")
+    open_txn.execute("INSERT INTO items (id, sku) VALUES (900000, 'open during snapshot')")
+
+    written: list[int] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        next_id = 1_000_000
+        with cdc.env.source() as conn:
+            while not stop.is_set():
+                conn.execute("INSERT INTO items (id, sku) VALUES (%s, 'concurrent')", (next_id,))
+                conn.execute("UPDATE items SET qty = -1 WHERE id = %s", (next_id - 1_000_000 + 2,))
+                written.append(next_id)
+                next_id += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        with cdc.env.target() as target:
+            snapshot = snapshot_to_staging(
+                engine, spec, state=committed_cdc_state(target, spec), staging=cdc.env.staging, run_id="snap"
+            )
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        thread.join()
+    open_txn.commit()
+    open_txn.close()
+
+    in_snapshot = set(_staged_ids(snapshot.tables, "public.items"))
+    concurrent = set(written)
+    assert 900000 not in in_snapshot  # the open transaction is not in the copy...
+    before = concurrent & in_snapshot
+    after = concurrent - in_snapshot
+    assert before and after, "the writer must have committed both before and after the snapshot"
+
+    with cdc.env.target() as target:
+        assert load_cdc_manifest(target, snapshot, keep_staged=True).status == "applied"
+        changes = changes_to_staging(
+            engine, spec, state=committed_cdc_state(target, spec), staging=cdc.env.staging, run_id="c1"
+        )
+        staged = _staged_ids(changes.tables, "public.items")
+        inserted_ids = {i for i in staged if i >= 1_000_000}
+        assert inserted_ids == after  # no gap: every later write is in the stream...
+        assert not inserted_ids & in_snapshot  # ...and no duplicate: nothing the copy had is replayed
+        assert 900000 in staged  # ...including the transaction that was open across the snapshot
+        result = load_cdc_manifest(target, changes)
+    assert result.status == "applied" and result.inserted == len(after) + 1
+    cdc.assert_converged("items", ["id"])
+    engine.dispose()
+
+
+def test_toast_values_survive_updates_of_other_columns(cdc: CdcEnv) -> None:
+    big = "".join(f"{i:08x}" for i in range(4_000))  # 32 kB of incompressible-ish text: stored out of line
+    with cdc.env.source() as conn:
+        conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, version int, title text)")
+        conn.execute("ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL")
+        conn.execute(
+            "INSERT INTO docs VALUES (1, %s, 1, 'one'), (2, %s, 1, 'two'), (3, 'small', 1, 'three')", (big, big[::-1])
+        )
+    spec = CdcSpec(sync_id="docs", tables=("docs",))
+    cdc.run(spec, run_id="snap")
+    with cdc.env.source() as conn:
+        conn.execute("UPDATE docs SET version = 2 WHERE id = 1")  # body unchanged: pgoutput omits it
+        conn.execute("INSERT INTO docs VALUES (4, %s, 1, 'four')", (big + "4",))
+        conn.execute("UPDATE docs SET version = 2 WHERE id = 4")  # inserted and updated in one batch
+        conn.execute("UPDATE docs SET id = 20, version = 3 WHERE id = 2")  # key change, body unchanged
+    engine = cdc.env.source_engine
+    with cdc.env.target() as target:
+        manifest = changes_to_staging(
+            engine,
+            CdcSpec(sync_id="docs", tables=("docs",)),
+            state=committed_cdc_state(target, spec),
+            staging=cdc.env.staging,
+            run_id="c1",
+        )
+    engine.dispose()
+    unchanged = [
+        value
+        for part in manifest.tables
+        for staged in part.files
+        for value in pq.read_table(staged.uri.removeprefix("file://"))["_cdc_unchanged"].to_pylist()
+    ]
+    assert "{2}" in unchanged  # the stream really left the TOASTed body out
+    with cdc.env.target() as target:
+        load_cdc_manifest(target, manifest)
+        bodies = dict(target.execute("SELECT id, length(body) FROM docs").fetchall())
+    assert bodies == {1: len(big), 3: 5, 4: len(big) + 1, 20: len(big)}
+    cdc.assert_converged("docs", ["id"])
+
+
+def test_unchanged_toast_without_a_target_row_fails_instead_of_writing_null(cdc: CdcEnv) -> None:
+    big = "".join(f"{i:08x}" for i in range(4_000))
+    with cdc.env.source() as conn:
+        conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, version int)")
+        conn.execute("ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL")
+        conn.execute("INSERT INTO docs VALUES (1, %s, 1)", (big,))
+    spec = CdcSpec(sync_id="docs", tables=("docs",))
+    cdc.run(spec, run_id="snap")
+    with cdc.env.target() as target:
+        target.execute("DELETE FROM docs")  # someone removed the row in the target
+    with cdc.env.source() as conn:
+        conn.execute("UPDATE docs SET version = 2 WHERE id = 1")
+    with pytest.raises(DataError, match=r"table='public.docs'.*column='body'.*key=\(id=1\).*unchanged TOAST"):
+        cdc.run(spec, run_id="c1")
+    with cdc.env.target() as target:
+        assert target.execute("SELECT count(*) FROM docs").fetchone() == (0,)
+        state = committed_cdc_state(target, spec)
+    assert state is not None and state.version == 1
+
+
+def test_truncate_then_inserts_in_one_batch(cdc: CdcEnv) -> None:
+    _seed_items(cdc, rows=200)
+    spec = CdcSpec(sync_id="trunc", tables=("items",))
+    cdc.run(spec, run_id="snap")
+    with cdc.env.source() as conn:
+        conn.execute("UPDATE items SET qty = 0 WHERE id = 1")
+        conn.execute("TRUNCATE items")
+        conn.execute("INSERT INTO items (id, sku) VALUES (1, 'after truncate'), (2, 'also after')")
+    _, result = cdc.run(spec, run_id="c1")
+    assert result.deleted == 200 and result.inserted == 2
+    assert cdc.assert_converged("items", ["id"]) == 2
+
+
+def test_soft_deletes_mark_rows_and_reinserts_clear_the_mark(cdc: CdcEnv) -> None:
+    _seed_items(cdc, rows=50)
+    spec = CdcSpec(sync_id="soft", tables=("items",), delete_mode="soft")
+    cdc.run(spec, run_id="snap")
+    with cdc.env.source() as conn:
+        conn.execute("DELETE FROM items WHERE id <= 5")
+        conn.execute("INSERT INTO items (id, sku) VALUES (1, 'back')")
+    _, result = cdc.run(spec, run_id="c1")
+    assert result.deleted == 4
+    with cdc.env.target() as target:
+        marked = target.execute("SELECT id FROM items WHERE _sync_deleted_at IS NOT NULL ORDER BY id").fetchall()
+        back = target.execute("SELECT sku, _sync_deleted_at FROM items WHERE id = 1").fetchone()
+    assert [r[0] for r in marked] == [2, 3, 4, 5]
+    assert back == ("back", None)
+
+
+def test_multi_table_transactions_land_together_with_the_lsn(cdc: CdcEnv) -> None:
+    with cdc.env.source() as conn:
+        conn.execute("CREATE TABLE stock (sku text, warehouse text, on_hand int, PRIMARY KEY (sku, warehouse))")
+        conn.execute("CREATE TABLE reservations (id bigint PRIMARY KEY, sku text, warehouse text, qty int)")
+        conn.execute(
+            "INSERT INTO stock SELECT 'S' || g, w, 100 FROM generate_series(1, 20) g, unnest(ARRAY['A', 'B']) w"
+        )
+    spec = CdcSpec(sync_id="inventory", tables=("stock", "public.reservations"))
+    cdc.run(spec, run_id="snap")
+    with cdc.env.source(autocommit=False) as conn:
+        for i in range(1, 11):
+            conn.execute("UPDATE stock SET on_hand = on_hand - %s WHERE sku = 'S1' AND warehouse = 'A'", (i,))
+            conn.execute("INSERT INTO reservations VALUES (%s, 'S1', 'A', %s)", (i, i))
+        conn.commit()
+    manifest, result = cdc.run(spec, run_id="c1")
+    assert manifest.transactions == 1
+    assert result.tables == {
+        "public.stock": {"inserted": 0, "updated": 1, "deleted": 0},
+        "public.reservations": {"inserted": 10, "updated": 0, "deleted": 0},
+    }
+    with cdc.env.target() as target:
+        on_hand = target.execute("SELECT on_hand FROM stock WHERE sku = 'S1' AND warehouse = 'A'").fetchone()
+        reserved = target.execute("SELECT sum(qty) FROM reservations").fetchone()
+    assert on_hand == (100 - 55,) and reserved == (55,)
+
+
+def test_crash_after_commit_before_slot_advance_is_not_applied_twice(cdc: CdcEnv) -> None:
+    _seed_items(cdc, rows=100)
+    spec = CdcSpec(sync_id="crash1", tables=("items",))
+    cdc.run(spec, run_id="snap")
+    with cdc.env.source() as conn:
+        conn.execute("UPDATE items SET qty = qty + 1000 WHERE id <= 30")
+    engine = cdc.env.source_engine
+    with cdc.env.target() as target:
+        manifest = changes_to_staging(
+            engine, spec, state=committed_cdc_state(target, spec), staging=cdc.env.staging, run_id="c1"
+        )
+        assert load_cdc_manifest(target, manifest, keep_staged=True).updated == 30
+        # the process dies here: the target committed, the slot was never confirmed
+        slot_before = cdc.slot(spec).confirmed_flush_lsn
+        assert slot_before is not None and slot_before < manifest.end_lsn
+        marks_before = target.execute(
+            "SELECT md5(string_agg(_sync_run_id || _sync_synced_at::text, ',' ORDER BY id)) FROM items"
+        ).fetchone()
+
+        again = changes_to_staging(
+            engine, spec, state=committed_cdc_state(target, spec), staging=cdc.env.staging, run_id="c2"
+        )
+        assert again.changes == 0  # the next read starts past what the target holds
+        assert load_cdc_manifest(target, again).status == "no_changes"
+        assert load_cdc_manifest(target, manifest).status == "already_applied"  # Airflow retry of the old load
+        marks_after = target.execute(
+            "SELECT md5(string_agg(_sync_run_id || _sync_synced_at::text, ',' ORDER BY id)) FROM items"
+        ).fetchone()
+    assert marks_after == marks_before  # not a single row was touched again
+    assert (cdc.slot(spec).confirmed_flush_lsn or 0) >= manifest.end_lsn  # confirmed by the next read
+    cdc.assert_converged("items", ["id"])
+    engine.dispose()
+
+
+def test_crash_between_apply_and_commit_changes_nothing_and_the_rerun_applies_once(cdc: CdcEnv) -> None:
+    _seed_items(cdc, rows=100)
+    spec = CdcSpec(sync_id="crash2", tables=("items",))
+    cdc.run(spec, run_id="snap")
+    with cdc.env.source() as conn:
+        conn.execute("UPDATE items SET qty = qty + 1000 WHERE id <= 30")
+        conn.execute("DELETE FROM items WHERE id > 90")
+
+    def die_after_merge(phase: str, facts: dict[str, Any]) -> None:
+        if phase == "merged":
+            raise RuntimeError("killed between apply and commit")
+
+    before = cdc.checksums("items", ["id"])[1]
+    with pytest.raises(RuntimeError, match="killed"):
+        cdc.run(spec, run_id="doomed", observer=die_after_merge)
+    assert cdc.checksums("items", ["id"])[1] == before  # nothing half-applied is visible
+    _, rerun = cdc.run(spec, run_id="rerun")
+    assert (rerun.updated, rerun.deleted) == (30, 10)
+    cdc.assert_converged("items", ["id"])
+
+
+def test_schema_changes_at_the_source_stop_the_load_with_a_clear_message(cdc: CdcEnv) -> None:
+    _seed_items(cdc, rows=10)
+    spec = CdcSpec(sync_id="drift", tables=("items",))
+    cdc.run(spec, run_id="snap")
+    with cdc.env.source() as conn:
+        conn.execute("ALTER TABLE items ADD COLUMN color text")
+        conn.execute("UPDATE items SET color = 'red' WHERE id = 1")
+    with pytest.raises(SchemaError, match=r"table='public.items'.*column='color'.*schema drift"):
+        cdc.run(spec, run_id="c1")
+    with cdc.env.target() as target:
+        target.execute("ALTER TABLE items ADD COLUMN color text")
+    cdc.run(spec, run_id="c2")
+    cdc.assert_converged("items", ["id"])
+
+    with cdc.env.source() as conn:
+        conn.execute("ALTER TABLE items DROP COLUMN note")
+        conn.execute("UPDATE items SET qty = 7 WHERE id = 2")
+    with pytest.raises(SchemaError, match=r"column='note'.*no longer has"):
+        cdc.run(spec, run_id="c3")
+
+
+def test_guards_name_what_to_fix(cdc: CdcEnv) -> None:
+    with cdc.env.source() as conn:
+        conn.execute("CREATE TABLE nokey (id int, v text)")
+        conn.execute("CREATE TABLE noident (id int PRIMARY KEY, v text)")
+        conn.execute("ALTER TABLE noident REPLICA IDENTITY NOTHING")
+        conn.execute("DROP ROLE IF EXISTS cdc_weak")
+        conn.execute("CREATE ROLE cdc_weak LOGIN")
+    with pytest.raises(SchemaError, match=r"table='public.nokey'.*primary key required"):
+        cdc.run(CdcSpec(sync_id="nokey", tables=("nokey",)))
+    with pytest.raises(SchemaError, match=r"REPLICA IDENTITY NOTHING"):
+        cdc.run(CdcSpec(sync_id="noident", tables=("noident",)))
+    with pytest.raises(SchemaError, match=r"table='public.missing'.*does not exist"):
+        cdc.run(CdcSpec(sync_id="missing", tables=("missing",)))
+
+    import sqlalchemy as sa
+
+    from airflow_sync_provider.core.cdc import run_cdc_sync
+
+    weak = sa.create_engine(cdc.env.server.url(cdc.env.source_db).replace("postgres@", "cdc_weak@"))
+    with cdc.env.target() as target, pytest.raises(ConfigurationError, match=r"REPLICATION privilege"):
+        run_cdc_sync(weak, target, CdcSpec(sync_id="weak", tables=("noident",)), staging=cdc.env.staging)
+    weak.dispose()
+
+
+def test_wal_level_guard_on_a_server_without_logical_decoding() -> None:
+    """The machine's own PostgreSQL (127.0.0.1:5432) usually runs with wal_level=replica."""
+    import psycopg
+
+    try:
+        conn = psycopg.connect(
+            "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=2", autocommit=True
+        )
+    except psycopg.OperationalError as error:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 to check the wal_level guard against: {error}")
+    with conn:
+        level = conn.execute("SHOW wal_level").fetchone()
+        if level == ("logical",):
+            pytest.skip("the PostgreSQL on 127.0.0.1:5432 already has wal_level=logical")
+        with pytest.raises(ConfigurationError, match=r"wal_level=.*CDC needs wal_level=logical"):
+            cdc_slot.check_source(conn, CdcSpec(sync_id="wal", tables=("anything",)))
+
+
+def test_retained_wal_limit_and_missing_slot(cdc: CdcEnv) -> None:
+    _seed_items(cdc, rows=10)
+    spec = CdcSpec(sync_id="limits", tables=("items",))
+    cdc.run(spec, run_id="snap")
+    with cdc.env.source() as conn:
+        conn.execute("INSERT INTO items (id, sku) SELECT g, 'x' FROM generate_series(100, 3000) g")
+    with pytest.raises(UnsafeOperationError, match=r"bytes of WAL retained.*max_retained_wal_bytes"):
+        cdc.run(CdcSpec(sync_id="limits", tables=("items",), max_retained_wal_bytes=1_000), run_id="c1")
+    with cdc.env.source() as conn:
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (spec.slot_name,))
+    with pytest.raises(SchemaError, match=r"slot 'sync_limits' is missing.*new initial snapshot"):
+        cdc.run(spec, run_id="c2")
+
+
+def test_a_dropped_publication_fails_instead_of_losing_changes(cdc: CdcEnv) -> None:
+    """PostgreSQL decodes nothing while the publication is missing (it only warns): refuse to go on."""
+    _seed_items(cdc, rows=10)
+    spec = CdcSpec(sync_id="pubgone", tables=("items",))
+    cdc.run(spec, run_id="snap")
+    with cdc.env.source() as conn:
+        conn.execute("DROP PUBLICATION sync_pubgone")
+        conn.execute("INSERT INTO items (id, sku) VALUES (100, 'written while unpublished')")
+    with pytest.raises(SchemaError, match=r"publication 'sync_pubgone' is missing.*new initial snapshot"):
+        cdc.run(spec, run_id="c1")
+    with cdc.env.source() as conn:
+        conn.execute("CREATE PUBLICATION sync_pubgone FOR TABLE items")  # recreated by hand: still refused?
+        conn.execute("ALTER PUBLICATION sync_pubgone DROP TABLE items")
+    with pytest.raises(SchemaError, match=r"does not include public.items"):
+        cdc.run(spec, run_id="c2")
+    with cdc.env.target() as target:
+        target.execute("DELETE FROM _sync_state WHERE sync_id = 'pubgone'")  # the documented reset
+    _, reset = cdc.run(spec, run_id="reset")
+    assert reset.kind == "snapshot"
+    cdc.assert_converged("items", ["id"])
+
+
+def test_a_quiet_publication_on_a_busy_database_does_not_retain_wal(cdc: CdcEnv) -> None:
+    """Runs that find nothing to apply still confirm the slot past the unpublished WAL (heartbeat)."""
+    _seed_items(cdc, rows=10)
+    with cdc.env.source() as conn:
+        conn.execute("CREATE TABLE busy (id int PRIMARY KEY, v text)")
+    spec = CdcSpec(sync_id="quiet", tables=("items",))
+    cdc.run(spec, run_id="snap")
+    for round_ in range(3):
+        with cdc.env.source() as conn:
+            conn.execute(
+                "INSERT INTO busy SELECT g, repeat('x', 200) FROM generate_series(%s::int, %s::int) g",
+                (round_ * 20_000, round_ * 20_000 + 19_999),
+            )
+        written_up_to = cdc.slot(spec).current_lsn
+        _, result = cdc.run(spec, run_id=f"quiet-{round_}")
+        assert result.status == "no_changes"
+        assert (cdc.slot(spec).confirmed_flush_lsn or 0) > written_up_to
+    with cdc.env.source() as conn:
+        conn.execute("SELECT pg_log_standby_snapshot()")  # what the server logs every 15 s when busy
+    assert cdc.slot(spec).retained_bytes > 10_000_000
+    cdc.run(spec, run_id="quiet-3")
+    cdc.run(spec, run_id="quiet-4")
+    assert cdc.slot(spec).retained_bytes < 100_000  # the WAL of the busy table is released
+    with cdc.env.source() as conn:
+        conn.execute("UPDATE items SET qty = 99 WHERE id = 1")
+    _, changed = cdc.run(spec, run_id="after-quiet")
+    assert changed.updated == 1
+    cdc.assert_converged("items", ["id"])
+
+
+def test_convergence_under_a_concurrent_random_workload(cdc: CdcEnv) -> None:
+    """Writers (inserts, updates incl. key changes, deletes, multi-table transactions, one long
+    transaction that commits last) run while the sync runs repeatedly; then target == source."""
+    with cdc.env.source() as conn:
+        conn.execute(ITEMS_DDL)
+        conn.execute(
+            "CREATE TABLE moves (id bigint PRIMARY KEY, item_id bigint, delta int, at timestamptz DEFAULT now())"
+        )
+        conn.execute(
+            "INSERT INTO items (id, sku, qty, price, note) SELECT g, 'SKU-' || g, 10, 1.5, repeat('n', g % 300) "
+            "FROM generate_series(1, 20000) g"
+        )
+    spec = CdcSpec(sync_id="workload", tables=("items", "moves"), batch_rows=2_000, max_changes=5_000)
+    cdc.run(spec, run_id="snap")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def workload(seed: int) -> None:
+        rng = random.Random(seed)
+        next_id = 1_000_000 * (seed + 1)
+        try:
+            with cdc.env.source() as conn:
+                while not stop.is_set():
+                    choice = rng.random()
+                    target = rng.randint(1, 25_000)
+                    with conn.transaction():
+                        if choice < 0.35:
+                            conn.execute("INSERT INTO items (id, sku, qty) VALUES (%s, 'w', %s)", (next_id, seed))
+                            next_id += 1
+                        elif choice < 0.65:
+                            conn.execute(
+                                "UPDATE items SET qty = qty + 1, note = %s WHERE id = %s", (f"s{seed}", target)
+                            )
+                        elif choice < 0.75:
+                            conn.execute(
+                                "UPDATE items SET id = %s WHERE id = %s", (next_id, target)
+                            )  # primary-key change
+                            next_id += 1
+                        elif choice < 0.85:
+                            conn.execute("DELETE FROM items WHERE id = %s", (target,))
+                        else:  # a multi-table transaction
+                            conn.execute("UPDATE items SET qty = qty - 1 WHERE id = %s", (target,))
+                            conn.execute(
+                                "INSERT INTO moves (id, item_id, delta) VALUES (%s, %s, -1)", (next_id, target)
+                            )
+                            next_id += 1
+        except BaseException as error:  # surfaced by the assertion below
+            errors.append(error)
+
+    long_txn = cdc.env.source(autocommit=False)
+    # rows no writer touches (writers block on locked rows, and this one commits only after them)
+    long_txn.execute(
+        "INSERT INTO items (id, sku, note) SELECT g, 'L', 'long transaction' FROM generate_series(500000, 500010) g"
+    )
+    long_txn.execute("INSERT INTO moves (id, item_id, delta) VALUES (1, 500000, 0)")
+    threads = [threading.Thread(target=workload, args=(seed,)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    runs = 0
+    try:
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            cdc.run(spec, run_id=f"during-{runs}")
+            runs += 1
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    long_txn.commit()  # commits last, with the oldest start
+    long_txn.close()
+    assert not errors, errors
+    while True:
+        manifest, _ = cdc.run(spec, run_id=f"after-{runs}")
+        runs += 1
+        if manifest.transactions == 0:
+            break
+    items = cdc.assert_converged("items", ["id"])
+    moves = cdc.assert_converged("moves", ["id"])
+    with cdc.env.target() as target:
+        late = target.execute("SELECT count(*) FROM items WHERE note = 'long transaction'").fetchone()
+    assert late == (11,)  # the transaction that started first and committed last is there
+    assert runs >= 3 and items > 0 and moves > 0
+    print(f"\ncdc workload: {runs} runs, items={items:,}, moves={moves:,}")
+
+
+def test_apply_rate_for_100k_changes(cdc: CdcEnv) -> None:
+    """A figure for the notes (not a timed assertion): read + apply of 100k changes."""
+    with cdc.env.source() as conn:
+        conn.execute(ITEMS_DDL)
+        conn.execute("INSERT INTO items (id, sku, qty) SELECT g, 'SKU-' || g, 0 FROM generate_series(1, 50000) g")
+    spec = CdcSpec(sync_id="rate", tables=("items",))
+    cdc.run(spec, run_id="snap")
+    with cdc.env.source() as conn:
+        for low in range(0, 50_000, 5_000):  # 50k updates in 10 transactions...
+            conn.execute("UPDATE items SET qty = qty + 1 WHERE id > %s AND id <= %s", (low, low + 5_000))
+        conn.execute("INSERT INTO items (id, sku, qty) SELECT g, 'N', 1 FROM generate_series(100001, 150000) g")
+        slot_name = spec.slot_name
+        started = time.monotonic()
+        raw = conn.execute(
+            "SELECT count(*) FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, 'proto_version', '1', "
+            "'publication_names', %s)",
+            (slot_name, spec.publication),
+        ).fetchone()
+        raw_seconds = time.monotonic() - started
+    engine = cdc.env.source_engine
+    with cdc.env.target() as target:
+        started = time.monotonic()
+        manifest = changes_to_staging(
+            engine, spec, state=committed_cdc_state(target, spec), staging=cdc.env.staging, run_id="c"
+        )
+        extract_seconds = time.monotonic() - started
+        result = load_cdc_manifest(target, manifest)
+        total = time.monotonic() - started
+    confirm_applied(engine, spec, lsn_to_int(result.end_lsn))
+    engine.dispose()
+    assert manifest.changes == 100_000 and (result.inserted, result.updated) == (50_000, 50_000)
+    cdc.assert_converged("items", ["id"])
+    assert raw is not None
+    print(
+        f"\ncdc 100k changes: slot read (server-side decode, count only) {raw[0]:,} messages in {raw_seconds:.2f} s "
+        f"({100_000 / raw_seconds:,.0f} changes/s); extract+stage {extract_seconds:.2f} s, apply "
+        f"{total - extract_seconds:.2f} s, end to end {100_000 / total:,.0f} changes/s; final LSN {result.end_lsn}"
+    )
+
+
+def test_snapshot_filter_places_32_bit_xids_in_the_right_epoch() -> None:
+    epoch = 3 << 32
+    snapshot = SnapshotFilter(f"{epoch + 100}:{epoch + 110}:{epoch + 103},{epoch + 105}")
+    assert snapshot.visible(99) and snapshot.visible(104)
+    assert not snapshot.visible(103) and not snapshot.visible(110) and not snapshot.visible(200)
+    wrapped = SnapshotFilter(f"{epoch - 5}:{epoch + 5}:")  # xmin in the previous epoch
+    assert wrapped.visible(2**32 - 3) and wrapped.visible(4) and not wrapped.visible(5)
+    assert int_to_lsn(lsn_to_int("16/B374D848")) == "16/B374D848"
