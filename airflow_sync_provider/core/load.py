@@ -398,6 +398,7 @@ def _row_error(
     detail = f" ({error.diag.message_detail})" if error.diag.message_detail else ""
     if isinstance(error, psycopg.errors.UniqueViolation):
         rule = "duplicate key in batch"
+        column = column or ", ".join(manifest.primary_key)
         message = f"the batch has two rows with the same primary key{detail}; keys must be unique"
     elif isinstance(error, psycopg.errors.NotNullViolation):
         rule = "key not null"

@@ -45,6 +45,7 @@ def run_cdc_sync(
     run_id: str = "manual",
     logger: Logger | None = None,
     observer: PhaseObserver | None = None,
+    keep_staged: bool = False,
 ) -> tuple[CdcManifest, CdcLoadResult]:
     """Stage (snapshot or changes), apply with the position in one transaction, then confirm the slot."""
     manifest = changes_to_staging(
@@ -55,7 +56,9 @@ def run_cdc_sync(
         run_id=run_id,
         logger=logger,
     )
-    result = load_cdc_manifest(target, manifest, run_id=run_id, logger=logger, observer=observer)
+    result = load_cdc_manifest(
+        target, manifest, run_id=run_id, logger=logger, observer=observer, keep_staged=keep_staged
+    )
     if result.status in ("applied", "already_applied"):
         position = CdcPosition.from_state(committed_cdc_state(target, spec))
         if position is not None:

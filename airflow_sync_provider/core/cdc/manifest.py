@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from airflow_sync_provider.core.errors import ConfigurationError
 from airflow_sync_provider.core.manifest import Manifest
 
 CdcKind = Literal["snapshot", "changes"]
@@ -82,9 +83,9 @@ class CdcManifest:
     def from_dict(cls, data: dict[str, Any] | str) -> CdcManifest:
         if isinstance(data, str):
             data = json.loads(data)
-        assert isinstance(data, dict)
-        if data.get("format") != "cdc-1":
-            raise ValueError(f"not a CDC manifest (format {data.get('format')!r})")
+        if not isinstance(data, dict) or data.get("format") != "cdc-1":
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ConfigurationError(f"not a CDC manifest (format {found!r}); pass a CDC extract task's XCom")
         values = {k: v for k, v in data.items() if k != "format"}
         values["tables"] = tuple(Manifest.from_dict(t) for t in values["tables"])
         values["truncates"] = tuple(TruncateEvent(**t) for t in values.get("truncates", ()))
