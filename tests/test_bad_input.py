@@ -209,7 +209,7 @@ def test_declared_key_duplicated_in_batch(env: SyncEnv) -> None:
 
     with pytest.raises(
         DataError,
-        match=r"^\[sync='orders' table='public.orders' key=\(id=150\) rule=duplicate key in batch\] "
+        match=r"^\[sync='orders' table='public.orders' column='id' key=\(id=150\) rule=duplicate key in batch\] "
         r"the batch has two rows with the same primary key \(Key \(id\)=\(150\) already exists\.\)",
     ):
         env.sync(spec, run_id="bad")

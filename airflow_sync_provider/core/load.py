@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from psycopg import sql
 
+from airflow_sync_provider.core.audit import AuditEntry, append_entry, ensure_audit_table, stage_checksum
 from airflow_sync_provider.core.errors import DataError, SchemaError, SyncError, UnsafeOperationError
 from airflow_sync_provider.core.manifest import Manifest, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver, Progress
@@ -94,12 +95,14 @@ def load_manifest(
         raise SyncError("load needs a connection outside any transaction", sync_id=manifest.sync_id)
     conn.autocommit = True
     ensure_state_table(conn, manifest.target_schema, manifest.state_table)
+    ensure_audit_table(conn, manifest.target_schema)
 
     with conn.transaction():
         state = lock_state(conn, manifest.target_schema, manifest.state_table, manifest.sync_id)
         if state.version != manifest.base_version:
             result = _skip(manifest, state, started)
             log.warning("sync %s: %s", manifest.sync_id, result.message)
+            append_entry(conn, manifest.target_schema, _audit_entry(manifest, run_id, result, None))
             return result
 
         applied = apply_table_batch(conn, manifest, run_id, log, observer)
@@ -120,20 +123,21 @@ def load_manifest(
             extracted_at=dt.datetime.fromisoformat(manifest.extracted_at) if manifest.extracted_at else None,
         )
         write_state(conn, manifest.target_schema, manifest.state_table, new_state)
+        result = LoadResult(
+            sync_id=manifest.sync_id,
+            manifest_id=manifest.manifest_id,
+            status="applied",
+            rows_staged=staged,
+            inserted=inserted,
+            updated=updated,
+            deleted=deleted,
+            version=new_state.version,
+            watermark=new_state.watermark,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        append_entry(conn, manifest.target_schema, _audit_entry(manifest, run_id, result, applied.checksum))
         notify(observer, "merged", {"inserted": inserted, "updated": updated, "deleted": deleted})
-    # committed: data, deletes and state together
-    result = LoadResult(
-        sync_id=manifest.sync_id,
-        manifest_id=manifest.manifest_id,
-        status="applied",
-        rows_staged=staged,
-        inserted=inserted,
-        updated=updated,
-        deleted=deleted,
-        version=new_state.version,
-        watermark=new_state.watermark,
-        seconds=round(time.monotonic() - started, 3),
-    )
+    # committed: data, deletes, state and the ledger row together
     log.info(
         "sync %s: committed version %d into %s: %d staged, %d inserted, %d updated, %d unchanged, %d deleted in %.2f s",
         manifest.sync_id,
@@ -162,6 +166,31 @@ class TableApplied:
     inserted: int
     updated: int
     deleted: int
+    #: Order-independent checksum of the staged rows (for the audit ledger).
+    checksum: str
+
+
+def _audit_entry(manifest: Manifest, run_id: str, result: LoadResult, checksum: str | None) -> AuditEntry:
+    return AuditEntry(
+        sync_id=manifest.sync_id,
+        run_id=run_id,
+        manifest_id=manifest.manifest_id,
+        mode=manifest.mode,
+        status=result.status,
+        source_table=manifest.source_table,
+        target_table=f"{manifest.target_schema}.{manifest.target_table}",
+        range_low=manifest.watermark_low,
+        range_high=manifest.watermark_high,
+        rows_staged=result.rows_staged,
+        inserted=result.inserted,
+        updated=result.updated,
+        deleted=result.deleted,
+        state_version=result.version,
+        batch_checksum=checksum,
+        extract_seconds=manifest.extract_seconds,
+        load_seconds=result.seconds,
+        details={"notes": list(manifest.notes), "message": result.message} if manifest.notes or result.message else {},
+    )
 
 
 def apply_table_batch(
@@ -176,12 +205,13 @@ def apply_table_batch(
     stage = _create_stage(conn, manifest, target)
     staged = copy_files(conn, manifest, target, stage, log)
     notify(observer, "staged", {"rows": staged})
+    checksum = stage_checksum(conn, stage, [c.name for c in manifest.columns])
     inserted, updated = merge_stage(conn, manifest, target, stage, run_id)
     deleted = 0
     if manifest.detect_deletes:
         keys = stage if manifest.mode == "full" else _stage_keys(conn, manifest, target, log)
         deleted = _delete_missing(conn, manifest, target, keys, run_id)
-    return TableApplied(target, staged, inserted, updated, deleted)
+    return TableApplied(target, staged, inserted, updated, deleted, checksum)
 
 
 def notify(observer: PhaseObserver | None, phase: str, facts: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
+from airflow_sync_provider.core.audit import AuditEntry, append_entry, ensure_audit_table
 from airflow_sync_provider.core.cdc.extract import CdcPosition
 from airflow_sync_provider.core.cdc.manifest import (
     CHANGE_COLUMNS,
@@ -83,7 +84,9 @@ def load_cdc_manifest(
         raise SyncError("load needs a connection outside any transaction", sync_id=manifest.sync_id)
     conn.autocommit = True
     ensure_state_table(conn, manifest.target_schema, manifest.state_table)
+    ensure_audit_table(conn, manifest.target_schema)
     counts: dict[str, dict[str, int]] = {}
+    checksums: dict[str, str] = {}
     with conn.transaction():
         state = lock_state(conn, manifest.target_schema, manifest.state_table, manifest.sync_id)
         position = CdcPosition.from_state(state)
@@ -91,7 +94,7 @@ def load_cdc_manifest(
         if skip is not None:
             status, message = skip
             log.info("sync %s: %s", manifest.sync_id, message)
-            return CdcLoadResult(
+            skipped = CdcLoadResult(
                 manifest.sync_id,
                 manifest.manifest_id,
                 manifest.kind,
@@ -100,6 +103,8 @@ def load_cdc_manifest(
                 seconds=round(time.monotonic() - started, 3),
                 message=message,
             )
+            append_entry(conn, manifest.target_schema, _audit_entry(manifest, run_id, skipped, {}))
+            return skipped
         if manifest.kind == "snapshot":
             for table in manifest.tables:
                 applied = apply_table_batch(conn, table, run_id, log, observer)
@@ -108,6 +113,7 @@ def load_cdc_manifest(
                     "updated": applied.updated,
                     "deleted": applied.deleted,
                 }
+                checksums[table.source_table] = applied.checksum
             new_position = CdcPosition(manifest.commit_lsn, manifest.end_lsn, manifest.snapshot, manifest.snapshot_lsn)
         else:
             assert position is not None
@@ -138,20 +144,21 @@ def load_cdc_manifest(
             rows_deleted=totals["deleted"],
         )
         write_state(conn, manifest.target_schema, manifest.state_table, new_state)
-    result = CdcLoadResult(
-        manifest.sync_id,
-        manifest.manifest_id,
-        manifest.kind,
-        "applied",
-        version=new_state.version,
-        commit_lsn=int_to_lsn(new_position.commit_lsn),
-        end_lsn=int_to_lsn(new_position.end_lsn),
-        seconds=round(time.monotonic() - started, 3),
-        tables=counts,
-        inserted=totals["inserted"],
-        updated=totals["updated"],
-        deleted=totals["deleted"],
-    )
+        result = CdcLoadResult(
+            manifest.sync_id,
+            manifest.manifest_id,
+            manifest.kind,
+            "applied",
+            version=new_state.version,
+            commit_lsn=int_to_lsn(new_position.commit_lsn),
+            end_lsn=int_to_lsn(new_position.end_lsn),
+            seconds=round(time.monotonic() - started, 3),
+            tables=counts,
+            inserted=totals["inserted"],
+            updated=totals["updated"],
+            deleted=totals["deleted"],
+        )
+        append_entry(conn, manifest.target_schema, _audit_entry(manifest, run_id, result, checksums))
     log.info(
         "sync %s: committed CDC %s version %d up to %s: %d inserted, %d updated, %d deleted in %.2f s",
         manifest.sync_id,
@@ -170,6 +177,34 @@ def load_cdc_manifest(
         except OSError as error:
             log.warning("sync %s: could not remove staged files %s: %s", manifest.sync_id, manifest.staging_dir, error)
     return result
+
+
+def _audit_entry(manifest: CdcManifest, run_id: str, result: CdcLoadResult, checksums: dict[str, str]) -> AuditEntry:
+    return AuditEntry(
+        sync_id=manifest.sync_id,
+        run_id=run_id,
+        manifest_id=manifest.manifest_id,
+        mode=f"cdc-{manifest.kind}",
+        status=result.status,
+        source_table=", ".join(t.source_table for t in manifest.tables),
+        target_table=", ".join(f"{t.target_schema}.{t.target_table}" for t in manifest.tables),
+        range_low=int_to_lsn(manifest.applied_lsn),
+        range_high=int_to_lsn(manifest.commit_lsn),
+        rows_staged=manifest.rows,
+        inserted=result.inserted,
+        updated=result.updated,
+        deleted=result.deleted,
+        state_version=result.version,
+        batch_checksum=", ".join(f"{k}={v}" for k, v in checksums.items()) or None,
+        extract_seconds=manifest.extract_seconds,
+        load_seconds=result.seconds,
+        details={
+            "tables": result.tables,
+            "changes": manifest.changes,
+            "transactions": manifest.transactions,
+            "message": result.message,
+        },
+    )
 
 
 def _skip_reason(
