@@ -78,6 +78,15 @@ class TargetTable:
         return f"{self.schema}.{self.name}"
 
 
+def prepare_load(conn: psycopg.Connection[Any], sync_id: str, schema: str, state_table: str) -> None:
+    """Before a load's transaction: an idle autocommit connection, and the state and ledger tables."""
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise SyncError("load needs a connection outside any transaction", sync_id=sync_id)
+    conn.autocommit = True
+    ensure_state_table(conn, schema, state_table)
+    ensure_audit_table(conn, schema)
+
+
 def load_manifest(
     conn: psycopg.Connection[Any],
     manifest: Manifest,
@@ -91,11 +100,7 @@ def load_manifest(
     log = logger or LOG
     started = time.monotonic()
     run_id = run_id or manifest.run_id
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        raise SyncError("load needs a connection outside any transaction", sync_id=manifest.sync_id)
-    conn.autocommit = True
-    ensure_state_table(conn, manifest.target_schema, manifest.state_table)
-    ensure_audit_table(conn, manifest.target_schema)
+    prepare_load(conn, manifest.sync_id, manifest.target_schema, manifest.state_table)
 
     with conn.transaction():
         state = lock_state(conn, manifest.target_schema, manifest.state_table, manifest.sync_id)

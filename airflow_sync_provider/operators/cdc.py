@@ -8,9 +8,7 @@ LSN range) and the load result, never rows.
 
 from __future__ import annotations
 
-import ast
 import inspect
-import json
 from collections.abc import Sequence
 from contextlib import closing
 from typing import Any
@@ -31,7 +29,13 @@ from airflow_sync_provider.core.cdc import (
 )
 from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
 from airflow_sync_provider.hooks.cdc import PostgresCdcHook
-from airflow_sync_provider.operators.sync import _fail, _source_engine, _target_connection, default_staging_uri
+from airflow_sync_provider.operators.sync import (
+    _fail,
+    _source_engine,
+    _target_connection,
+    default_staging_uri,
+    manifest_dict,
+)
 
 CDC_TEMPLATE_FIELDS: tuple[str, ...] = (
     "sync_id",
@@ -128,13 +132,7 @@ def parse_cdc_manifest(value: Any) -> CdcManifest:
     """Accept the manifest as XCom gives it: a dict (XComArg), JSON text, or a rendered dict repr."""
     if isinstance(value, CdcManifest):
         return value
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            value = ast.literal_eval(value)  # a Jinja-rendered Python dict
-    if not isinstance(value, dict):
-        raise ConfigurationError(f"manifest must be a dict from a CDC extract task's XCom, got {type(value).__name__}")
+    value = manifest_dict(value, "a CDC extract task")
     try:
         return CdcManifest.from_dict(value)
     except (ValueError, KeyError, TypeError) as error:

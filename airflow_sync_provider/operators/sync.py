@@ -231,18 +231,22 @@ class ExtractToStagingOperator(_SyncSpecMixin, BaseOperator):
             engine.dispose()
 
 
-def parse_manifest(value: Any) -> Manifest:
-    """Accept the manifest as XCom gives it: a dict (XComArg), JSON text, or a rendered dict repr."""
-    if isinstance(value, Manifest):
-        return value
+def manifest_dict(value: Any, producer: str = "an extract task") -> dict[str, Any]:
+    """A manifest as XCom gives it: a dict (XComArg), JSON text, or a rendered dict repr."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
             value = ast.literal_eval(value)  # a Jinja-rendered Python dict
     if not isinstance(value, dict):
-        raise ConfigurationError(f"manifest must be a dict from an extract task's XCom, got {type(value).__name__}")
-    return Manifest.from_dict(value)
+        raise ConfigurationError(f"manifest must be a dict from {producer}'s XCom, got {type(value).__name__}")
+    return value
+
+
+def parse_manifest(value: Any) -> Manifest:
+    if isinstance(value, Manifest):
+        return value
+    return Manifest.from_dict(manifest_dict(value))
 
 
 class LoadStagedToPostgresOperator(BaseOperator):

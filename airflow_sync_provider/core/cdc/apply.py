@@ -15,7 +15,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
-from airflow_sync_provider.core.audit import AuditEntry, append_entry, ensure_audit_table
+from airflow_sync_provider.core.audit import AuditEntry, append_entry
 from airflow_sync_provider.core.cdc.extract import CdcPosition
 from airflow_sync_provider.core.cdc.manifest import (
     CHANGE_COLUMNS,
@@ -28,7 +28,7 @@ from airflow_sync_provider.core.cdc.manifest import (
     TruncateEvent,
 )
 from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
-from airflow_sync_provider.core.errors import DataError, SchemaError, SyncError
+from airflow_sync_provider.core.errors import DataError, SchemaError
 from airflow_sync_provider.core.load import (
     TargetTable,
     apply_table_batch,
@@ -37,12 +37,13 @@ from airflow_sync_provider.core.load import (
     merge_stage,
     metadata_columns,
     notify,
+    prepare_load,
 )
 from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN
 from airflow_sync_provider.core.staging import remove_staged
-from airflow_sync_provider.core.state import ensure_state_table, lock_state, write_state
+from airflow_sync_provider.core.state import lock_state, write_state
 
 CdcLoadStatus = Literal["applied", "stale", "already_applied", "no_changes"]
 
@@ -80,11 +81,7 @@ def load_cdc_manifest(
     log = logger or LOG
     started = time.monotonic()
     run_id = run_id or manifest.run_id
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        raise SyncError("load needs a connection outside any transaction", sync_id=manifest.sync_id)
-    conn.autocommit = True
-    ensure_state_table(conn, manifest.target_schema, manifest.state_table)
-    ensure_audit_table(conn, manifest.target_schema)
+    prepare_load(conn, manifest.sync_id, manifest.target_schema, manifest.state_table)
     counts: dict[str, dict[str, int]] = {}
     checksums: dict[str, str] = {}
     with conn.transaction():
