@@ -18,6 +18,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from airflow_sync_provider.core.state import table_exists
+
 AUDIT_TABLE = "_sync_audit"
 QUALITY_TABLE = "_sync_quality_results"
 RECONCILE_TABLE = "_sync_reconciliations"
@@ -50,7 +52,7 @@ def ensure_audit_table(conn: psycopg.Connection[Any], schema: str) -> None:
     table = sql.Identifier(schema, AUDIT_TABLE)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('airflow_sync_provider:ddl'))")
-        if conn.execute("SELECT to_regclass(%s)", (f'"{schema}"."{AUDIT_TABLE}"',)).fetchone() != (None,):
+        if table_exists(conn, schema, AUDIT_TABLE):
             return
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         conn.execute(
@@ -132,7 +134,7 @@ def read_ledger(
     """One dict per (sync, run): its loads, quality results and reconciliations, oldest first."""
     parts = []
     for table in (AUDIT_TABLE, QUALITY_TABLE, RECONCILE_TABLE):
-        if conn.execute("SELECT to_regclass(%s)", (f'"{schema}"."{table}"',)).fetchone() != (None,):
+        if table_exists(conn, schema, table):
             parts.append(table)
     if not parts:
         return []

@@ -96,14 +96,19 @@ def _select_state(schema: str, table: str, lock: bool) -> sql.Composed:
     return query + sql.SQL(" FOR UPDATE") if lock else query
 
 
-def read_state(conn: psycopg.Connection[Any], schema: str, table: str, sync_id: str) -> SyncState | None:
-    """Committed state of a sync, or None if it never ran (or the state table does not exist)."""
-    exists = conn.execute(
+def table_exists(conn: psycopg.Connection[Any], schema: str, table: str) -> bool:
+    """Whether ``schema.table`` exists (names as they are, no quoting needed)."""
+    row = conn.execute(
         "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = %s AND c.relname = %s",
         (schema, table),
     ).fetchone()
-    if not exists:
+    return row is not None
+
+
+def read_state(conn: psycopg.Connection[Any], schema: str, table: str, sync_id: str) -> SyncState | None:
+    """Committed state of a sync, or None if it never ran (or the state table does not exist)."""
+    if not table_exists(conn, schema, table):
         return None
     row = conn.execute(_select_state(schema, table, lock=False), (sync_id,)).fetchone()
     return _row_to_state(row) if row else None
