@@ -34,6 +34,8 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": [
                     "airflow_sync_provider.operators.sync",
                     "airflow_sync_provider.operators.cdc",
+                    "airflow_sync_provider.operators.reconcile",
+                    "airflow_sync_provider.operators.quality",
                 ],
             }
         ],

@@ -1,0 +1,182 @@
+"""Operators: a Great Expectations quality gate between extract and load, and the quarantine replay.
+
+The gate's XCom is the manifest to load (a dict, like the extract task's), with a one-line quality
+summary added to its ``notes``; the compact per-expectation summary is pushed under the XCom key
+``quality``.  Great Expectations is imported only when a task runs, never at DAG parse time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import closing
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context
+
+from airflow_sync_provider.core import ConfigurationError, StagingArea, SyncError
+from airflow_sync_provider.operators.sync import (
+    _fail,
+    _target_connection,
+    default_staging_uri,
+    parse_manifest,
+    resolve_transform,
+)
+
+
+def _suite_argument(expectations: Any, suite_path: str | None) -> Any:
+    if (expectations is None) == (not suite_path):
+        raise ConfigurationError(
+            "give exactly one of expectations (GX expectation objects) or suite_path (a JSON file)"
+        )
+    return expectations if expectations is not None else suite_path
+
+
+def _push(context: Context, key: str, value: Any) -> None:
+    ti = context.get("ti") if isinstance(context, Mapping) else None
+    if ti is not None:
+        ti.xcom_push(key=key, value=value)
+
+
+class DataQualityGateOperator(BaseOperator):
+    """Validate a staged batch with a Great Expectations suite before it is loaded.
+
+    Put it between :class:`~airflow_sync_provider.operators.sync.ExtractToStagingOperator` and
+    :class:`~airflow_sync_provider.operators.sync.LoadStagedToPostgresOperator`, and pass its
+    output to the load: ``load = LoadStagedToPostgresOperator(manifest=gate.output, ...)``.
+
+    :param manifest: the extract task's XCom (``extract.output``).
+    :param expectations: GX expectation objects (a list) or a ``gx.ExpectationSuite``.
+    :param suite_path: or a GX suite JSON file (templated).
+    :param severities: ``{"<expectation type>[:<column>]": "error" | "warn"}``; otherwise
+        ``meta={"severity": "warn"}`` on the expectation, otherwise GX's ``severity``; default error.
+    :param quarantine: split rows failing row-level ``error`` expectations off into
+        ``_sync_quarantine`` and load the rest (the watermark still moves).
+    :param max_quarantine_fraction: fail (quarantine and load nothing) above this share of rows.
+    :param chunk_rows: rows per GX batch for row-level expectations (bounds memory).
+    """
+
+    template_fields: Sequence[str] = ("manifest", "target_conn_id", "suite_path", "staging_uri")
+    ui_color = "#fff4d6"
+
+    def __init__(
+        self,
+        *,
+        manifest: Any,
+        target_conn_id: str,
+        expectations: Any = None,
+        suite_path: str | None = None,
+        severities: Mapping[str, str] | None = None,
+        quarantine: bool = False,
+        max_quarantine_fraction: float = 0.0,
+        chunk_rows: int = 200_000,
+        staging_uri: str | None = None,
+        write_report: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.manifest = manifest
+        self.target_conn_id = target_conn_id
+        self.expectations = expectations
+        self.suite_path = suite_path
+        self.severities = severities
+        self.quarantine = quarantine
+        self.max_quarantine_fraction = max_quarantine_fraction
+        self.chunk_rows = chunk_rows
+        self.staging_uri = staging_uri
+        self.write_report = write_report
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from airflow_sync_provider.core.quality import validate_manifest
+
+        manifest = parse_manifest(self.manifest)
+        try:
+            suite = _suite_argument(self.expectations, self.suite_path)
+            with closing(_target_connection(self.target_conn_id, manifest.sync_id)) as target:
+                result = validate_manifest(
+                    manifest,
+                    suite,
+                    severities=self.severities,
+                    quarantine=self.quarantine,
+                    max_quarantine_fraction=self.max_quarantine_fraction,
+                    staging=StagingArea(self.staging_uri or default_staging_uri()),
+                    target_conn=target,
+                    run_id=context["run_id"],
+                    logger=self.log,
+                    chunk_rows=self.chunk_rows,
+                    write_report=self.write_report,
+                )
+        except SyncError as error:
+            failed = getattr(error, "result", None)
+            if failed is not None:
+                _push(context, "quality", failed.summary())
+            raise _fail(error.with_context(sync_id=manifest.sync_id)) from error
+        _push(context, "quality", result.summary())
+        return result.manifest.to_dict()
+
+
+class ReplayQuarantinedRowsOperator(BaseOperator):
+    """Merge a sync's pending quarantined rows into the target once they are fixed.
+
+    :param fix: a ``DataFrame -> DataFrame`` callable (or ``"module:function"``) applied to the rows
+        first; rows it drops stay in quarantine.
+    :param expectations: / :param suite_path: optional suite to re-validate the fixed rows with
+        (row-level expectations; rows still failing an ``error`` one stay in quarantine).
+    :param quarantined_in_run: only the rows this run quarantined (templated); default all pending.
+
+    Returns the replay counts (XCom); rows a later sync already updated are skipped and reported.
+    """
+
+    template_fields: Sequence[str] = ("sync_id", "target_conn_id", "suite_path", "quarantined_in_run")
+    ui_color = "#fff4d6"
+
+    def __init__(
+        self,
+        *,
+        sync_id: str,
+        target_conn_id: str,
+        fix: Any = None,
+        expectations: Any = None,
+        suite_path: str | None = None,
+        severities: Mapping[str, str] | None = None,
+        quarantined_in_run: str | None = None,
+        target_schema: str = "public",
+        staging_uri: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.sync_id = sync_id
+        self.target_conn_id = target_conn_id
+        self.fix = fix
+        self.expectations = expectations
+        self.suite_path = suite_path
+        self.severities = severities
+        self.quarantined_in_run = quarantined_in_run
+        self.target_schema = target_schema
+        self.staging_uri = staging_uri
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from airflow_sync_provider.core.quality import replay_quarantined
+
+        try:
+            suite = None
+            if self.expectations is not None or self.suite_path:
+                suite = _suite_argument(self.expectations, self.suite_path)
+            with closing(_target_connection(self.target_conn_id, self.sync_id)) as target:
+                result = replay_quarantined(
+                    target,
+                    self.sync_id,
+                    run_id=context["run_id"],
+                    fix=resolve_transform(self.fix),
+                    suite=suite,
+                    severities=self.severities,
+                    quarantined_in_run=self.quarantined_in_run or None,
+                    target_schema=self.target_schema,
+                    staging=StagingArea(self.staging_uri or default_staging_uri()),
+                    logger=self.log,
+                )
+        except SyncError as error:
+            raise _fail(error.with_context(sync_id=self.sync_id)) from error
+        return result.to_dict()
+
+
+__all__: Sequence[str] = ("DataQualityGateOperator", "ReplayQuarantinedRowsOperator")
