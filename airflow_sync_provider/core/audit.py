@@ -83,19 +83,24 @@ def ensure_audit_table(conn: psycopg.Connection[Any], schema: str) -> None:
             ).format(table)
         )
         conn.execute(sql.SQL("CREATE INDEX ON {} (sync_id, run_id)").format(table))
-        guard = sql.Identifier(schema, "_sync_audit_append_only")
-        conn.execute(
-            sql.SQL(
-                "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "RAISE EXCEPTION 'the sync audit ledger is append-only (% refused)', TG_OP; END $$"
-            ).format(guard)
-        )
-        conn.execute(
-            sql.SQL(
-                "CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {} "
-                "FOR EACH STATEMENT EXECUTE FUNCTION {}()"
-            ).format(table, guard)
-        )
+        make_append_only(conn, schema, "_sync_audit", "the sync audit ledger is")
+
+
+def make_append_only(conn: psycopg.Connection[Any], schema: str, table: str, what: str) -> None:
+    """A statement trigger that refuses UPDATE, DELETE and TRUNCATE on an evidence table."""
+    guard = sql.Identifier(schema, f"{table}_append_only")
+    conn.execute(
+        sql.SQL(
+            "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION '{} append-only (% refused)', TG_OP; END $$"
+        ).format(guard, sql.SQL(what.replace("'", "")))
+    )
+    conn.execute(
+        sql.SQL(
+            "CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION {}()"
+        ).format(sql.Identifier(schema, table), guard)
+    )
 
 
 def append_entry(conn: psycopg.Connection[Any], schema: str, entry: AuditEntry) -> None:

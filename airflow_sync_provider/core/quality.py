@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from airflow_sync_provider.core.audit import QUALITY_TABLE
+from airflow_sync_provider.core.audit import QUALITY_TABLE, make_append_only
 from airflow_sync_provider.core.errors import (
     ConfigurationError,
     DataError,
@@ -1248,19 +1248,7 @@ def ensure_quality_tables(conn: psycopg.Connection[Any], schema: str) -> None:
                 ).format(results)
             )
             conn.execute(sql.SQL("CREATE INDEX ON {} (sync_id, run_id)").format(results))
-            guard = sql.Identifier(schema, "_sync_quality_results_append_only")
-            conn.execute(
-                sql.SQL(
-                    "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                    "RAISE EXCEPTION 'the sync quality results are append-only (% refused)', TG_OP; END $$"
-                ).format(guard)
-            )
-            conn.execute(
-                sql.SQL(
-                    "CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {} "
-                    "FOR EACH STATEMENT EXECUTE FUNCTION {}()"
-                ).format(results, guard)
-            )
+            make_append_only(conn, schema, "_sync_quality_results", "the sync quality results are")
         if not _exists(conn, schema, QUARANTINE_TABLE):
             quarantine = sql.Identifier(schema, QUARANTINE_TABLE)
             conn.execute(

@@ -79,6 +79,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 from psycopg import sql
 
+from airflow_sync_provider.core.audit import make_append_only
 from airflow_sync_provider.core.errors import (
     ConfigurationError,
     DataError,
@@ -647,19 +648,7 @@ def ensure_reconcile_table(conn: psycopg.Connection[Any], schema: str) -> None:
             ).format(table)
         )
         conn.execute(sql.SQL("CREATE INDEX ON {} (sync_id, run_id)").format(table))
-        guard = sql.Identifier(schema, "_sync_reconciliations_append_only")
-        conn.execute(
-            sql.SQL(
-                "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "RAISE EXCEPTION 'the reconciliation log is append-only (% refused)', TG_OP; END $$"
-            ).format(guard)
-        )
-        conn.execute(
-            sql.SQL(
-                "CREATE TRIGGER append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {} "
-                "FOR EACH STATEMENT EXECUTE FUNCTION {}()"
-            ).format(table, guard)
-        )
+        make_append_only(conn, schema, "_sync_reconciliations", "the reconciliation log is")
 
 
 def record_reconciliation(
