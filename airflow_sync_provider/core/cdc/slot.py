@@ -8,6 +8,7 @@ the target's state tells the next run which transactions to skip: exactly-once e
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ _PEEK = (
     "%(slot)s, %(upto_lsn)s::pg_lsn, %(upto_n)s, 'proto_version', '1', 'publication_names', %(publication)s, "
     "'messages', 'true')"
 )
+
+#: How long a read or confirm waits for a slot that another session (a sensor's peek) briefly holds.
+SLOT_BUSY_WAIT_SECONDS = 30.0
 
 #: Prefix of the logical message each read emits to learn how far the stream was read (see ``emit_heartbeat``).
 HEARTBEAT_PREFIX = "airflow_sync_provider.heartbeat"
@@ -284,18 +288,27 @@ def read_changes(
         "upto_n": spec.max_changes,
         "publication": spec.publication,
     }
-    with conn.transaction(), conn.cursor(name=f"cdc_{spec.slot_name}") as cursor:
-        cursor.itersize = fetch_rows
+    deadline = time.monotonic() + SLOT_BUSY_WAIT_SECONDS
+    while True:
         try:
-            cursor.execute(_PEEK, params)
-        except psycopg.errors.UndefinedObject as error:
-            raise SchemaError(
-                f"cannot read replication slot {spec.slot_name!r}: {error.diag.message_primary}",
-                sync_id=spec.sync_id,
-                rule="slot missing",
-            ) from error
-        for xid, data in cursor:
-            yield int(xid), data
+            with conn.transaction(), conn.cursor(name=f"cdc_{spec.slot_name}") as cursor:
+                cursor.itersize = fetch_rows
+                try:
+                    cursor.execute(_PEEK, params)
+                except psycopg.errors.UndefinedObject as error:
+                    raise SchemaError(
+                        f"cannot read replication slot {spec.slot_name!r}: {error.diag.message_primary}",
+                        sync_id=spec.sync_id,
+                        rule="slot missing",
+                    ) from error
+                for xid, data in cursor:
+                    yield int(xid), data
+            return
+        except psycopg.errors.ObjectInUse:
+            # A sensor or trigger peeking at the slot holds it for a moment: wait, don't fail the sync.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def has_pending_changes(conn: psycopg.Connection[Any], slot_name: str, publication: str, peek_rows: int = 64) -> bool:
@@ -313,9 +326,17 @@ def advance_slot(conn: psycopg.Connection[Any], slot_name: str, lsn: int) -> int
     info = slot_info(conn, slot_name)
     if not info.exists or info.confirmed_flush_lsn is None or info.confirmed_flush_lsn >= lsn:
         return info.confirmed_flush_lsn or 0
-    row = conn.execute(
-        "SELECT end_lsn::text FROM pg_replication_slot_advance(%s, %s::pg_lsn)", (slot_name, int_to_lsn(lsn))
-    )
+    deadline = time.monotonic() + SLOT_BUSY_WAIT_SECONDS
+    while True:
+        try:
+            row = conn.execute(
+                "SELECT end_lsn::text FROM pg_replication_slot_advance(%s, %s::pg_lsn)", (slot_name, int_to_lsn(lsn))
+            )
+            break
+        except psycopg.errors.ObjectInUse:  # a peek of a sensor/trigger holds the slot for a moment
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     result = row.fetchone()
     return lsn_to_int(result[0]) if result else lsn
 
