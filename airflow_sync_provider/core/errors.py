@@ -10,6 +10,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of a (driver) error message, for messages that quote it."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class SyncError(Exception):
     """Base class; the message is prefixed with the context it was raised in."""
 

@@ -27,6 +27,7 @@ from airflow_sync_provider.core.errors import (
     SchemaError,
     SourceUnavailableError,
     SyncError,
+    first_line,
 )
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger, Progress
@@ -64,7 +65,7 @@ def reflect_source(engine: sa.Engine, spec: SyncSpec) -> SourceTable:
         ) from None
     except (sa_exc.OperationalError, sa_exc.InterfaceError) as error:
         raise SourceUnavailableError(
-            f"cannot reach the source database: {_first_line(error.orig or error)}",
+            f"cannot reach the source database: {first_line(error.orig or error)}",
             sync_id=spec.sync_id,
             table=spec.qualified_source,
         ) from error
@@ -91,10 +92,6 @@ def reflect_source(engine: sa.Engine, spec: SyncSpec) -> SourceTable:
     selected = list(dict.fromkeys([*primary_key, *wanted]))
     plans = tuple(plan_column(table.c[name], engine.dialect.name) for name in selected)
     return SourceTable(table=table, dialect=engine.dialect.name, primary_key=tuple(primary_key), plans=plans)
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _is_temporal(column: sa.Column[Any]) -> bool:
@@ -160,7 +157,7 @@ def compute_upper_bound(
                     ).one_or_none() or (None, None)
                 except sa_exc.DBAPIError as error:
                     notes.append(
-                        f"open-transaction guard unavailable ({_first_line(error.orig or error)}); relying on lag"
+                        f"open-transaction guard unavailable ({first_line(error.orig or error)}); relying on lag"
                     )
         else:
             now = conn.execute(sa.select(sa.func.current_timestamp())).scalar_one()
@@ -349,7 +346,7 @@ def extract_to_staging(
         staging.discard(staging_dir, log)  # a half-written batch is never loaded: do not leave it behind
         if isinstance(error, sa_exc.DBAPIError):
             raise SyncError(
-                f"extraction failed: {_first_line(error.orig or error)}",
+                f"extraction failed: {first_line(error.orig or error)}",
                 sync_id=spec.sync_id,
                 table=spec.qualified_source,
             ) from error

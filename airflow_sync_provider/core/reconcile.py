@@ -86,6 +86,7 @@ from airflow_sync_provider.core.errors import (
     SchemaError,
     SyncError,
     UnsafeOperationError,
+    first_line,
 )
 from airflow_sync_provider.core.extract import SourceTable, _bind, _ordered, _rows_to_table, reflect_source
 from airflow_sync_provider.core.load import TargetTable, apply_table_batch, copy_files
@@ -354,7 +355,7 @@ def reconcile(
                 raise
     except sa.exc.DBAPIError as error:
         raise SyncError(
-            f"reconciliation failed reading the source: {str(error.orig or error).strip().splitlines()[0]}",
+            f"reconciliation failed reading the source: {first_line(error.orig or error)}",
             sync_id=spec.sync_id,
             table=spec.qualified_source,
         ) from error
@@ -513,7 +514,7 @@ def _stage_repair_rows(
                     gone += len(missing)
     except sa.exc.DBAPIError as error:
         raise SyncError(
-            f"repair failed reading the source: {str(error.orig or error).strip().splitlines()[0]}",
+            f"repair failed reading the source: {first_line(error.orig or error)}",
             sync_id=spec.sync_id,
             table=spec.qualified_source,
         ) from error
