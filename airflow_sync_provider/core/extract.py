@@ -17,8 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+import psycopg
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import sqlalchemy as sa
+from psycopg import sql as psycopg_sql
 from sqlalchemy import exc as sa_exc
 
 from airflow_sync_provider.core.errors import (
@@ -234,6 +237,8 @@ def _to_arrow(
 
 
 def _rows_to_table(rows: Sequence[Sequence[Any]], source: SourceTable, spec: SyncSpec) -> pa.Table:
+    if isinstance(rows, _ArrowPage):  # read by COPY: already typed Arrow columns
+        return rows.table
     columns = list(zip(*rows, strict=True)) if rows else [() for _ in source.plans]
     arrays = [_to_arrow(values, plan, rows, source, spec) for values, plan in zip(columns, source.plans, strict=True)]
     return pa.Table.from_arrays(arrays, names=[p.name for p in source.plans])
@@ -399,8 +404,13 @@ def _pages(
     after: tuple[Any, ...] | None,
     conditions: Sequence[Any] = (),
     first_condition: Any = None,
-) -> Iterator[list[sa.Row[Any]]]:
-    """Keyset pagination: ``WHERE (order) > (last row's order) ORDER BY order LIMIT batch_rows``."""
+) -> Iterator[Sequence[Sequence[Any]]]:
+    """Keyset pagination: ``WHERE (order) > (last row's order) ORDER BY order LIMIT batch_rows``.
+
+    On PostgreSQL (psycopg) a page is read with ``COPY (SELECT ...) TO STDOUT`` straight into Arrow
+    (no Python object per value); pages COPY cannot read exactly fall back to the row path.
+    """
+    copy_ok: bool | None = None
     while True:
         query = sa.select(*selected).select_from(source.table).where(*conditions)
         if after is not None:
@@ -408,7 +418,12 @@ def _pages(
         elif first_condition is not None:
             query = query.where(first_condition)
         order_by = [_ordered(c, source.dialect) for c in order]
-        rows = _fetch_page(connection, query.order_by(*order_by).limit(spec.batch_rows), spec)
+        page = query.order_by(*order_by).limit(spec.batch_rows)
+        if copy_ok is None:
+            copy_ok = _copy_eligible(connection, source)
+        rows: Sequence[Sequence[Any]] | None = _copy_page(connection, page, source, spec) if copy_ok else None
+        if rows is None:
+            rows = _fetch_page(connection, page, spec)
         if not rows:
             return
         yield rows
@@ -553,3 +568,104 @@ def _same_kind(staged: pa.DataType, planned: pa.DataType) -> bool:
         return True
     text = (pa.types.is_string(staged) or pa.types.is_large_string(staged)) and pa.types.is_string(planned)
     return bool(text)
+
+
+# --------------------------------------------------------------------------- PostgreSQL COPY pages
+
+#: Arrow types a PostgreSQL CSV COPY renders in a form pyarrow's CSV reader parses back exactly.
+_COPY_TYPES = (
+    pa.types.is_boolean,
+    pa.types.is_integer,
+    pa.types.is_floating,
+    pa.types.is_decimal,
+    pa.types.is_timestamp,
+    pa.types.is_date32,
+    pa.types.is_time64,
+    pa.types.is_string,
+)
+
+
+class _ArrowPage(Sequence[tuple[Any, ...]]):
+    """A keyset page read by COPY: an Arrow table that answers ``page[-1]`` like a list of rows.
+
+    Only the last row is ever turned into Python values (it is the next page's keyset position and
+    the watermark), so a page costs no Python object per value.
+    """
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return int(self.table.num_rows)
+
+    def __getitem__(self, index: Any) -> Any:
+        if not isinstance(index, int):
+            raise TypeError("an Arrow page is indexed by row position only")
+        position = index + len(self) if index < 0 else index
+        if not 0 <= position < len(self):
+            raise IndexError(index)
+        return tuple(self.table.slice(position, 1).to_pylist()[0].values())
+
+
+def _copy_eligible(connection: sa.Connection, source: SourceTable) -> bool:
+    """Whether pages can be read by COPY: psycopg 3 on PostgreSQL, UTF-8, ISO dates, exact floats,
+    and only column types whose CSV text Arrow parses back to the same value."""
+    if source.dialect != "postgresql" or connection.dialect.driver != "psycopg":
+        return False
+    if not all(any(check(p.arrow_type) for check in _COPY_TYPES) for p in source.plans):
+        return False
+    raw = connection.connection.driver_connection
+    if not isinstance(raw, psycopg.Connection) or raw.info.encoding != "utf-8":
+        return False
+    row = connection.execute(
+        sa.text("SELECT current_setting('DateStyle'), current_setting('extra_float_digits')::int")
+    ).one()
+    return str(row[0]).upper().startswith("ISO") and int(row[1]) >= 1
+
+
+def _copy_page(
+    connection: sa.Connection, query: sa.Select[Any], source: SourceTable, spec: SyncSpec
+) -> _ArrowPage | None:
+    """Read one page with ``COPY (page query) TO STDOUT (FORMAT csv)`` into typed Arrow columns.
+
+    Returns None when Arrow cannot parse a value back exactly (infinite or BC timestamps, NaN
+    numerics, ...): the caller then reads the page row by row, which names the offending row.
+    Runs in the extraction's own transaction (same snapshot as every other page).
+    """
+    compiled = query.compile(dialect=connection.dialect)
+    processors = getattr(compiled, "_bind_processors", {}) or {}
+    params = {
+        name: (processors[name](value) if name in processors else value)
+        for name, value in compiled.construct_params().items()
+    }
+    statement = psycopg_sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(psycopg_sql.SQL(compiled.string))
+    raw = connection.connection.driver_connection
+    assert isinstance(raw, psycopg.Connection)
+    buffer = bytearray()
+    try:
+        with raw.cursor() as cursor, cursor.copy(statement, params) as copy:
+            for chunk in copy:
+                buffer += chunk
+    except psycopg.Error as error:
+        raise SyncError(
+            f"extraction failed: {first_line(error)}", sync_id=spec.sync_id, table=spec.qualified_source
+        ) from error
+    names = [p.name for p in source.plans]
+    try:
+        table = pacsv.read_csv(
+            pa.py_buffer(bytes(buffer)),
+            read_options=pacsv.ReadOptions(column_names=names, block_size=max(len(buffer), 1 << 20)),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(
+                column_types={p.name: p.arrow_type for p in source.plans},
+                null_values=[""],
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+                true_values=["t"],
+                false_values=["f"],
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    schema = pa.schema([pa.field(p.name, p.arrow_type) for p in source.plans])
+    return _ArrowPage(table.combine_chunks().cast(schema) if table.schema != schema else table.combine_chunks())
