@@ -181,6 +181,21 @@ def compute_upper_bound(
     return bound, notes
 
 
+def _cursor_bound(cursor: sa.Column[Any], value: Any) -> Any:
+    """A window bound (an Airflow data-interval end, say) in the cursor column's own terms.
+
+    Aware datetimes meet naive columns as UTC (state it in the column's docs); dates take the day.
+    """
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    if isinstance(value, dt.datetime):
+        if not getattr(cursor.type, "timezone", False) and value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        if isinstance(cursor.type, sa.Date) and not isinstance(cursor.type, sa.DateTime):
+            value = value.date()
+    return value
+
+
 def _table_watermark(state: SyncState | None, spec: SyncSpec) -> list[Any] | None:
     """The committed ``[cursor, *key]`` of an incremental sync (None: start from the beginning)."""
     if state is None or state.watermark is None:
@@ -275,11 +290,16 @@ def extract_to_staging(
     transform: BatchTransform | None = None,
     logger: Logger | None = None,
     connection: sa.Connection | None = None,
+    window: tuple[Any, Any] | None = None,
 ) -> Manifest:
     """Extract the rows past the committed watermark (or the whole table) into staged Parquet files.
 
     ``connection``: read inside this caller-owned transaction instead of opening a REPEATABLE READ
     one (CDC snapshots read several tables from one snapshot this way).
+
+    ``window``: a backfill: read the rows whose cursor is in ``[low, high)`` whatever the watermark,
+    and leave the watermark alone (the manifest's watermarks stay the committed ones, and the load
+    of a window manifest never writes them); delete detection is left to reconciliation.
     """
     log = logger or LOG
     started = time.monotonic()
@@ -288,6 +308,12 @@ def extract_to_staging(
     base_version = state.version if state else 0
     low = _table_watermark(state, spec)
     notes: list[str] = []
+    if window is not None and (spec.mode != "incremental" or not spec.cursor_column):
+        raise ConfigurationError(
+            "a backfill window needs an incremental sync (a cursor column to select the window by)",
+            sync_id=spec.sync_id,
+            table=spec.qualified_source,
+        )
 
     if spec.mode == "incremental":
         assert spec.cursor_column
@@ -304,6 +330,11 @@ def extract_to_staging(
     if first_lower is not None:
         notes.append(f"lookback: re-reading from {first_lower!r}")
         after = None
+    window_bounds: tuple[Any, Any] | None = None
+    if window is not None:
+        window_bounds = (_cursor_bound(order[0], window[0]), _cursor_bound(order[0], window[1]))
+        notes.append(f"backfill window [{window_bounds[0]!r}, {window_bounds[1]!r}); the watermark stays as committed")
+        after, first_lower = None, window_bounds[0]
 
     manifest_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
     staging_dir = staging.batch_uri(spec.sync_id, manifest_id)
@@ -325,6 +356,9 @@ def extract_to_staging(
             if upper is not None:
                 bound = sa.bindparam("upper_bound", upper, type_=order[0].type)
                 conditions.append(_ordered(order[0], source.dialect) < _ordered(order[0], source.dialect, bound))
+            if window_bounds is not None:
+                end = sa.bindparam("window_end", window_bounds[1], type_=order[0].type)
+                conditions.append(_ordered(order[0], source.dialect) < _ordered(order[0], source.dialect, end))
             first = None
             if first_lower is not None:
                 start = sa.bindparam("lookback_start", first_lower, type_=order[0].type)
@@ -345,7 +379,7 @@ def extract_to_staging(
                 if batch.num_rows:
                     files.append(_write(staging, f"{staging_dir}/part-{len(files):05d}.parquet", batch))
                 progress.add(batch.num_rows)
-            if spec.mode == "incremental" and spec.detect_deletes:
+            if spec.mode == "incremental" and spec.detect_deletes and window is None:
                 key_files = _stage_keys(connection, source, spec, staging, staging_dir, log)
     except BaseException as error:
         staging.discard(staging_dir, log)  # a half-written batch is never loaded: do not leave it behind
@@ -378,17 +412,20 @@ def extract_to_staging(
         rows=sum(f.rows for f in files),
         base_version=base_version,
         watermark_low=low,
-        watermark_high=encode_row(high) if high is not None and spec.mode == "incremental" else low,
+        watermark_high=encode_row(high) if high is not None and spec.mode == "incremental" and not window else low,
         upper_bound=encode_value(upper),
         extracted_at=dt.datetime.now(dt.UTC).isoformat(),
         staging_dir=staging_dir,
         delete_mode=spec.delete_mode,
-        detect_deletes=bool(spec.detect_deletes),
+        detect_deletes=bool(spec.detect_deletes) and window is None,
         key_files=tuple(key_files),
         state_table=spec.state_table,
         max_delete_fraction=spec.max_delete_fraction,
+        history_table=spec.history_table,
+        window=[encode_value(v) for v in window_bounds] if window_bounds is not None else None,
         extract_seconds=round(time.monotonic() - started, 3),
         notes=tuple(notes),
+        schema_drift=spec.schema_drift,
     )
     staging.write_manifest(manifest)
     return manifest

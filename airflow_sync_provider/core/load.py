@@ -25,6 +25,7 @@ from psycopg import sql
 
 from airflow_sync_provider.core.audit import AuditEntry, append_entry, ensure_audit_table, stage_checksum
 from airflow_sync_provider.core.errors import DataError, SchemaError, SyncError, UnsafeOperationError
+from airflow_sync_provider.core.history import close_deleted, record_history
 from airflow_sync_provider.core.manifest import Manifest, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver, Progress
 from airflow_sync_provider.core.schema import TYPES_WITHOUT_EQUALITY, validate_pg_type
@@ -32,7 +33,7 @@ from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SY
 from airflow_sync_provider.core.staging import iter_staged_batches, remove_staged
 from airflow_sync_provider.core.state import SyncState, ensure_state_table, lock_state, write_state
 
-LoadStatus = Literal["applied", "stale", "already_applied"]
+LoadStatus = Literal["applied", "backfilled", "stale", "already_applied"]
 
 _LINE = re.compile(r"\bline (\d+)\b")
 _COLUMN = re.compile(r'\bcolumn "?([^":]+)"?:')
@@ -104,7 +105,7 @@ def load_manifest(
 
     with conn.transaction():
         state = lock_state(conn, manifest.target_schema, manifest.state_table, manifest.sync_id)
-        if state.version != manifest.base_version:
+        if manifest.window is None and state.version != manifest.base_version:
             result = _skip(manifest, state, started)
             log.warning("sync %s: %s", manifest.sync_id, result.message)
             append_entry(conn, manifest.target_schema, _audit_entry(manifest, run_id, result, None))
@@ -113,25 +114,27 @@ def load_manifest(
         applied = apply_table_batch(conn, manifest, run_id, log, observer)
         target, staged = applied.target, applied.staged
         inserted, updated, deleted = applied.inserted, applied.updated, applied.deleted
-        new_state = replace(
-            state,
-            version=state.version + 1,
-            mode=manifest.mode,
-            source_table=manifest.source_table,
-            target_table=target.display,
-            watermark=manifest.watermark_high,
-            last_manifest_id=manifest.manifest_id,
-            last_run_id=run_id,
-            rows_inserted=inserted,
-            rows_updated=updated,
-            rows_deleted=deleted,
-            extracted_at=dt.datetime.fromisoformat(manifest.extracted_at) if manifest.extracted_at else None,
-        )
-        write_state(conn, manifest.target_schema, manifest.state_table, new_state)
+        new_state = state
+        if manifest.window is None:  # a backfill window never writes the state: the watermark stays
+            new_state = replace(
+                state,
+                version=state.version + 1,
+                mode=manifest.mode,
+                source_table=manifest.source_table,
+                target_table=target.display,
+                watermark=manifest.watermark_high,
+                last_manifest_id=manifest.manifest_id,
+                last_run_id=run_id,
+                rows_inserted=inserted,
+                rows_updated=updated,
+                rows_deleted=deleted,
+                extracted_at=dt.datetime.fromisoformat(manifest.extracted_at) if manifest.extracted_at else None,
+            )
+            write_state(conn, manifest.target_schema, manifest.state_table, new_state)
         result = LoadResult(
             sync_id=manifest.sync_id,
             manifest_id=manifest.manifest_id,
-            status="applied",
+            status="applied" if manifest.window is None else "backfilled",
             rows_staged=staged,
             inserted=inserted,
             updated=updated,
@@ -144,9 +147,9 @@ def load_manifest(
         notify(observer, "merged", {"inserted": inserted, "updated": updated, "deleted": deleted})
     # committed: data, deletes, state and the ledger row together
     log.info(
-        "sync %s: committed version %d into %s: %d staged, %d inserted, %d updated, %d unchanged, %d deleted in %.2f s",
+        "sync %s: committed %s into %s: %d staged, %d inserted, %d updated, %d unchanged, %d deleted in %.2f s",
         manifest.sync_id,
-        result.version,
+        f"version {result.version}" if manifest.window is None else f"backfill {manifest.window} (state untouched)",
         target.display,
         staged,
         inserted,
@@ -173,6 +176,9 @@ class TableApplied:
     deleted: int
     #: Order-independent checksum of the staged rows (for the audit ledger).
     checksum: str
+    #: SCD2 history versions opened and closed (when the sync keeps a history table).
+    history_opened: int = 0
+    history_closed: int = 0
 
 
 def _audit_entry(manifest: Manifest, run_id: str, result: LoadResult, checksum: str | None) -> AuditEntry:
@@ -180,12 +186,12 @@ def _audit_entry(manifest: Manifest, run_id: str, result: LoadResult, checksum: 
         sync_id=manifest.sync_id,
         run_id=run_id,
         manifest_id=manifest.manifest_id,
-        mode=manifest.mode,
+        mode="backfill" if manifest.window is not None else manifest.mode,
         status=result.status,
         source_table=manifest.source_table,
         target_table=f"{manifest.target_schema}.{manifest.target_table}",
-        range_low=manifest.watermark_low,
-        range_high=manifest.watermark_high,
+        range_low=manifest.watermark_low if manifest.window is None else manifest.window[0],
+        range_high=manifest.watermark_high if manifest.window is None else manifest.window[1],
         rows_staged=result.rows_staged,
         inserted=result.inserted,
         updated=result.updated,
@@ -205,18 +211,49 @@ def apply_table_batch(
     log: Logger,
     observer: PhaseObserver | None = None,
 ) -> TableApplied:
-    """Inside the caller's transaction: create/check the target, COPY the batch, merge, delete missing."""
+    """Inside the caller's transaction: create/check the target, COPY the batch, merge, delete missing,
+    and keep the SCD2 history when the sync has one.
+
+    A backfill window's rows never overwrite a target row whose cursor is newer (a live run may
+    have committed a later version of the row since the window was read).
+    """
     target = ensure_target_table(conn, manifest)
     stage = _create_stage(conn, manifest, target)
     staged = copy_files(conn, manifest, target, stage, log)
     notify(observer, "staged", {"rows": staged})
     checksum = stage_checksum(conn, stage, [c.name for c in manifest.columns])
-    inserted, updated = merge_stage(conn, manifest, target, stage, run_id)
+    where = _not_older_than_target(manifest, target) if manifest.window is not None else None
+    opened = closed = 0
+    if manifest.history_table:  # before the merge: the merge's counts do not depend on it
+        opened, closed = record_history(conn, manifest, stage, run_id, where)
+    inserted, updated = merge_stage(conn, manifest, target, stage, run_id, where)
     deleted = 0
     if manifest.detect_deletes:
         keys = stage if manifest.mode == "full" else _stage_keys(conn, manifest, target, log)
         deleted = _delete_missing(conn, manifest, target, keys, run_id)
-    return TableApplied(target, staged, inserted, updated, deleted, checksum)
+        if deleted and manifest.history_table:
+            closed += close_deleted(conn, manifest, target.ident, run_id)
+    if manifest.history_table:
+        log.info(
+            "sync %s: history %s.%s: %d version(s) opened, %d closed",
+            manifest.sync_id,
+            manifest.target_schema,
+            manifest.history_table,
+            opened,
+            closed,
+        )
+    return TableApplied(target, staged, inserted, updated, deleted, checksum, opened, closed)
+
+
+def _not_older_than_target(manifest: Manifest, target: TargetTable) -> sql.Composable:
+    """Stage rows (alias ``s``) whose target row, if any, has no newer cursor value."""
+    assert manifest.cursor_column
+    match = sql.SQL(" AND ").join(
+        sql.SQL("{} = {}").format(sql.Identifier("n", k), sql.Identifier("s", k)) for k in manifest.primary_key
+    )
+    return sql.SQL("NOT EXISTS (SELECT 1 FROM {} n WHERE {} AND {} > {})").format(
+        target.ident, match, sql.Identifier("n", manifest.cursor_column), sql.Identifier("s", manifest.cursor_column)
+    )
 
 
 def notify(observer: PhaseObserver | None, phase: str, facts: dict[str, Any]) -> None:
@@ -279,10 +316,26 @@ def metadata_columns(manifest: Manifest) -> list[tuple[str, str]]:
 
 
 def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> TargetTable:
-    """Create the target table from the manifest's schema if missing, or check the existing one fits."""
+    """Create the target table from the manifest's schema if missing, or check the existing one fits.
+
+    Inside the load's transaction.  Changes of the source's columns since the last committed load
+    follow the manifest's ``schema_drift`` policy (:mod:`.drift`: fail, alter the target, or leave
+    new columns out), and the columns synced are recorded in the state row with the data.
+    """
+    # Imported here: this function is the only user in this module.
+    from airflow_sync_provider.core import drift
+    from airflow_sync_provider.core.state import read_source_schema, write_source_schema
+
     schema, name = manifest.target_schema, manifest.target_table
     display = f"{schema}.{name}"
     existing = _target_columns(conn, schema, name)
+    known = read_source_schema(conn, schema, manifest.state_table, manifest.sync_id, display)
+
+    def record() -> None:
+        columns = drift.recorded_columns(manifest)
+        if columns != known:
+            write_source_schema(conn, schema, manifest.state_table, manifest.sync_id, display, columns)
+
     if existing is None:
         definitions = [
             sql.SQL("{} {}{}").format(
@@ -303,18 +356,13 @@ def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Ta
         LOG.info("sync %s: created target table %s from the source schema", manifest.sync_id, display)
         existing = _target_columns(conn, schema, name)
         assert existing is not None
+        record()
         return TargetTable(schema, name, existing)
 
-    missing = [c.name for c in manifest.columns if c.name not in existing]
-    if missing:
-        raise SchemaError(
-            f"the target table lacks column(s) {missing} that the source has; add them to the target "
-            f"(or drop them from the sync's columns)",
-            sync_id=manifest.sync_id,
-            table=display,
-            column=missing,
-            rule="schema drift",
-        )
+    plan = drift.apply_drift(conn, manifest, known, existing, LOG)
+    if plan.statements:
+        existing = _target_columns(conn, schema, name)
+        assert existing is not None
     if set(manifest.primary_key) not in _unique_keys(conn, schema, name):
         raise SchemaError(
             f"the target table has no primary key or unique index on ({', '.join(manifest.primary_key)}); "
@@ -331,6 +379,7 @@ def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Ta
                 )
             )
             existing[column] = pg_type.lower()
+    record()
     return TargetTable(schema, name, existing)
 
 

@@ -56,8 +56,14 @@ class Manifest:
     key_files: tuple[StagedFile, ...] = ()
     state_table: str = "_sync_state"
     max_delete_fraction: float | None = None
+    #: SCD2 history table maintained with the target (see :mod:`.history`).
+    history_table: str | None = None
+    #: A backfill: the encoded cursor window ``[low, high)`` re-read; the load leaves the state alone.
+    window: list[Any] | None = None
     extract_seconds: float = 0.0
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: The sync's schema-drift policy (see :mod:`.drift`); manifests written before it load as "freeze".
+    schema_drift: str = "freeze"
     format: int = MANIFEST_FORMAT
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from airflow_sync_provider.core.drift import DEFAULT_SCHEMA_DRIFT, SCHEMA_DRIFT_POLICIES, SchemaDrift
 from airflow_sync_provider.core.errors import ConfigurationError
 
 SyncMode = Literal["incremental", "full"]
@@ -53,7 +54,15 @@ class SyncSpec:
     guard_open_transactions: bool = True
     state_table: str = "_sync_state"
     max_delete_fraction: float | None = None
+    #: What a load does when the source's columns changed since the last load: ``"freeze"`` (the
+    #: default: fail, naming table, column, old/new type and the rule, before anything is written),
+    #: ``"evolve"`` (add columns, widen types in the target) or ``"discard"`` (keep syncing the known
+    #: columns).  The table of cases and the reasons for the default are in :mod:`.drift`.
+    schema_drift: SchemaDrift = DEFAULT_SCHEMA_DRIFT
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: Keep an SCD type 2 history of the target in this table (same schema), written in the load's
+    #: transaction (see :mod:`.history`).
+    history_table: str | None = None
 
     def __post_init__(self) -> None:
         if not self.target_table:
@@ -86,6 +95,10 @@ class SyncSpec:
             fail("lag must not be negative")
         if self.max_delete_fraction is not None and not 0 <= self.max_delete_fraction <= 1:
             fail("max_delete_fraction must be between 0 and 1")
+        if self.schema_drift not in SCHEMA_DRIFT_POLICIES:
+            fail(f"schema_drift must be one of {', '.join(SCHEMA_DRIFT_POLICIES)}, not {self.schema_drift!r}")
+        if self.history_table is not None and self.history_table in ("", self.target_table):
+            fail("history_table must name a table other than the target table")
         if self.columns:
             missing = [k for k in (*self.primary_key, self.cursor_column) if k and k not in self.columns]
             if missing:

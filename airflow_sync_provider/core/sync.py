@@ -35,8 +35,9 @@ def extract_for(
     run_id: str,
     transform: BatchTransform | None = None,
     logger: Logger | None = None,
+    window: tuple[Any, Any] | None = None,
 ) -> Manifest:
-    """Extract from where the committed state in the target says the sync is."""
+    """Extract from where the committed state in the target says the sync is (or a backfill ``window``)."""
     return extract_to_staging(
         source,
         spec,
@@ -45,6 +46,7 @@ def extract_for(
         run_id=run_id,
         transform=transform,
         logger=logger,
+        window=window,
     )
 
 
@@ -58,9 +60,18 @@ def run_sync(
     transform: BatchTransform | None = None,
     logger: Logger | None = None,
     observer: PhaseObserver | None = None,
+    window: tuple[Any, Any] | None = None,
 ) -> tuple[Manifest, LoadResult]:
+    """Extract, (transform) and load one batch; ``window`` makes it a backfill of that cursor range."""
     manifest = extract_for(
-        source, target, spec, staging=staging or StagingArea(), run_id=run_id, transform=transform, logger=logger
+        source,
+        target,
+        spec,
+        staging=staging or StagingArea(),
+        run_id=run_id,
+        transform=transform,
+        logger=logger,
+        window=window,
     )
     result = load_manifest(target, manifest, run_id=run_id, logger=logger, observer=observer)
     return manifest, result

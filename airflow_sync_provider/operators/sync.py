@@ -93,6 +93,7 @@ class _SyncSpecMixin:
     guard_open_transactions: bool
     state_table: str
     max_delete_fraction: float | None
+    history_table: str | None
 
     def _init_spec(
         self,
@@ -114,6 +115,7 @@ class _SyncSpecMixin:
         guard_open_transactions: bool = True,
         state_table: str = "_sync_state",
         max_delete_fraction: float | None = None,
+        history_table: str | None = None,
     ) -> None:
         self.sync_id = sync_id or source_table
         self.source_table = source_table
@@ -132,6 +134,7 @@ class _SyncSpecMixin:
         self.guard_open_transactions = guard_open_transactions
         self.state_table = state_table
         self.max_delete_fraction = max_delete_fraction
+        self.history_table = history_table
 
     def build_spec(self) -> SyncSpec:
         return SyncSpec(
@@ -152,6 +155,7 @@ class _SyncSpecMixin:
             guard_open_transactions=self.guard_open_transactions,
             state_table=self.state_table,
             max_delete_fraction=self.max_delete_fraction,
+            history_table=self.history_table or None,
         )
 
 
@@ -175,12 +179,56 @@ def _target_connection(conn_id: str, sync_id: str) -> Any:
         raise error.with_context(sync_id=sync_id) from error.__cause__
 
 
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def backfill_window(context: Context, sync_id: str) -> tuple[Any, Any] | None:
+    """The cursor window a run must re-sync instead of moving the watermark, or None for a live run.
+
+    * ``dag_run.conf`` with ``window_start`` and ``window_end`` (ISO timestamps, UTC unless they say
+      otherwise): that window, for
+      a manual re-sync of any range ("Trigger DAG w/ config");
+    * a run created by ``airflow backfill create`` (run type ``backfill``): its data interval
+      ``[data_interval_start, data_interval_end)``.  The DAG needs a timetable with real intervals
+      (``CronDataIntervalTimetable`` / ``DeltaDataIntervalTimetable``): Airflow 3's default cron
+      timetable gives zero-length ones, which is refused here rather than silently syncing nothing.
+    """
+    dag_run = context.get("dag_run")
+    conf = getattr(dag_run, "conf", None) or {}
+    start: Any
+    end: Any
+    if conf.get("window_start") or conf.get("window_end"):
+        if not (conf.get("window_start") and conf.get("window_end")):
+            raise ConfigurationError("dag_run.conf needs both window_start and window_end", sync_id=sync_id)
+        start, end = (_utc(dt.datetime.fromisoformat(str(conf[k]))) for k in ("window_start", "window_end"))
+    elif str(getattr(getattr(dag_run, "run_type", None), "value", getattr(dag_run, "run_type", ""))) == "backfill":
+        start, end = context.get("data_interval_start"), context.get("data_interval_end")
+        if start is None or end is None or start >= end:
+            raise ConfigurationError(
+                f"this backfill run has an empty data interval [{start}, {end}): give the DAG a timetable with "
+                "real intervals, e.g. schedule=CronDataIntervalTimetable('@hourly', timezone='UTC')",
+                sync_id=sync_id,
+                rule="backfill window",
+            )
+    else:
+        return None
+    if start >= end:
+        raise ConfigurationError(f"backfill window [{start}, {end}) is empty", sync_id=sync_id, rule="backfill window")
+    return start, end
+
+
 class ExtractToStagingOperator(_SyncSpecMixin, BaseOperator):
     """Extract new/changed rows (or the whole table) from a source into staged Parquet files.
 
     Reads the committed watermark from the target's state table, so it needs ``target_conn_id`` too.
     Returns the manifest (a small dict) as XCom; pass it to :class:`LoadStagedToPostgresOperator`.
     An optional pandas ``transform`` runs on every batch before it is staged.
+
+    Backfills: in a run made by ``airflow backfill create`` (or with ``window_start``/``window_end``
+    in the run's conf), an incremental sync re-reads the rows whose cursor is in the run's window,
+    and the load merges them without touching the watermark (see :func:`backfill_window`);
+    ``backfill=False`` turns that off (the run then syncs from the watermark like any other).
     """
 
     template_fields: Sequence[str] = SPEC_TEMPLATE_FIELDS
@@ -195,6 +243,7 @@ class ExtractToStagingOperator(_SyncSpecMixin, BaseOperator):
         sync_id: str | None = None,
         staging_uri: str | None = None,
         transform: BatchTransform | str | None = None,
+        backfill: bool = True,
         **kwargs: Any,
     ) -> None:
         spec_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _SPEC_ARGUMENTS}
@@ -204,17 +253,22 @@ class ExtractToStagingOperator(_SyncSpecMixin, BaseOperator):
         self.target_conn_id = target_conn_id
         self.staging_uri = staging_uri
         self.transform = transform
+        self.backfill = backfill
 
     def execute(self, context: Context) -> dict[str, Any]:
         spec = self.build_spec()
         try:
-            manifest = self._extract(spec, context["run_id"])
+            manifest = self._extract(spec, context)
         except SyncError as error:
             raise _fail(error.with_context(sync_id=spec.sync_id)) from error
         self.log.info("%s", manifest.summary())
         return manifest.to_dict()
 
-    def _extract(self, spec: SyncSpec, run_id: str) -> Manifest:
+    def _extract(self, spec: SyncSpec, context: Context) -> Manifest:
+        window = backfill_window(context, spec.sync_id) if self.backfill and spec.mode == "incremental" else None
+        if window is not None:
+            self.log.info("backfill: re-syncing %s for [%s, %s); the watermark stays", spec.sync_id, *window)
+        run_id = context["run_id"]
         engine = _source_engine(self.source_conn_id, spec.sync_id)
         try:
             with closing(_target_connection(self.target_conn_id, spec.sync_id)) as target:
@@ -226,6 +280,7 @@ class ExtractToStagingOperator(_SyncSpecMixin, BaseOperator):
                     run_id=run_id,
                     transform=resolve_transform(self.transform),
                     logger=self.log,
+                    window=window,
                 )
         finally:
             engine.dispose()
@@ -299,7 +354,7 @@ class SyncTableOperator(ExtractToStagingOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         spec = self.build_spec()
         try:
-            manifest = self._extract(spec, context["run_id"])
+            manifest = self._extract(spec, context)
             self.log.info("%s", manifest.summary())
             with closing(_target_connection(self.target_conn_id, spec.sync_id)) as target:
                 result = load_manifest(
@@ -321,6 +376,7 @@ __all__: Sequence[str] = (
     "ExtractToStagingOperator",
     "LoadStagedToPostgresOperator",
     "SyncTableOperator",
+    "backfill_window",
     "parse_manifest",
     "resolve_transform",
 )

@@ -1,0 +1,197 @@
+"""SCD type 2 history of a synced table, kept in the same transaction as the merge.
+
+A sync with ``history_table`` keeps two tables in the target: the current table (the usual merge)
+and a history table holding every version of every row with its validity interval:
+
+* ``_valid_from`` / ``_valid_to``: the load transaction's time when the version became / stopped
+  being current (``_valid_to`` is NULL while it is current);
+* ``_is_current``: true for exactly one version per key while the key exists (a partial unique
+  index enforces it, so a bug can never leave two current versions);
+* ``_sync_run_id`` / ``_sync_closed_run_id``: the runs that opened and closed the version;
+* ``_sync_deleted``: the version was closed because the row was deleted at the source.
+
+It is written from the same staged batch and in the same transaction as the merge and the
+watermark, so the history has a version for a change exactly when the target has the change: a
+retried or stale run adds nothing, and a rolled-back one leaves no trace.  Versions are compared
+on the synced columns as the target stores them (after transforms and masking), so a change only
+in a masked-away column does not open a version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from airflow_sync_provider.core.errors import SchemaError
+from airflow_sync_provider.core.manifest import Manifest
+from airflow_sync_provider.core.progress import LOG
+from airflow_sync_provider.core.schema import validate_pg_type
+from airflow_sync_provider.core.spec import DELETED_AT_COLUMN
+
+VALID_FROM = "_valid_from"
+VALID_TO = "_valid_to"
+IS_CURRENT = "_is_current"
+OPENED_BY = "_sync_run_id"
+CLOSED_BY = "_sync_closed_run_id"
+DELETED = "_sync_deleted"
+
+HISTORY_COLUMNS: tuple[tuple[str, str], ...] = (
+    (VALID_FROM, "TIMESTAMP WITH TIME ZONE NOT NULL"),
+    (VALID_TO, "TIMESTAMP WITH TIME ZONE"),
+    (IS_CURRENT, "BOOLEAN NOT NULL"),
+    (OPENED_BY, "TEXT"),
+    (CLOSED_BY, "TEXT"),
+    (DELETED, "BOOLEAN NOT NULL DEFAULT false"),
+)
+
+
+def _history_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Any:
+    """The history table as the load module describes target tables (imported late: load imports us)."""
+    from airflow_sync_provider.core.load import TargetTable, _target_columns
+
+    schema, name = manifest.target_schema, manifest.history_table or ""
+    return TargetTable(schema, name, _target_columns(conn, schema, name) or {})
+
+
+def ensure_history_table(conn: psycopg.Connection[Any], manifest: Manifest) -> sql.Identifier:
+    """Create the history table (from the manifest's columns) if missing, or check it has them."""
+    assert manifest.history_table
+    schema, name = manifest.target_schema, manifest.history_table
+    ident = sql.Identifier(schema, name)
+    existing = _history_table(conn, manifest).column_types
+    if existing:
+        needed = [c.name for c in manifest.columns] + [c for c, _ in HISTORY_COLUMNS]
+        missing = [c for c in needed if c not in existing]
+        if missing:
+            raise SchemaError(
+                f"the history table lacks column(s) {missing}; add them (or rename the table so a new one is created)",
+                sync_id=manifest.sync_id,
+                table=f"{schema}.{name}",
+                column=missing,
+                rule="scd2 history",
+            )
+        return ident
+    keys = sql.SQL(", ").join(map(sql.Identifier, manifest.primary_key))
+    definitions = [
+        sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(validate_pg_type(c.pg_type))) for c in manifest.columns
+    ]
+    definitions += [sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in HISTORY_COLUMNS]
+    definitions.append(sql.SQL("PRIMARY KEY ({}, {})").format(keys, sql.Identifier(VALID_FROM)))
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    conn.execute(sql.SQL("CREATE TABLE {} ({})").format(ident, sql.SQL(", ").join(definitions)))
+    conn.execute(
+        sql.SQL("CREATE UNIQUE INDEX {} ON {} ({}) WHERE {}").format(
+            sql.Identifier(f"{name[:40]}_one_current"), ident, keys, sql.Identifier(IS_CURRENT)
+        )
+    )
+    LOG.info("sync %s: created SCD2 history table %s.%s", manifest.sync_id, schema, name)
+    return ident
+
+
+def _key_match(left: str, right: str, keys: Sequence[str]) -> sql.Composable:
+    return sql.SQL(" AND ").join(
+        sql.SQL("{} = {}").format(sql.Identifier(left, k), sql.Identifier(right, k)) for k in keys
+    )
+
+
+def record_history(
+    conn: psycopg.Connection[Any],
+    manifest: Manifest,
+    stage: sql.Identifier,
+    run_id: str,
+    where: sql.Composable | None = None,
+) -> tuple[int, int]:
+    """Inside the load transaction: close changed current versions and open new ones from ``stage``.
+
+    ``where`` filters the stage rows (alias ``s``) like the merge's.  Returns (opened, closed).
+    """
+    history = ensure_history_table(conn, manifest)
+    keys = list(manifest.primary_key)
+    columns = [c.name for c in manifest.columns]
+    values = [c for c in columns if c not in keys]
+    from airflow_sync_provider.core.load import _comparable
+
+    table = _history_table(conn, manifest)
+    stage_filter = sql.SQL(" AND ({})").format(where) if where is not None else sql.SQL("")
+    differs: sql.Composable = sql.SQL("false")
+    if values:
+        differs = sql.SQL("({}) IS DISTINCT FROM ({})").format(
+            sql.SQL(", ").join(_comparable("h", c, table) for c in values),
+            sql.SQL(", ").join(_comparable("s", c, table) for c in values),
+        )
+    closed = conn.execute(
+        sql.SQL(
+            "UPDATE {history} h SET {valid_to} = now(), {current} = false, {closed_by} = %(run_id)s "
+            "FROM {stage} s WHERE {match} AND h.{current}{stage_filter} AND {differs}"
+        ).format(
+            history=history,
+            valid_to=sql.Identifier(VALID_TO),
+            current=sql.Identifier(IS_CURRENT),
+            closed_by=sql.Identifier(CLOSED_BY),
+            stage=stage,
+            match=_key_match("h", "s", keys),
+            stage_filter=stage_filter,
+            differs=differs,
+        ),
+        {"run_id": run_id},
+    ).rowcount
+    opened = conn.execute(
+        sql.SQL(
+            "INSERT INTO {history} ({columns}, {valid_from}, {current}, {opened_by}) "
+            "SELECT {selected}, now(), true, %(run_id)s FROM {stage} s "
+            "WHERE NOT EXISTS (SELECT 1 FROM {history} h WHERE {match} AND h.{current}){stage_filter}"
+        ).format(
+            history=history,
+            columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
+            valid_from=sql.Identifier(VALID_FROM),
+            current=sql.Identifier(IS_CURRENT),
+            opened_by=sql.Identifier(OPENED_BY),
+            selected=sql.SQL(", ").join(sql.Identifier("s", c) for c in columns),
+            stage=stage,
+            match=_key_match("h", "s", keys),
+            stage_filter=stage_filter,
+        ),
+        {"run_id": run_id},
+    ).rowcount
+    return opened, closed
+
+
+def close_deleted(conn: psycopg.Connection[Any], manifest: Manifest, target: sql.Identifier, run_id: str) -> int:
+    """After deletes: close the current versions of keys the target no longer has (or soft-deleted)."""
+    history = ensure_history_table(conn, manifest)
+    live: sql.Composable = sql.SQL("")
+    if manifest.delete_mode == "soft":
+        live = sql.SQL(" AND {} IS NULL").format(sql.Identifier("t", DELETED_AT_COLUMN))
+    return conn.execute(
+        sql.SQL(
+            "UPDATE {history} h SET {valid_to} = now(), {current} = false, {closed_by} = %(run_id)s, {deleted} = true "
+            "WHERE h.{current} AND NOT EXISTS (SELECT 1 FROM {target} t WHERE {match}{live})"
+        ).format(
+            history=history,
+            valid_to=sql.Identifier(VALID_TO),
+            current=sql.Identifier(IS_CURRENT),
+            closed_by=sql.Identifier(CLOSED_BY),
+            deleted=sql.Identifier(DELETED),
+            target=target,
+            match=_key_match("t", "h", manifest.primary_key),
+            live=live,
+        ),
+        {"run_id": run_id},
+    ).rowcount
+
+
+__all__ = [
+    "CLOSED_BY",
+    "DELETED",
+    "HISTORY_COLUMNS",
+    "IS_CURRENT",
+    "OPENED_BY",
+    "VALID_FROM",
+    "VALID_TO",
+    "close_deleted",
+    "ensure_history_table",
+    "record_history",
+]
