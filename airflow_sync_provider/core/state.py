@@ -76,10 +76,25 @@ def ensure_state_table(conn: psycopg.Connection[Any], schema: str, table: str) -
                     rows_updated bigint NOT NULL DEFAULT 0,
                     rows_deleted bigint NOT NULL DEFAULT 0,
                     extracted_at timestamptz,
-                    committed_at timestamptz
+                    committed_at timestamptz,
+                    source_schema jsonb
                 )"""
             ).format(state_table_ident(schema, table))
         )
+        # State tables created before the schema-drift record: add its column (catalog check first,
+        # so the usual case takes no ACCESS EXCLUSIVE lock on a table concurrent loads are using).
+        present = conn.execute(
+            "SELECT 1 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relname = %s AND a.attname = 'source_schema' AND NOT a.attisdropped",
+            (schema, table),
+        ).fetchone()
+        if present is None:
+            conn.execute(
+                sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS source_schema jsonb").format(
+                    state_table_ident(schema, table)
+                )
+            )
 
 
 def _row_to_state(row: tuple[Any, ...]) -> SyncState:
@@ -142,4 +157,41 @@ def write_state(conn: psycopg.Connection[Any], schema: str, table: str, state: S
             state_table_ident(schema, table), assignments
         ),
         [*values, state.sync_id],
+    )
+
+
+def read_source_schema(
+    conn: psycopg.Connection[Any], schema: str, table: str, sync_id: str, target_table: str
+) -> list[tuple[str, str]] | None:
+    """The source columns ``(name, PostgreSQL type)`` the last committed load of ``target_table``
+    synced (see :mod:`.drift`), or None if none is recorded."""
+    if not table_exists(conn, schema, table):
+        return None
+    row = conn.execute(
+        sql.SQL("SELECT to_jsonb(s) -> 'source_schema' -> %s FROM {} s WHERE sync_id = %s").format(
+            state_table_ident(schema, table)
+        ),
+        (target_table, sync_id),
+    ).fetchone()
+    if row is None or row[0] is None:
+        return None
+    value = row[0] if not isinstance(row[0], str) else json.loads(row[0])
+    return [(str(name), str(pg_type)) for name, pg_type in value]
+
+
+def write_source_schema(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    table: str,
+    sync_id: str,
+    target_table: str,
+    columns: list[tuple[str, str]],
+) -> None:
+    """Record the synced source columns of ``target_table`` (inside the load's transaction)."""
+    conn.execute(
+        sql.SQL(
+            "UPDATE {} SET source_schema = jsonb_set(coalesce(source_schema, '{{}}'::jsonb), ARRAY[%s], %s::jsonb) "
+            "WHERE sync_id = %s"
+        ).format(state_table_ident(schema, table)),
+        (target_table, json.dumps([list(c) for c in columns]), sync_id),
     )
