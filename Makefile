@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint pytest clean
+.PHONY: install demo test lint pytest clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ pytest: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint pytest
+
+# Benchmarks side by side with the peers (raw COPY limit, Airflow hooks, pandas, dlt): see benchmarks/README.md.
+#   make bench                        - full run (1M rows, 10M-row memory run; ~20 min)
+#   make bench BENCH_ARGS="--quick"   - small scale (~1-2 min)
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(VENV)/bin/uv pip install --python $(PY) --quiet -e ".[test,bench]"
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
