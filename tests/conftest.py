@@ -179,3 +179,36 @@ def cdc(env: SyncEnv) -> Iterator[CdcEnv]:
             "SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"
         ).fetchall():
             conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+
+
+# --------------------------------------------------------------------------- fault-injection tally
+
+#: Per fault class: trials run and trials that ended with a lost or duplicated row (or an
+#: inconsistent state), filled by ``tests/test_faults.py`` and written to ``tests/.fault_summary.json``.
+FAULT_TALLY: dict[str, dict[str, Any]] = {}
+FAULT_SUMMARY_PATH = Path(__file__).parent / ".fault_summary.json"
+
+
+def record_fault_trial(fault: str, *, failed: bool, detail: str | None = None) -> None:
+    """Count one trial of a fault class (``failed``: a row was lost or duplicated, or state is wrong)."""
+    tally = FAULT_TALLY.setdefault(fault, {"trials": 0, "failures": 0, "details": {}})
+    tally["trials"] += 1
+    tally["failures"] += int(failed)
+    if detail:
+        tally["details"][detail] = tally["details"].get(detail, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FAULT_TALLY:
+        return
+    import json
+
+    FAULT_SUMMARY_PATH.write_text(json.dumps(FAULT_TALLY, indent=2, sort_keys=True) + "\n")
+    terminalreporter.write_sep("-", "fault injection: trials / trials with lost or duplicated rows")
+    for fault, tally in sorted(FAULT_TALLY.items()):
+        details = ", ".join(f"{k}: {v}" for k, v in sorted(tally["details"].items()))
+        terminalreporter.write_line(
+            f"{fault:<28} {tally['trials']:>4} trials {tally['failures']:>3} failed"
+            + (f"  ({details})" if details else "")
+        )
+    terminalreporter.write_line(f"(written to {FAULT_SUMMARY_PATH})")
