@@ -179,4 +179,44 @@ class ReplayQuarantinedRowsOperator(BaseOperator):
         return result.to_dict()
 
 
-__all__: Sequence[str] = ("DataQualityGateOperator", "ReplayQuarantinedRowsOperator")
+class ReferentialIntegrityGateOperator(BaseOperator):
+    """Fail (load nothing) when staged rows point to rows the target does not have.
+
+    Sits between extract (or a quality gate) and load like :class:`DataQualityGateOperator` and
+    passes the manifest on unchanged: ``load = LoadStagedToPostgresOperator(manifest=refs.output)``.
+
+    :param references: ``{"<batch column>": "<schema>.<table>.<column>"}`` in the target, e.g.
+        ``{"customer_id": "lending.customers.customer_id"}``.
+    """
+
+    template_fields: Sequence[str] = ("manifest", "target_conn_id")
+    ui_color = "#fff4d6"
+
+    def __init__(self, *, manifest: Any, target_conn_id: str, references: Mapping[str, str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.manifest = manifest
+        self.target_conn_id = target_conn_id
+        self.references = references
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from airflow_sync_provider.core.references import Reference, check_references
+
+        manifest = parse_manifest(self.manifest)
+        try:
+            references = [Reference.parse(column, target) for column, target in self.references.items()]
+            with closing(_target_connection(self.target_conn_id, manifest.sync_id)) as target:
+                results = check_references(target, manifest, references)
+        except SyncError as error:
+            raise _fail(error.with_context(sync_id=manifest.sync_id)) from error
+        for result in results:
+            self.log.info(
+                "referential integrity %s: %d rows checked, all found", result.reference.describe(), result.rows_checked
+            )
+        return manifest.to_dict()
+
+
+__all__: Sequence[str] = (
+    "DataQualityGateOperator",
+    "ReferentialIntegrityGateOperator",
+    "ReplayQuarantinedRowsOperator",
+)

@@ -1,0 +1,401 @@
+"""Case study 1: inventory across warehouses and online stores, without overselling.
+
+Systems (one database each, see :mod:`.databases`):
+
+* ``warehouse_a``, ``warehouse_b``: ``stock(sku, on_hand, reserved)`` per warehouse, changed by the
+  warehouse system (receipts, picks, shipments).  Streamed to the centre by **CDC**.
+* ``store_web``, ``store_app``: each store's ``orders`` (``open`` -> ``released`` to a warehouse,
+  which reserves the stock -> ``shipped``, or ``cancelled``), synced **incrementally**; and
+  ``catalog_availability``, the quantity the store may sell, which the centre **pushes back**.
+* ``inventory_central``: the synced copies (schemas ``warehouse_a``, ``warehouse_b``, ``store_web``,
+  ``store_app``) and ``inventory.available_to_promise``.
+
+Available-to-promise per SKU = on hand - reserved (all warehouses) - open orders (all stores).  It
+is split between the stores by fixed shares, rounded down, so that the stores together can never
+promise more than exists: a store sells at most its own allocation, and decrements it as it sells.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import psycopg
+from psycopg import sql
+
+from airflow_sync_provider.casestudies.databases import connect, copy_rows
+
+WAREHOUSES = ("warehouse_a", "warehouse_b")
+STORES = ("store_web", "store_app")
+#: Share of the available-to-promise quantity each store may sell (sum <= 1).
+STORE_SHARES: Mapping[str, float] = {"store_web": 0.6, "store_app": 0.4}
+CENTRAL = "inventory_central"
+
+STOCK_COLUMNS = (
+    "sku text PRIMARY KEY, on_hand integer NOT NULL, reserved integer NOT NULL, updated_at timestamptz NOT NULL"
+)
+ORDER_COLUMNS = (
+    "order_id bigint PRIMARY KEY, sku text NOT NULL, quantity integer NOT NULL, status text NOT NULL, "
+    "warehouse text, placed_at timestamptz NOT NULL, updated_at timestamptz NOT NULL"
+)
+ATP_COLUMNS = (
+    "sku text PRIMARY KEY, on_hand bigint, reserved bigint, open_orders bigint, atp bigint, "
+    "available_to_sell bigint, store_web_qty bigint, store_app_qty bigint, allocated_total bigint"
+)
+
+
+def _create_sources(uris: Mapping[str, str]) -> None:
+    for warehouse in WAREHOUSES:
+        with connect(uris[warehouse]) as conn:
+            conn.execute(sql.SQL("CREATE TABLE stock ({}, CHECK (reserved BETWEEN 0 AND on_hand))").format(_STOCK))
+    for store in STORES:
+        with connect(uris[store]) as conn:
+            conn.execute(sql.SQL("CREATE TABLE orders ({})").format(_ORDERS))
+            conn.execute("CREATE INDEX orders_cursor ON orders (updated_at, order_id)")
+            conn.execute("CREATE TABLE catalog (sku text PRIMARY KEY, title text NOT NULL, price numeric(10,2))")
+
+
+_STOCK, _ORDERS = sql.SQL(STOCK_COLUMNS), sql.SQL(ORDER_COLUMNS)
+
+
+def prepare_central(conn: psycopg.Connection[Any]) -> None:
+    """Idempotent DDL of the centre: the synced tables' schemas, the ATP table and the views over them.
+
+    Run by the DAG's first task (never at parse time).  The sync creates missing tables itself, but
+    the views need their tables to exist before the first sync.
+    """
+    ident = sql.Identifier
+    for schema in (*WAREHOUSES, *STORES, "inventory"):
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(schema)))
+    for warehouse in WAREHOUSES:
+        conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(ident(warehouse, "stock"), _STOCK))
+    for store in STORES:
+        conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(ident(store, "orders"), _ORDERS))
+    conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS inventory.available_to_promise ({})").format(sql.SQL(ATP_COLUMNS)))
+    stock = sql.SQL(" UNION ALL ").join(
+        sql.SQL("SELECT sku, on_hand, reserved FROM {}").format(ident(w, "stock")) for w in WAREHOUSES
+    )
+    orders = sql.SQL(" UNION ALL ").join(
+        sql.SQL("SELECT sku, quantity FROM {} WHERE status = 'open'").format(ident(s, "orders")) for s in STORES
+    )
+    conn.execute(
+        sql.SQL(
+            "CREATE OR REPLACE VIEW inventory.atp_inputs AS "
+            "WITH stock AS (SELECT sku, sum(on_hand)::bigint AS on_hand, sum(reserved)::bigint AS reserved "
+            "FROM ({}) s GROUP BY sku), "
+            "open_orders AS (SELECT sku, sum(quantity)::bigint AS open_orders FROM ({}) o GROUP BY sku) "
+            "SELECT stock.sku, stock.on_hand, stock.reserved, "
+            "coalesce(open_orders.open_orders, 0)::bigint AS open_orders "
+            "FROM stock LEFT JOIN open_orders USING (sku)"
+        ).format(stock, orders)
+    )
+    for store in STORES:
+        conn.execute(
+            sql.SQL(
+                "CREATE OR REPLACE VIEW {} AS SELECT sku, {} AS available_qty FROM inventory.available_to_promise"
+            ).format(ident("inventory", f"allocation_{store}"), ident(f"{store}_qty"))
+        )
+
+
+def compute_atp(batch: pd.DataFrame) -> pd.DataFrame:
+    """The pandas transform between extract and load: available-to-promise and the store allocations."""
+    out = batch.copy()
+    out["atp"] = out["on_hand"] - out["reserved"] - out["open_orders"]
+    out["available_to_sell"] = out["atp"].clip(lower=0)
+    total = out["available_to_sell"].astype("float64")
+    allocated = pd.Series(0, index=out.index, dtype="int64")
+    for store in STORES:
+        # floor(): the stores' shares never add up to more than is there
+        out[f"{store}_qty"] = (total * STORE_SHARES[store]).map(math.floor).astype("int64")
+        allocated += out[f"{store}_qty"]
+    out["allocated_total"] = allocated
+    return out
+
+
+#: The gate on the ATP batch: keys, non-negative quantities, and the no-oversell invariant.
+ATP_EXPECTATIONS: list[dict[str, Any]] = [
+    {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "sku"}},
+    {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "sku"}},
+    *(
+        {"type": "expect_column_values_to_be_between", "kwargs": {"column": c, "min_value": 0}}
+        for c in ("on_hand", "reserved", "open_orders", "store_web_qty", "store_app_qty")
+    ),
+    {
+        "type": "expect_column_pair_values_a_to_be_greater_than_b",
+        "kwargs": {"column_A": "available_to_sell", "column_B": "allocated_total", "or_equal": True},
+    },
+    {  # open orders beyond the stock: a backorder to act on, not a reason to stop the sync
+        "type": "expect_column_values_to_be_between",
+        "kwargs": {"column": "atp", "min_value": 0},
+        "meta": {"severity": "warn"},
+    },
+]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _skus(scale: int) -> list[str]:
+    return [f"SKU-{n:06d}" for n in range(1, scale + 1)]
+
+
+def seed(uris: Mapping[str, str], scale: int = 500, seed_value: int = 7) -> dict[str, int]:
+    """Create and fill the source systems: ``scale`` SKUs, stock in both warehouses, order history.
+
+    Deterministic for a given ``seed_value``; history spreads over the 30 days before now.
+    """
+    rng = random.Random(seed_value)
+    _create_sources(uris)
+    now = dt.datetime.now(dt.UTC)
+    skus = _skus(scale)
+    counts: dict[str, int] = {}
+    for warehouse in WAREHOUSES:
+        rows = [(s, rng.randint(0, 200), 0, now - dt.timedelta(days=30)) for s in skus if rng.random() < 0.85]
+        with connect(uris[warehouse]) as conn:
+            copy_rows(conn, "stock", ("sku", "on_hand", "reserved", "updated_at"), rows)
+        counts[f"{warehouse}.stock"] = len(rows)
+    order_id = 0
+    for store in STORES:
+        rows_o: list[tuple[Any, ...]] = []
+        for _ in range(scale * 2):
+            order_id += 1
+            placed = now - dt.timedelta(days=30) + dt.timedelta(seconds=rng.randint(0, 29 * 86400))
+            status = rng.choice(("shipped", "shipped", "shipped", "cancelled"))
+            shipped_from = rng.choice(WAREHOUSES) if status == "shipped" else None
+            rows_o.append((order_id, rng.choice(skus), rng.randint(1, 3), status, shipped_from, placed, placed))
+        catalog = [(s, f"Product {s[-6:]}", round(rng.uniform(2, 400), 2)) for s in skus]
+        with connect(uris[store]) as conn:
+            copy_rows(
+                conn,
+                "orders",
+                ("order_id", "sku", "quantity", "status", "warehouse", "placed_at", "updated_at"),
+                rows_o,
+            )
+            copy_rows(conn, "catalog", ("sku", "title", "price"), catalog)
+        counts[f"{store}.orders"] = len(rows_o)
+    return counts
+
+
+@dataclass
+class RoundSummary:
+    """What one simulated round changed at the sources (for the demo's report)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, what: str, n: int = 1) -> None:
+        self.counts[what] = self.counts.get(what, 0) + n
+
+
+def simulate_round(uris: Mapping[str, str], round_no: int = 1, scale: int = 500, seed_value: int = 7) -> RoundSummary:
+    """A realistic round of business at the sources: receipts, orders, releases, shipments, cancels.
+
+    Stores sell only within their current ``catalog_availability`` and decrement it as they sell
+    (what a store's own application does between two pushes).  Deterministic per round.
+    """
+    rng = random.Random(seed_value * 1000 + round_no)
+    summary = RoundSummary()
+    skus = _skus(scale)
+    changes = max(scale // 10, 5)
+    warehouses = {w: connect(uris[w]) for w in WAREHOUSES}
+    stores = {s: connect(uris[s]) for s in STORES}
+    try:
+        for _ in range(changes):  # goods received
+            warehouse = rng.choice(WAREHOUSES)
+            warehouses[warehouse].execute(
+                "INSERT INTO stock (sku, on_hand, reserved, updated_at) VALUES (%s, %s, 0, now()) "
+                "ON CONFLICT (sku) DO UPDATE SET on_hand = stock.on_hand + excluded.on_hand, updated_at = now()",
+                (rng.choice(skus), rng.randint(5, 50)),
+            )
+            summary.add("stock receipts")
+        next_id = 1 + max(
+            int(s.execute("SELECT coalesce(max(order_id), 0) FROM orders").fetchone()[0])  # type: ignore[index]
+            for s in stores.values()
+        )
+        for conn in stores.values():  # new orders, within what the store may sell
+            available = _store_availability(conn)
+            for sku in rng.sample(sorted(available), min(changes, len(available))):
+                quantity = min(rng.randint(1, 4), available[sku])
+                if quantity <= 0:
+                    continue
+                with conn.transaction():
+                    conn.execute(
+                        "INSERT INTO orders VALUES (%s, %s, %s, 'open', NULL, now(), now())",
+                        (next_id, sku, quantity),
+                    )
+                    conn.execute(
+                        "UPDATE catalog_availability SET available_qty = available_qty - %s WHERE sku = %s",
+                        (quantity, sku),
+                    )
+                next_id += 1
+                summary.add("orders placed")
+        for conn in stores.values():  # open orders released to a warehouse, which reserves them
+            opened = conn.execute("SELECT order_id, sku, quantity FROM orders WHERE status = 'open' ORDER BY order_id")
+            for order_id, sku, quantity in opened.fetchall():
+                if rng.random() < 0.5:
+                    continue
+                for warehouse in rng.sample(WAREHOUSES, len(WAREHOUSES)):
+                    reserved = (
+                        warehouses[warehouse]
+                        .execute(
+                            "UPDATE stock SET reserved = reserved + %s, updated_at = now() "
+                            "WHERE sku = %s AND on_hand - reserved >= %s RETURNING sku",
+                            (quantity, sku, quantity),
+                        )
+                        .fetchone()
+                    )
+                    if reserved:
+                        conn.execute(
+                            "UPDATE orders SET status = 'released', warehouse = %s, updated_at = now() "
+                            "WHERE order_id = %s",
+                            (warehouse, order_id),
+                        )
+                        summary.add("orders released")
+                        break
+            released = conn.execute(
+                "SELECT order_id, sku, quantity, warehouse FROM orders WHERE status = 'released' ORDER BY order_id"
+            ).fetchall()
+            for order_id, sku, quantity, warehouse in released:  # shipped: stock leaves the warehouse
+                if rng.random() < 0.4:
+                    warehouses[warehouse].execute(
+                        "UPDATE stock SET on_hand = on_hand - %s, reserved = reserved - %s, updated_at = now() "
+                        "WHERE sku = %s",
+                        (quantity, quantity, sku),
+                    )
+                    conn.execute(
+                        "UPDATE orders SET status = 'shipped', updated_at = now() WHERE order_id = %s", (order_id,)
+                    )
+                    summary.add("orders shipped")
+            cancelled = conn.execute(
+                "UPDATE orders SET status = 'cancelled', updated_at = now() WHERE order_id IN ("
+                "SELECT order_id FROM orders WHERE status = 'open' ORDER BY order_id LIMIT %s) RETURNING order_id",
+                (max(changes // 10, 1),),
+            ).rowcount
+            summary.add("orders cancelled", cancelled)
+            purged = conn.execute(  # the store purges old cancelled orders: hard deletes to detect
+                "DELETE FROM orders WHERE order_id IN (SELECT order_id FROM orders WHERE status = 'cancelled' "
+                "AND placed_at < now() - interval '20 days' ORDER BY order_id LIMIT %s)",
+                (max(changes // 5, 1),),
+            ).rowcount
+            summary.add("cancelled orders purged", purged)
+        for conn in warehouses.values():  # a SKU discontinued in one warehouse
+            gone = conn.execute(
+                "DELETE FROM stock WHERE sku = (SELECT sku FROM stock WHERE reserved = 0 ORDER BY md5(sku || %s) "
+                "LIMIT 1)",
+                (str(round_no),),
+            ).rowcount
+            summary.add("stock rows discontinued", gone)
+    finally:
+        for conn in (*warehouses.values(), *stores.values()):
+            conn.close()
+    return summary
+
+
+def _store_availability(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    exists = conn.execute("SELECT to_regclass('public.catalog_availability')").fetchone()
+    if not exists or exists[0] is None:
+        return {}
+    rows = conn.execute("SELECT sku, available_qty FROM catalog_availability WHERE available_qty > 0").fetchall()
+    return {sku: int(qty) for sku, qty in rows}
+
+
+# --------------------------------------------------------------------------- checks
+
+
+@dataclass
+class AvailabilityCheck:
+    """The no-oversell invariant, checked across the systems."""
+
+    skus: int
+    violations: list[str]
+    promised: dict[str, int]
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+def _atp_from(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    rows = conn.execute("SELECT sku, available_to_sell FROM inventory.available_to_promise").fetchall()
+    return {sku: int(qty) for sku, qty in rows}
+
+
+def true_available(uris: Mapping[str, str]) -> dict[str, int]:
+    """Available-to-sell computed from the source systems themselves (the ground truth)."""
+    on_hand: dict[str, int] = {}
+    for warehouse in WAREHOUSES:
+        with connect(uris[warehouse]) as conn:
+            for sku, free in conn.execute("SELECT sku, on_hand - reserved FROM stock"):
+                on_hand[sku] = on_hand.get(sku, 0) + int(free)
+    for store in STORES:
+        with connect(uris[store]) as conn:
+            for sku, quantity in conn.execute(
+                "SELECT sku, sum(quantity) FROM orders WHERE status = 'open' GROUP BY sku"
+            ):
+                on_hand[sku] = on_hand.get(sku, 0) - int(quantity)
+    return {sku: max(qty, 0) for sku, qty in on_hand.items()}
+
+
+def check_no_oversell(uris: Mapping[str, str], against: str = "central") -> AvailabilityCheck:
+    """Every store's sellable quantity, and their sum, within what is available per SKU.
+
+    ``against="central"`` compares with the centre's ATP table (what the DAG checks after a push);
+    ``"sources"`` with the ground truth recomputed from the warehouses and stores.
+    """
+    if against == "central":
+        with connect(uris[CENTRAL]) as conn:
+            available = _atp_from(conn)
+    else:
+        available = true_available(uris)
+    promised: dict[str, dict[str, int]] = {}
+    for store in STORES:
+        with connect(uris[store]) as conn:
+            for sku, qty in _store_availability(conn).items():
+                promised.setdefault(sku, {})[store] = qty
+    violations = []
+    for sku, by_store in sorted(promised.items()):
+        limit = available.get(sku, 0)
+        total = sum(by_store.values())
+        if total > limit:
+            shown = ", ".join(f"{s}={q}" for s, q in sorted(by_store.items()))
+            violations.append(f"{sku}: stores may sell {total} ({shown}) but only {limit} are available")
+    return AvailabilityCheck(
+        skus=len(available), violations=violations, promised={s: sum(v.values()) for s, v in promised.items()}
+    )
+
+
+def stock_freshness(central_uri: str) -> float | None:
+    """Seconds from the newest warehouse change synced to the centre to now (None: no stock yet).
+
+    Measured right after the push, it is the run's end-to-end latency for that change: committed in
+    a warehouse -> streamed -> in the ATP -> in every store's sellable quantity.
+    """
+    newest = sql.SQL(" UNION ALL ").join(
+        sql.SQL("SELECT max(updated_at) FROM {}").format(sql.Identifier(w, "stock")) for w in WAREHOUSES
+    )
+    with connect(central_uri) as conn:
+        row = conn.execute(
+            sql.SQL("SELECT extract(epoch FROM now() - max(m)) FROM ({}) t(m)").format(newest)
+        ).fetchone()
+    return None if row is None or row[0] is None else round(float(row[0]), 3)
+
+
+__all__ = [
+    "ATP_EXPECTATIONS",
+    "CENTRAL",
+    "STORES",
+    "STORE_SHARES",
+    "WAREHOUSES",
+    "AvailabilityCheck",
+    "check_no_oversell",
+    "compute_atp",
+    "prepare_central",
+    "seed",
+    "simulate_round",
+    "stock_freshness",
+    "true_available",
+]

@@ -1,0 +1,166 @@
+"""Inventory across warehouses and online stores, without overselling (case study 1).
+
+Every few minutes (or on change, see the README):
+
+1. ``prepare_central``: idempotent DDL of the central database (schemas, the ATP table, views).
+2. Warehouse stock streams to the centre by **CDC** (``warehouse_a``, ``warehouse_b``: pgoutput
+   logical decoding, exactly once, deletes included).
+3. Store orders sync **incrementally** (``store_web``, ``store_app``: by ``updated_at`` with the
+   order id as tie-break; purged orders detected by a key scan).
+4. **Available-to-promise** per SKU (on hand - reserved - open orders, across warehouses and stores)
+   is computed by a pandas transform, split between the stores by fixed shares (rounded down),
+   checked by a Great Expectations **gate** (keys, non-negative quantities, and "the stores'
+   allocations never exceed what is available"), and upserted centrally.
+5. Each store's allocation is **pushed back** to its ``catalog_availability`` table: a store sells
+   at most its allocation, so together they cannot oversell.
+6. ``check_no_oversell`` re-checks the invariant across the systems and logs the run's latency.
+
+Connections: ``warehouse_a``, ``warehouse_b``, ``store_web``, ``store_app`` (PostgreSQL sources;
+the warehouses need ``wal_level=logical``) and ``inventory_central`` (the target).  No database is
+touched when this file is parsed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+from airflow.sdk import DAG, Asset, BaseHook, chain, task
+
+from airflow_sync_provider.casestudies.inventory import ATP_EXPECTATIONS, STORES, WAREHOUSES, compute_atp
+from airflow_sync_provider.operators.cdc import CdcSyncOperator
+from airflow_sync_provider.operators.quality import DataQualityGateOperator
+from airflow_sync_provider.operators.sync import (
+    ExtractToStagingOperator,
+    LoadStagedToPostgresOperator,
+    SyncTableOperator,
+)
+
+CENTRAL = "inventory_central"
+
+
+def table_asset(conn_id: str, schema: str, table: str) -> Asset:
+    """An Asset per table a task writes, so downstream DAGs can be scheduled on it."""
+    return Asset(name=f"{conn_id}.{schema}.{table}", uri=f"sync://{conn_id}/{schema}/{table}", group="sync")
+
+
+def _uris(conn_ids: list[str]) -> dict[str, str]:
+    return {conn_id: BaseHook.get_connection(conn_id).get_uri() for conn_id in conn_ids}
+
+
+with DAG(
+    dag_id="inventory_sync",
+    schedule=dt.timedelta(minutes=5),
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    tags=["sync", "case-study", "inventory"],
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": dt.timedelta(seconds=20)},
+):
+
+    @task
+    def prepare_central() -> None:
+        from airflow_sync_provider.casestudies.inventory import prepare_central as ddl
+        from airflow_sync_provider.hooks.target import SyncTargetHook
+
+        with SyncTargetHook(postgres_conn_id=CENTRAL).get_sync_connection() as conn:
+            conn.autocommit = True
+            ddl(conn)
+
+    prepare = prepare_central()
+
+    stock = [
+        CdcSyncOperator(
+            task_id=f"cdc_{warehouse}",
+            source_conn_id=warehouse,
+            target_conn_id=CENTRAL,
+            sync_id=f"{warehouse}_stock",
+            tables=["stock"],
+            target_schema=warehouse,
+            outlets=[table_asset(CENTRAL, warehouse, "stock")],
+        )
+        for warehouse in WAREHOUSES
+    ]
+    orders = [
+        SyncTableOperator(
+            task_id=f"orders_{store}",
+            source_conn_id=store,
+            target_conn_id=CENTRAL,
+            sync_id=f"{store}_orders",
+            source_table="orders",
+            target_schema=store,
+            cursor_column="updated_at",
+            detect_deletes=True,
+            outlets=[table_asset(CENTRAL, store, "orders")],
+        )
+        for store in STORES
+    ]
+
+    extract_atp = ExtractToStagingOperator(
+        task_id="compute_atp",
+        source_conn_id=CENTRAL,
+        target_conn_id=CENTRAL,
+        sync_id="available_to_promise",
+        source_schema="inventory",
+        source_table="atp_inputs",
+        target_schema="inventory",
+        target_table="available_to_promise",
+        mode="full",
+        primary_key=["sku"],
+        transform=compute_atp,
+    )
+    gate_atp = DataQualityGateOperator(
+        task_id="gate_atp",
+        manifest=extract_atp.output,
+        target_conn_id=CENTRAL,
+        expectations=ATP_EXPECTATIONS,
+    )
+    load_atp = LoadStagedToPostgresOperator(
+        task_id="load_atp",
+        manifest=gate_atp.output,
+        target_conn_id=CENTRAL,
+        outlets=[table_asset(CENTRAL, "inventory", "available_to_promise")],
+    )
+    push = [
+        SyncTableOperator(
+            task_id=f"push_{store}",
+            source_conn_id=CENTRAL,
+            target_conn_id=store,
+            sync_id=f"{store}_availability",
+            source_schema="inventory",
+            source_table=f"allocation_{store}",
+            target_table="catalog_availability",
+            mode="full",
+            primary_key=["sku"],
+            outlets=[table_asset(store, "public", "catalog_availability")],
+        )
+        for store in STORES
+    ]
+
+    @task
+    def check_no_oversell(**context: Any) -> dict[str, Any]:
+        """The invariant across systems, and how fresh the stores' numbers are."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from airflow_sync_provider.casestudies.inventory import check_no_oversell as check
+        from airflow_sync_provider.casestudies.inventory import stock_freshness
+
+        uris = _uris([CENTRAL, *STORES])
+        result = check(uris)
+        if not result.ok:
+            raise AirflowFailException(
+                f"{len(result.violations)} SKU(s) could be oversold: " + "; ".join(result.violations[:10])
+            )
+        started = context["dag_run"].start_date
+        run_seconds = (dt.datetime.now(dt.UTC) - started).total_seconds() if started else None
+        freshness = stock_freshness(uris[CENTRAL])
+        logging.getLogger(__name__).info(
+            f"no oversell: {result.skus} SKUs, stores may sell {result.promised}; run latency "
+            f"{run_seconds if run_seconds is None else round(run_seconds, 2)} s (start of run -> stores updated); "
+            f"the newest warehouse change is in every store's sellable quantity {freshness} s after its commit"
+        )
+        return {"skus": result.skus, "promised": result.promised, "run_seconds": run_seconds, "freshness": freshness}
+
+    chain(prepare, [*stock, *orders], extract_atp, gate_atp, load_atp, push, check_no_oversell())
