@@ -371,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small scale (a minute or two)")
     parser.add_argument("--rows", type=int, help="rows of the main table (default 1M; quick 50k)")
     parser.add_argument("--rounds", type=int)
+    parser.add_argument("--cdc-changes", type=int, help="changes per CDC round (default 100k; quick 10k)")
     parser.add_argument("--only", default="abcdep", help="workloads to run: a/b/e together, c, d, p(arallel)")
     parser.add_argument("--profile", action="store_true", help="pyinstrument profiles of the provider's first round")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
@@ -382,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         scale.dlt_rows = min(scale.dlt_rows, args.rows)
     if args.rounds:
         scale.rounds = args.rounds
+    if args.cdc_changes:
+        scale.cdc_changes = args.cdc_changes
 
     workdir = Path(tempfile.mkdtemp(prefix="sync-bench-"))
     started = time.monotonic()

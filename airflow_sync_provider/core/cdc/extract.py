@@ -221,15 +221,12 @@ class _TableStream:
 
 
 def _pending_rows(values: Sequence[object], op: str, lsn: int, seq: int, moved_from: int | None = None) -> list[Any]:
+    lsn = lsn - 2**63 if lsn >= 2**63 else lsn
+    if not any(v is pgoutput.UNCHANGED_TOAST for v in values):  # the common case: one list, no per-value test
+        return [*values, op, lsn, seq, None, moved_from]
     unchanged = [i + 1 for i, v in enumerate(values) if v is pgoutput.UNCHANGED_TOAST]
     row: list[Any] = [None if v is pgoutput.UNCHANGED_TOAST else v for v in values]
-    row += [
-        op,
-        lsn - 2**63 if lsn >= 2**63 else lsn,
-        seq,
-        "{" + ",".join(map(str, unchanged)) + "}" if unchanged else None,
-        moved_from,
-    ]
+    row += [op, lsn, seq, "{" + ",".join(map(str, unchanged)) + "}", moved_from]
     return row
 
 
