@@ -330,6 +330,17 @@ def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Ta
 
     schema, name = manifest.target_schema, manifest.target_table
     display = f"{schema}.{name}"
+    reserved = [c.name for c in manifest.columns if c.name in (RUN_ID_COLUMN, SYNCED_AT_COLUMN, DELETED_AT_COLUMN)]
+    if reserved:
+        raise SchemaError(
+            f"the source has column(s) {reserved} named like the metadata columns the load keeps in the target "
+            f"({RUN_ID_COLUMN}, {SYNCED_AT_COLUMN}, {DELETED_AT_COLUMN}); leave them out with columns=(...) "
+            "or rename them in a source view",
+            sync_id=manifest.sync_id,
+            table=display,
+            column=reserved,
+            rule="reserved column name",
+        )
     existing = _target_columns(conn, schema, name)
     known = read_source_schema(conn, schema, manifest.state_table, manifest.sync_id, display)
 

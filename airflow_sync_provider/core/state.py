@@ -55,6 +55,18 @@ def state_table_ident(schema: str, table: str) -> sql.Composable:
     return sql.Identifier(schema, table)
 
 
+def param_identifier(*names: str) -> sql.Composable:
+    """``sql.Identifier(*names)`` for a query executed *with parameters*.
+
+    psycopg parses ``%`` placeholders in the whole composed query and does not escape ``%`` inside
+    identifiers, so a schema, table or column named ``rate %s`` or ``100%`` breaks such a query
+    ("positional and named placeholders cannot be mixed", "query parameter missing").  Here ``%`` is
+    doubled, which the placeholder parser turns back into one.  Only for parameterised queries: a
+    query run without parameters would keep the ``%%``.
+    """
+    return sql.SQL(sql.Identifier(*names).as_string(None).replace("%", "%%"))
+
+
 def ensure_state_table(conn: psycopg.Connection[Any], schema: str, table: str) -> None:
     """Create the schema and state table if missing (idempotent, safe under concurrency)."""
     with conn.transaction():
@@ -106,7 +118,7 @@ def _row_to_state(row: tuple[Any, ...]) -> SyncState:
 
 def _select_state(schema: str, table: str, lock: bool) -> sql.Composed:
     query = sql.SQL("SELECT {} FROM {} WHERE sync_id = %s").format(
-        sql.SQL(", ").join(sql.Identifier(c) for c in STATE_COLUMNS), state_table_ident(schema, table)
+        sql.SQL(", ").join(sql.Identifier(c) for c in STATE_COLUMNS), param_identifier(schema, table)
     )
     return query + sql.SQL(" FOR UPDATE") if lock else query
 
@@ -137,7 +149,7 @@ def lock_state(conn: psycopg.Connection[Any], schema: str, table: str, sync_id: 
     """
     conn.execute(
         sql.SQL("INSERT INTO {} (sync_id) VALUES (%s) ON CONFLICT (sync_id) DO NOTHING").format(
-            state_table_ident(schema, table)
+            param_identifier(schema, table)
         ),
         (sync_id,),
     )
@@ -154,7 +166,7 @@ def write_state(conn: psycopg.Connection[Any], schema: str, table: str, state: S
     values[columns.index("watermark")] = None if state.watermark is None else json.dumps(state.watermark)
     conn.execute(
         sql.SQL("UPDATE {} SET {}, committed_at = now() WHERE sync_id = %s").format(
-            state_table_ident(schema, table), assignments
+            param_identifier(schema, table), assignments
         ),
         [*values, state.sync_id],
     )
@@ -169,7 +181,7 @@ def read_source_schema(
         return None
     row = conn.execute(
         sql.SQL("SELECT to_jsonb(s) -> 'source_schema' -> %s FROM {} s WHERE sync_id = %s").format(
-            state_table_ident(schema, table)
+            param_identifier(schema, table)
         ),
         (target_table, sync_id),
     ).fetchone()
@@ -192,6 +204,6 @@ def write_source_schema(
         sql.SQL(
             "UPDATE {} SET source_schema = jsonb_set(coalesce(source_schema, '{{}}'::jsonb), ARRAY[%s], %s::jsonb) "
             "WHERE sync_id = %s"
-        ).format(state_table_ident(schema, table)),
+        ).format(param_identifier(schema, table)),
         (target_table, json.dumps([list(c) for c in columns]), sync_id),
     )
