@@ -688,11 +688,16 @@ def _copy_page(
             f"extraction failed: {first_line(error)}", sync_id=spec.sync_id, table=spec.qualified_source
         ) from error
     names = [p.name for p in source.plans]
+    # PostgreSQL quotes every CSV value that holds a newline: without a quote in the page, no value
+    # does, and Arrow parses ~2-4x faster (multi-threaded) when told so.
+    quoted = b'"' in buffer
     try:
         table = pacsv.read_csv(
             pa.py_buffer(bytes(buffer)),
-            read_options=pacsv.ReadOptions(column_names=names, block_size=max(len(buffer), 1 << 20)),
-            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            read_options=pacsv.ReadOptions(
+                column_names=names, block_size=max(len(buffer), 1 << 20), use_threads=not quoted
+            ),
+            parse_options=pacsv.ParseOptions(newlines_in_values=quoted),
             convert_options=pacsv.ConvertOptions(
                 column_types={p.name: p.arrow_type for p in source.plans},
                 null_values=[""],
