@@ -328,6 +328,118 @@ def masked_master(uri: str, target: str, key: str) -> pd.DataFrame:
     return transform(frame) if transform is not None else frame
 
 
+def _frame(conn: Any, query: sql.Composable, columns: tuple[str, ...]) -> pd.DataFrame:
+    return pd.DataFrame(conn.execute(query).fetchall(), columns=list(columns))
+
+
+def customers_match_master(uris: Mapping[str, str], key: str) -> dict[str, tuple[int, int]]:
+    """Per target: (rows in the target, rows that differ from the master after masking); 0 = equal."""
+    outcome = {}
+    for target, schema in TARGET_SCHEMAS.items():
+        expected = masked_master(uris[SOURCE], target, key)
+        columns = tuple(expected.columns)
+        with connect(uris[target]) as conn:
+            actual = _frame(
+                conn,
+                sql.SQL("SELECT {} FROM {} ORDER BY customer_id").format(
+                    sql.SQL(", ").join(map(sql.Identifier, columns)), sql.Identifier(schema, "customers")
+                ),
+                columns,
+            )
+        left = expected.reset_index(drop=True).astype(str)
+        right = actual.reset_index(drop=True).astype(str)
+        if len(left) != len(right):
+            outcome[target] = (len(actual), abs(len(left) - len(right)) + len(left))
+            continue
+        outcome[target] = (len(actual), int((left != right).any(axis=1).sum()))
+    return outcome
+
+
+@dataclass(frozen=True)
+class HistorySummary:
+    versions: int
+    current: int
+    customers_with_current: int
+    customers_in_target: int
+    closed_by_delete: int
+
+    @property
+    def one_current_per_customer(self) -> bool:
+        return self.current == self.customers_with_current == self.customers_in_target
+
+
+def history_summary(uri: str) -> HistorySummary:
+    with connect(uri) as conn:
+        row = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE _is_current), "
+            "count(DISTINCT customer_id) FILTER (WHERE _is_current), (SELECT count(*) FROM lending.customers), "
+            "count(*) FILTER (WHERE _sync_deleted) "
+            "FROM lending.customers_history"
+        ).fetchone()
+    assert row is not None
+    return HistorySummary(*(int(v) for v in row))
+
+
+def tokens_consistent(uris: Mapping[str, str]) -> tuple[int, int]:
+    """(customers in both credit scoring and fraud detection, of them with the same token)."""
+    tokens = []
+    for target in ("credit_scoring", "fraud_detection"):
+        with connect(uris[target]) as conn:
+            rows = conn.execute(
+                sql.SQL("SELECT customer_id, national_id_token FROM {}").format(
+                    sql.Identifier(TARGET_SCHEMAS[target], "customers")
+                )
+            )
+            tokens.append(dict(rows.fetchall()))
+    both = set(tokens[0]) & set(tokens[1])
+    return len(both), sum(tokens[0][k] == tokens[1][k] for k in both)
+
+
+def ledger(uris: Mapping[str, str]) -> dict[str, list[tuple[str, str, int]]]:
+    """Audit-ledger entries per sync id over the targets: (mode, status, rows staged), oldest first."""
+    entries: dict[str, list[tuple[str, str, int]]] = {}
+    for target, schema in TARGET_SCHEMAS.items():
+        with connect(uris[target]) as conn:
+            rows = conn.execute(
+                sql.SQL("SELECT sync_id, mode, status, rows_staged FROM {} ORDER BY entry_id").format(
+                    sql.Identifier(schema, "_sync_audit")
+                )
+            )
+            for sync_id, mode, status, staged in rows:
+                entries.setdefault(sync_id, []).append((mode, status, int(staged)))
+    return entries
+
+
+def last_reconciliations(uris: Mapping[str, str]) -> dict[str, tuple[int, int, int, int]]:
+    """Per sync id, the last reconciliation: (target rows, missing, extra, different)."""
+    found = {}
+    for target, schema in TARGET_SCHEMAS.items():
+        with connect(uris[target]) as conn:
+            rows = conn.execute(
+                sql.SQL(
+                    "SELECT DISTINCT ON (sync_id) sync_id, target_count, missing_in_target, extra_in_target, different "
+                    "FROM {} ORDER BY sync_id, reconciliation_id DESC"
+                ).format(sql.Identifier(schema, "_sync_reconciliations"))
+            )
+            for sync_id, *counts in rows:
+                found[sync_id] = tuple(int(c) for c in counts)
+    return found  # type: ignore[return-value]
+
+
+def gate_results(uris: Mapping[str, str]) -> list[tuple[str, bool, int]]:
+    """Every quality-gate result recorded in the targets: (sync id, passed, rows)."""
+    results: list[tuple[str, bool, int]] = []
+    for target, schema in TARGET_SCHEMAS.items():
+        with connect(uris[target]) as conn:
+            rows = conn.execute(
+                sql.SQL("SELECT sync_id, success, rows FROM {} ORDER BY result_id").format(
+                    sql.Identifier(schema, "_sync_quality_results")
+                )
+            )
+            results.extend((sync_id, bool(ok), int(n)) for sync_id, ok, n in rows)
+    return results
+
+
 __all__ = [
     "HISTORY_TABLE",
     "LOAN_EXPECTATIONS",
@@ -335,9 +447,16 @@ __all__ = [
     "SOURCE",
     "TARGET_COLUMNS",
     "TARGET_SCHEMAS",
+    "HistorySummary",
     "customer_expectations",
+    "customers_match_master",
+    "gate_results",
+    "history_summary",
+    "last_reconciliations",
+    "ledger",
     "masked_master",
     "masking_for",
     "seed",
     "simulate_round",
+    "tokens_consistent",
 ]

@@ -312,6 +312,7 @@ class AvailabilityCheck:
 
     skus: int
     violations: list[str]
+    #: units each store may sell, over all SKUs
     promised: dict[str, int]
 
     @property
@@ -363,9 +364,8 @@ def check_no_oversell(uris: Mapping[str, str], against: str = "central") -> Avai
         if total > limit:
             shown = ", ".join(f"{s}={q}" for s, q in sorted(by_store.items()))
             violations.append(f"{sku}: stores may sell {total} ({shown}) but only {limit} are available")
-    return AvailabilityCheck(
-        skus=len(available), violations=violations, promised={s: sum(v.values()) for s, v in promised.items()}
-    )
+    per_store = {store: sum(by_store.get(store, 0) for by_store in promised.values()) for store in STORES}
+    return AvailabilityCheck(skus=len(available), violations=violations, promised=per_store)
 
 
 def stock_freshness(central_uri: str) -> float | None:

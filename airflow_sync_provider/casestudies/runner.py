@@ -26,7 +26,8 @@ import datetime as dt, json, sys
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1])
 if bag.import_errors:
-    print("RESULT=" + json.dumps({"state": "import_error", "tasks": {}, "errors": {k: str(v) for k, v in bag.import_errors.items()}}))
+    errors = {k: str(v) for k, v in bag.import_errors.items()}
+    print("RESULT=" + json.dumps({"state": "import_error", "tasks": {}, "errors": errors}))
     sys.exit(0)
 dag = bag.get_dag(sys.argv[2])
 run = dag.test(logical_date=dt.datetime.fromisoformat(sys.argv[3]), run_conf=json.loads(sys.argv[4]) or None)
