@@ -22,13 +22,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from psycopg import sql
-from psycopg.copy import QueuedLibpqWriter
 
 from airflow_sync_provider.core.audit import AuditEntry, append_entry, ensure_audit_table, stage_checksum
 from airflow_sync_provider.core.errors import DataError, SchemaError, SyncError, UnsafeOperationError
 from airflow_sync_provider.core.history import close_deleted, record_history
 from airflow_sync_provider.core.manifest import Manifest, StagedFile
-from airflow_sync_provider.core.pgcopy import hex_bytea, naive_utc, utc_session
+from airflow_sync_provider.core.pgcopy import BoundedQueuedWriter, hex_bytea, naive_utc, utc_session
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver, Progress
 from airflow_sync_provider.core.schema import TYPES_WITHOUT_EQUALITY, validate_pg_type
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SYNCED_AT_COLUMN
@@ -473,7 +472,7 @@ def copy_files(
                 with (
                     conn.transaction(),
                     conn.cursor() as cursor,
-                    cursor.copy(copy_sql, writer=QueuedLibpqWriter(cursor)) as copy,
+                    cursor.copy(copy_sql, writer=BoundedQueuedWriter(cursor)) as copy,
                 ):
                     for staged in staged_files:
                         for batch in iter_staged_batches(staged.uri, _COPY_ROWS):

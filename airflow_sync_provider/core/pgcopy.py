@@ -17,6 +17,24 @@ import numpy as np
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
+from psycopg.copy import QueuedLibpqWriter
+
+#: Chunks (of at most 128 kB) a COPY may have in flight: bounds the memory of a fast producer.
+MAX_QUEUED_CHUNKS = 64
+
+
+class BoundedQueuedWriter(QueuedLibpqWriter):
+    """psycopg's background COPY writer with a short queue.
+
+    The writer thread sends while the caller renders the next batch (the server parses one batch
+    while Arrow renders the next), but psycopg's own queue holds up to 1024 chunks (128 MB): when
+    the server is the slower side the whole load could pile up in memory.  64 chunks keep at most
+    ~8 MB (plus the batch they slice) in flight.
+    """
+
+    def __init__(self, cursor: psycopg.Cursor[Any], max_chunks: int = MAX_QUEUED_CHUNKS) -> None:
+        super().__init__(cursor)
+        self._queue.maxsize = max_chunks  # read by every put(); the queue is still empty here
 
 
 @contextlib.contextmanager
