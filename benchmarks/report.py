@@ -121,6 +121,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"| parallel initial sync | provider, {contender.replace('_', ' ')} | {entry['rows']:,.0f} | "
             f"{entry['median_seconds']:.3f} | {entry['rows_per_s'] or 0:,.0f} | {entry['peak_rss_mb']:.0f} |"
         )
+    checks = results.get("checks") or {}
+    if checks:
+        verdicts = ", ".join(f"{LABELS.get(c, c)}: {'yes' if all(v) else 'NO'}" for c, v in checks.items())
+        lines += ["", f"Target == source after every (b) run (count, sums, latest cursor): {verdicts}."]
+    for note in results.get("notes") or []:
+        lines += ["", f"Note: {note}"]
     lines += [
         "",
         f"\\* run on a subset ({scale['slow_rows']:,} rows per run) because row-by-row paths take minutes at full "
@@ -132,8 +138,12 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """Write the PNG; False (and no plot) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -163,3 +173,4 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -41,6 +42,18 @@ ROW_EXPR = (
 )
 
 
+ALL_CONTENDERS = (
+    "raw_limit",
+    "provider_incremental",
+    "provider_full",
+    "dlt_merge",
+    "airflow_upsert_rows",
+    "airflow_insert_rows_executemany",
+    "airflow_generic_transfer",
+    "pandas_to_sql",
+)
+
+
 @dataclass
 class Scale:
     rows: int
@@ -63,6 +76,12 @@ class Bench:
     log: list[str] = field(default_factory=list)
     samples: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
     profile: bool = False
+    contenders: set[str] | None = None  # None: all
+    notes: list[str] = field(default_factory=list)
+    checks: dict[str, list[bool]] = field(default_factory=dict)
+
+    def wanted(self, contender: str) -> bool:
+        return self.contenders is None or contender in self.contenders
 
     @property
     def src_db(self) -> str:
@@ -201,14 +220,16 @@ def initial_and_incremental(bench: Bench) -> None:
         for name in ["raw_items", *(f"{c}_items" for c in slow)]:
             bench.sql(bench.tgt_db, TABLE_DDL.format(name=name))
         shutil.rmtree(bench.workdir / "dlt", ignore_errors=True)
-        order = ["raw_limit", "provider_incremental", "provider_full", "dlt_merge", *slow]
+        order = [
+            c for c in ["raw_limit", "provider_incremental", "provider_full", "dlt_merge", *slow] if bench.wanted(c)
+        ]
         order = order[round_ % len(order) :] + order[: round_ % len(order)]  # alternate who goes first
         for contender in order:
             bench.run(_job(bench, contender, "a", round_), f"a/{contender}")
         changed = change_source(bench)
         bench.say(f"round {round_ + 1}/{scale.rounds}: (b) incremental after {changed:,} changed/new rows")
         for contender in slow:
-            if contender != "pandas_to_sql":
+            if contender != "pandas_to_sql" and bench.wanted(contender):
                 clone_target(bench, "raw_items", f"{contender}_items")
         for contender in order:
             if contender == "pandas_to_sql":
@@ -217,8 +238,26 @@ def initial_and_incremental(bench: Bench) -> None:
             if contender in ("raw_limit", "provider_incremental", "provider_full", "dlt_merge"):
                 job["rows"] = changed
             bench.run(job, f"b/{contender}")
+        verify(bench, [c for c in order if c in ("raw_limit", "provider_incremental", "provider_full", "dlt_merge")])
         bench.say(f"round {round_ + 1}/{scale.rounds}: (e) no-change run")
         bench.run(_job(bench, "provider_incremental", "e", round_), "e/provider_incremental")
+
+
+def verify(bench: Bench, contenders: list[str]) -> None:
+    """After (b): every full-table contender's target must equal the source (count, sums, latest cursor)."""
+    fingerprint = "SELECT count(*), sum(price), sum(qty), max(updated_at), sum(length(note)) FROM {}"
+    expected = bench.sql(bench.src_db, fingerprint.format("items"))[0]
+    tables = {
+        "raw_limit": "raw_items",
+        "provider_incremental": "prov_incr_items",
+        "provider_full": "prov_full_items",
+        "dlt_merge": "dlt_bench.items",
+    }
+    for contender in contenders:
+        got = bench.sql(bench.tgt_db, fingerprint.format(tables[contender]))[0]
+        ok = tuple(got) == tuple(expected)
+        bench.checks.setdefault(contender, []).append(ok)
+        bench.say(f"  check {contender:<30} target == source: {'YES' if ok else f'NO ({got} != {expected})'}")
 
 
 def _job(bench: Bench, contender: str, workload: str, round_: int) -> dict[str, Any]:
@@ -375,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="abcdep", help="workloads to run: a/b/e together, c, d, p(arallel)")
     parser.add_argument("--profile", action="store_true", help="pyinstrument profiles of the provider's first round")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
+    parser.add_argument("--contenders", help="comma-separated subset of contenders (default: all)")
     args = parser.parse_args(argv)
     scale = Scale(**vars(QUICK if args.quick else FULL))
     if args.rows:
@@ -390,6 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with local_postgres() as server:
         bench = Bench(server=server, scale=scale, workdir=workdir, profile=args.profile)
+        if args.contenders:
+            bench.contenders = set(args.contenders.split(","))
+        if importlib.util.find_spec("dlt") is None:
+            bench.contenders = (bench.contenders or set(ALL_CONTENDERS)) - {"dlt_merge"}
+            bench.notes.append("dlt is not installed (pip install -e '.[bench]'): no dlt figures")
+        for note in bench.notes:
+            bench.say(note)
         version = bench.sql("postgres", "SHOW server_version")[0][0]
         bench.say(f"PostgreSQL {version} on port {server.port}; scale {scale}")
         server.create_database(bench.src_db)
@@ -418,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "wall_seconds": round(time.monotonic() - started, 1),
         "summary": summarise(bench),
+        "checks": bench.checks,
+        "notes": bench.notes,
         "samples": bench.samples,
         "log": bench.log,
     }
@@ -427,15 +476,19 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str))
     markdown = report.markdown(results)
     (out / f"{stem}.md").write_text(markdown)
-    report.plot(results, out / f"{stem}.png")
-    for suffix in ("json", "md", "png"):
+    plotted = report.plot(results, out / f"{stem}.png")
+    for suffix in ("json", "md", "png") if plotted else ("json", "md"):
         shutil.copyfile(out / f"{stem}.{suffix}", out / f"latest-{'quick' if args.quick else 'full'}.{suffix}")
     profiles = workdir / "profiles"
     if profiles.exists():
         shutil.copytree(profiles, out / f"{stem}-profiles", dirs_exist_ok=True)
     shutil.rmtree(workdir, ignore_errors=True)
     print(markdown)
-    print(f"results: {out / stem}.json/.md/.png")
+    print(f"results: {out / stem}.json/.md{'/.png' if plotted else ''}")
+    failed = [c for c, oks in bench.checks.items() if not all(oks)]
+    if failed:
+        print(f"TARGET != SOURCE after the incremental run for: {', '.join(failed)}")
+        return 1
     return 0
 
 
