@@ -169,3 +169,32 @@ def test_bank_dag_masks_keeps_history_reconciles_and_backfills(systems: tuple[Ai
         assert [(mode, status) for mode, status, _ in entries][2] == ("backfill", "backfilled")
         assert [status for _, status, _ in entries[:2]] == ["applied", "applied"]
         assert len(entries) == 3
+
+
+def test_case_study_dags_parse_without_a_database_and_declare_their_assets(monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.dag_processing.dagbag import DagBag
+
+    from airflow_sync_provider.casestudies.runner import DAGS_FOLDER
+
+    for system in databases.ALL_SYSTEMS:  # connections that point nowhere: parsing must not try them
+        monkeypatch.setenv(f"AIRFLOW_CONN_{system.upper()}", "postgres://nobody@127.0.0.1:1/nowhere")
+    monkeypatch.delenv("AIRFLOW_VAR_SYNC_TOKEN_KEY", raising=False)  # read when a batch is masked, not at parse
+    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    assert bag.import_errors == {}
+    inventory_dag, bank_dag = bag.dags["inventory_sync"], bag.dags["bank_customer_sync"]
+    # the bank's schedule has real hourly intervals, so `airflow backfill create` windows are real
+    assert type(bank_dag.timetable).__name__ == "CronDataIntervalTimetable"
+    written = {asset.name for dag in (inventory_dag, bank_dag) for task in dag.tasks for asset in task.outlets}
+    assert {
+        "inventory_central.inventory.available_to_promise",
+        "store_web.public.catalog_availability",
+        "store_app.public.catalog_availability",
+        "inventory_central.warehouse_a.stock",
+        "loan_management.lending.customers",
+        "loan_management.lending.customers_history",
+        "credit_scoring.scoring.customers",
+        "fraud_detection.fraud.customers",
+        "loan_management.lending.loans",
+    } <= written
+    gates = [t.task_id for t in bank_dag.tasks if "gate" in t.task_id or "point_to" in t.task_id]
+    assert len(gates) == 5  # a GX gate per customer target and the loans, and the reference gate
