@@ -214,12 +214,16 @@ class ColumnChange:
 
 
 def detect_drift(
-    known: Sequence[tuple[str, str]] | None, current: Sequence[ManifestColumn], target: Mapping[str, str]
+    known: Sequence[tuple[str, str]] | None,
+    current: Sequence[ManifestColumn],
+    target: Mapping[str, str],
+    check_types: bool = True,
 ) -> list[ColumnChange]:
     """Changes of the source's columns (``current``) since the recorded ones (``known``).
 
     A column the target lacks counts as added even without a record; dropped columns and type
     changes need the record (a target column the source never had may be the user's own).
+    ``check_types=False``: the record names types differently (see :class:`.state.SourceSchema`).
     """
     changes: list[ColumnChange] = []
     before = dict(known or ())
@@ -230,7 +234,7 @@ def detect_drift(
             same_type = [d for d in dropped if compare_types(before[d], column.pg_type) == "same"]
             renamed = same_type[0] if len(same_type) == 1 and len(dropped) == 1 else None
             changes.append(ColumnChange("added", column.name, None, column.pg_type, renamed))
-        elif column.name in before:
+        elif column.name in before and check_types:
             moved = compare_types(before[column.name], column.pg_type)
             if moved != "same":
                 changes.append(ColumnChange(moved, column.name, before[column.name], column.pg_type))
@@ -275,6 +279,7 @@ def plan_drift(
     target: Mapping[str, str],
     not_null: Sequence[str] = (),
     policy: str | None = None,
+    check_types: bool = True,
 ) -> DriftPlan:
     """Decide what to do under the manifest's policy, or raise a :class:`SchemaError` naming the rule."""
     policy = policy or getattr(manifest, "schema_drift", None) or DEFAULT_SCHEMA_DRIFT
@@ -286,7 +291,7 @@ def plan_drift(
             table=display,
             rule="schema drift",
         )
-    changes = detect_drift(known, manifest.columns, target)
+    changes = detect_drift(known, manifest.columns, target, check_types)
     plan = DriftPlan(policy, changes)
     if not changes:
         return plan
@@ -370,6 +375,7 @@ def apply_drift(
     known: Sequence[tuple[str, str]] | None,
     target: Mapping[str, str],
     log: Logger | None = None,
+    check_types: bool = True,
 ) -> DriftPlan:
     """Inside the load transaction: plan (or refuse) and run the DDL; returns the plan.
 
@@ -377,7 +383,8 @@ def apply_drift(
     leaves out are removed from ``manifest.columns`` (see :func:`narrow_manifest`).
     """
     log = log or LOG
-    plan = plan_drift(manifest, known, target, not_null_columns(conn, manifest.target_schema, manifest.target_table))
+    not_null = not_null_columns(conn, manifest.target_schema, manifest.target_table)
+    plan = plan_drift(manifest, known, target, not_null, check_types=check_types)
     for statement in plan.statements:
         conn.execute(statement)
     if plan.changes:

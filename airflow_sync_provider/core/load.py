@@ -325,7 +325,7 @@ def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Ta
     """
     # Imported here: this function is the only user in this module.
     from airflow_sync_provider.core import drift
-    from airflow_sync_provider.core.state import read_source_schema, write_source_schema
+    from airflow_sync_provider.core.state import SourceSchema, read_source_schema, write_source_schema
 
     schema, name = manifest.target_schema, manifest.target_table
     display = f"{schema}.{name}"
@@ -342,9 +342,10 @@ def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Ta
         )
     existing = _target_columns(conn, schema, name)
     known = read_source_schema(conn, schema, manifest.state_table, manifest.sync_id, display)
+    kind = "cdc" if manifest.mode == "cdc" else "table"
 
     def record() -> None:
-        columns = drift.recorded_columns(manifest)
+        columns = SourceSchema(kind, tuple(drift.recorded_columns(manifest)))
         if columns != known:
             write_source_schema(conn, schema, manifest.state_table, manifest.sync_id, display, columns)
 
@@ -371,7 +372,8 @@ def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Ta
         record()
         return TargetTable(schema, name, existing)
 
-    plan = drift.apply_drift(conn, manifest, known, existing, LOG)
+    same_kind = known is not None and known.kind == kind
+    plan = drift.apply_drift(conn, manifest, known.columns if known else None, existing, LOG, check_types=same_kind)
     if plan.statements:
         existing = _target_columns(conn, schema, name)
         assert existing is not None

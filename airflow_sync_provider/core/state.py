@@ -172,11 +172,24 @@ def write_state(conn: psycopg.Connection[Any], schema: str, table: str, state: S
     )
 
 
+@dataclass(frozen=True)
+class SourceSchema:
+    """The source columns the last committed load of a target table synced (see :mod:`.drift`).
+
+    ``kind`` says who described them: ``"table"`` (the extraction's reflected column plan, also used
+    by CDC snapshots) or ``"cdc"`` (pgoutput relation messages).  The two name some types
+    differently (a type SQLAlchemy does not know is planned as text; pgoutput names it), so types
+    are only compared between descriptions of the same kind.
+    """
+
+    kind: str
+    columns: tuple[tuple[str, str], ...]
+
+
 def read_source_schema(
     conn: psycopg.Connection[Any], schema: str, table: str, sync_id: str, target_table: str
-) -> list[tuple[str, str]] | None:
-    """The source columns ``(name, PostgreSQL type)`` the last committed load of ``target_table``
-    synced (see :mod:`.drift`), or None if none is recorded."""
+) -> SourceSchema | None:
+    """The recorded source columns of ``target_table`` in the sync's state row, or None."""
     if not table_exists(conn, schema, table):
         return None
     row = conn.execute(
@@ -188,22 +201,18 @@ def read_source_schema(
     if row is None or row[0] is None:
         return None
     value = row[0] if not isinstance(row[0], str) else json.loads(row[0])
-    return [(str(name), str(pg_type)) for name, pg_type in value]
+    return SourceSchema(str(value["kind"]), tuple((str(n), str(t)) for n, t in value["columns"]))
 
 
 def write_source_schema(
-    conn: psycopg.Connection[Any],
-    schema: str,
-    table: str,
-    sync_id: str,
-    target_table: str,
-    columns: list[tuple[str, str]],
+    conn: psycopg.Connection[Any], schema: str, table: str, sync_id: str, target_table: str, record: SourceSchema
 ) -> None:
     """Record the synced source columns of ``target_table`` (inside the load's transaction)."""
+    value = {"kind": record.kind, "columns": [list(c) for c in record.columns]}
     conn.execute(
         sql.SQL(
             "UPDATE {} SET source_schema = jsonb_set(coalesce(source_schema, '{{}}'::jsonb), ARRAY[%s], %s::jsonb) "
             "WHERE sync_id = %s"
         ).format(param_identifier(schema, table)),
-        (target_table, json.dumps([list(c) for c in columns]), sync_id),
+        (target_table, json.dumps(value), sync_id),
     )
