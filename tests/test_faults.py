@@ -30,7 +30,13 @@ import pytest
 import sqlalchemy as sa
 
 from airflow_sync_provider.core import StagingArea, SyncError, SyncSpec, extract_for, load_manifest, run_sync
-from airflow_sync_provider.core.cdc import CdcSpec, run_cdc_sync
+from airflow_sync_provider.core.cdc import (
+    CdcSpec,
+    changes_to_staging,
+    committed_cdc_state,
+    load_cdc_manifest,
+    run_cdc_sync,
+)
 from airflow_sync_provider.core.errors import SchemaError
 from airflow_sync_provider.core.state import read_state
 from airflow_sync_provider.core.values import decode_row
@@ -684,6 +690,70 @@ def test_sigkill_during_a_cdc_run(cdc: CdcEnv, rng: random.Random, trials: int) 
         problems = _cdc_problems(cdc, spec)
         record_fault_trial("sigkill CDC run", failed=bool(problems), detail=kill_phase or "random time")
         assert not problems, (trial, where, problems)
+
+
+@_trials(3)
+def test_two_cdc_runs_at_once_and_a_stale_cdc_batch(
+    cdc: CdcEnv, rng: random.Random, trials: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two CDC runs of one sync at the same moment share the slot and the state row: no error, no
+    deadlock, every change once; a batch read before a newer commit loads as a logged no-op."""
+    mutate = StockMutator(rng)
+    spec = CdcSpec(sync_id="stock_cdc", tables=("stock",), batch_rows=500)
+    with cdc.env.source() as conn:
+        _seed_stock(conn)
+    cdc.run(spec, run_id="snapshot")
+    for trial in range(trials):
+        with cdc.env.source() as conn:
+            mutate(conn)
+        barrier = threading.Barrier(2)
+        results: list[str] = []
+        errors: list[BaseException] = []
+
+        def run(
+            name: str,
+            barrier: threading.Barrier = barrier,
+            results: list[str] = results,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            try:
+                barrier.wait(10)
+                results.append(cdc.run(spec, run_id=name)[1].status)
+            except BaseException as error:  # reported below, in the test's thread
+                errors.append(error)
+
+        threads = [threading.Thread(target=run, args=(f"c{trial}-{i}",)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        problems = [repr(e) for e in errors] + (["hung"] if any(t.is_alive() for t in threads) else [])
+        problems += [] if "applied" in results else [f"neither run applied: {results}"]
+
+        # A batch staged now, loaded after a newer run committed: a no-op that says so.
+        with cdc.env.source() as conn:
+            mutate(conn)
+        engine = cdc.env.source_engine
+        with cdc.env.target() as target:
+            old = changes_to_staging(
+                engine, spec, state=committed_cdc_state(target, spec), staging=cdc.env.staging, run_id="old"
+            )
+        engine.dispose()
+        cdc.run(spec, run_id=f"newer-{trial}")
+        with cdc.env.target() as target:
+            before = table_checksum(target, "stock", ["id", "qty", "note"], ["id"])
+            caplog.clear()
+            with caplog.at_level("INFO"):
+                stale = load_cdc_manifest(target, old)
+            after = table_checksum(target, "stock", ["id", "qty", "note"], ["id"])
+        if stale.status not in ("stale", "already_applied") or after != before:
+            problems.append(f"old CDC batch was not a no-op: {stale.status}")
+        if not any(old.manifest_id in r.getMessage() for r in caplog.records):
+            problems.append("no log line names the skipped CDC batch")
+        problems += _cdc_problems(cdc, spec)
+        record_fault_trial("two concurrent CDC runs", failed=bool(problems), detail="+".join(sorted(results)))
+        record_fault_trial("stale CDC batch", failed=bool(problems), detail=stale.status)
+        assert not problems, (trial, results, problems)
 
 
 def test_cdc_slot_dropped_between_runs_is_a_clear_error(cdc: CdcEnv) -> None:
