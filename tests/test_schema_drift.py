@@ -357,3 +357,28 @@ def test_a_target_made_by_hand_with_other_types_is_not_drift(env: SyncEnv) -> No
 def test_type_comparison(old: str, new: str, expected: str) -> None:
     assert compare_types(old, new) == expected
     assert str(parse_pg_type("CHARACTER VARYING(40)[]")) == "varchar(40)[]"
+
+
+def test_evolve_keeps_the_history_table_in_step(env: SyncEnv) -> None:
+    """With an SCD2 history table, ``evolve`` adds and widens its columns too (same transaction)."""
+    spec = SyncSpec(
+        sync_id="items", source_table="items", cursor_column="updated_at", history_table="items_history"
+    ).with_options(schema_drift="evolve")
+    _seed(env)
+    _first(env, spec)
+    _source(
+        env,
+        "ALTER TABLE items ADD COLUMN color text DEFAULT 'red', ALTER COLUMN qty TYPE bigint",
+        "UPDATE items SET qty = 5000000000, updated_at = clock_timestamp() WHERE id <= 2",
+    )
+    assert env.sync(spec, run_id="drifted")[1].updated == 2
+    with env.target() as conn:
+        current = conn.execute(
+            "SELECT id, qty, color FROM items_history WHERE _is_current AND id <= 3 ORDER BY id"
+        ).fetchall()
+        qty_type = conn.execute(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = 'items_history'::regclass AND attname = 'qty'"
+        ).fetchone()
+    assert current == [(1, 5000000000, "red"), (2, 5000000000, "red"), (3, 3, None)]
+    assert qty_type == ("bigint",)

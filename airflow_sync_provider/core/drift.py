@@ -387,6 +387,9 @@ def apply_drift(
     plan = plan_drift(manifest, known, target, not_null, check_types=check_types)
     for statement in plan.statements:
         conn.execute(statement)
+    history = getattr(manifest, "history_table", None)
+    if plan.statements and history:
+        _evolve_history(conn, manifest.target_schema, history, plan)
     if plan.changes:
         log.warning(
             "sync %s: schema drift in %s.%s (schema_drift=%s): %s -> %s",
@@ -400,6 +403,35 @@ def apply_drift(
     if plan.discarded:
         narrow_manifest(manifest, plan.discarded)
     return plan
+
+
+def _column_types(conn: psycopg.Connection[Any], schema: str, table: str) -> dict[str, tuple[str, bool]]:
+    rows = conn.execute(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull FROM pg_attribute a "
+        "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped",
+        (schema, table),
+    ).fetchall()
+    return {str(r[0]): (str(r[1]), bool(r[2])) for r in rows}
+
+
+def _evolve_history(conn: psycopg.Connection[Any], schema: str, history: str, plan: DriftPlan) -> None:
+    """``evolve`` keeps an SCD2 history table (see :mod:`.history`) in step with the target table."""
+    columns = _column_types(conn, schema, history)
+    if not columns:
+        return  # not created yet: it will be created from the evolved target
+    ident = sql.Identifier(schema, history)
+    for change in plan.changes:
+        column = sql.Identifier(change.column)
+        if change.kind == "added" and change.column not in columns:
+            new_type = sql.SQL(validate_pg_type(change.new_type or ""))
+            conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(ident, column, new_type))
+        elif change.kind == "widened" and change.column in columns:
+            if not holds(columns[change.column][0], change.new_type or "-"):
+                new_type = sql.SQL(validate_pg_type(change.new_type or ""))
+                conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {}").format(ident, column, new_type))
+        elif change.kind == "dropped" and columns.get(change.column, ("", False))[1]:
+            conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL").format(ident, column))
 
 
 def narrow_manifest(manifest: Manifest, discarded: Sequence[str]) -> None:
