@@ -45,7 +45,8 @@ class ColumnType:
 
 
 def _numeric(precision: int, scale: int) -> ColumnType:
-    limit = decimal.Decimal(10) ** (precision - scale) - decimal.Decimal(1).scaleb(-scale)
+    exact = decimal.Context(prec=100)  # the default 28 digits would round the limit up to 10**28
+    limit = exact.subtract(exact.power(10, precision - scale), decimal.Decimal(1).scaleb(-scale))
     return ColumnType(
         f"numeric({precision},{scale})",
         st.decimals(-limit, limit, places=scale, allow_nan=False, allow_infinity=False),
@@ -58,7 +59,9 @@ TYPES = [
     ColumnType("bigint", st.integers(-(2**63), 2**63 - 1)),
     ColumnType(
         "numeric",
-        st.decimals(allow_nan=True, allow_infinity=False, places=None).filter(lambda d: abs(d.adjusted()) < 1000),
+        st.decimals(allow_nan=True, allow_infinity=False, places=None)
+        .filter(lambda d: d.is_nan() or abs(d.adjusted()) < 1000)
+        .map(lambda d: decimal.Decimal("NaN") if d.is_nan() else d),  # PostgreSQL has one NaN: no -NaN, sNaN
     ),
     _numeric(12, 2),
     _numeric(38, 10),
