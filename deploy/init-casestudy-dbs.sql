@@ -2,6 +2,7 @@
 CREATE DATABASE warehouse_a;
 CREATE DATABASE warehouse_b;
 CREATE DATABASE store_web;
+CREATE DATABASE store_app;
 CREATE DATABASE inventory_central;
 CREATE DATABASE core_banking;
 CREATE DATABASE loan_management;

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from airflow_sync_provider.casestudies.databases import ALL_SYSTEMS
+
 REPO = Path(__file__).resolve().parents[1]
 AIRFLOW_SERVICES = (
     "airflow-apiserver",
@@ -71,6 +73,7 @@ def test_case_study_databases_have_logical_wal_and_registered_connections() -> N
     }
     env = compose["services"]["airflow-worker"]["environment"]
     connections = {k.removeprefix("AIRFLOW_CONN_").lower(): v for k, v in env.items() if k.startswith("AIRFLOW_CONN_")}
-    assert set(connections) == databases
+    assert set(connections) == databases == set(ALL_SYSTEMS)  # every system the case-study DAGs use
+    assert env["AIRFLOW_VAR_SYNC_TOKEN_KEY"]  # the bank DAG's tokenisation secret
     for conn_id, uri in connections.items():
         assert uri == f"postgres://sync:sync@casestudy-db:5432/{conn_id}"

@@ -19,13 +19,31 @@ BANK_TARGETS = ("loan_management", "credit_scoring", "fraud_detection")
 ALL_SYSTEMS = (*INVENTORY_SOURCES, INVENTORY_TARGET, BANK_SOURCE, *BANK_TARGETS)
 
 
-def create_databases(admin: psycopg.Connection[Any], prefix: str = "", systems: tuple[str, ...] = ALL_SYSTEMS) -> None:
-    """Create (or re-create, empty) one database per system, named ``<prefix><system>``."""
+def create_databases(
+    admin: psycopg.Connection[Any], prefix: str = "", systems: tuple[str, ...] = ALL_SYSTEMS, recreate: bool = True
+) -> list[str]:
+    """Create one database per system, named ``<prefix><system>``; returns those created.
+
+    ``recreate``: drop and create them empty; otherwise keep the ones that exist.
+    """
     admin.autocommit = True
+    created = []
     for system in systems:
         name = sql.Identifier(prefix + system)
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+        if recreate:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+        elif admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (prefix + system,)).fetchone():
+            continue
         admin.execute(sql.SQL("CREATE DATABASE {}").format(name))
+        created.append(system)
+    return created
+
+
+def is_seeded(uri: str, table: str) -> bool:
+    """Whether a source system already has its tables (seeding is not repeated)."""
+    with connect(uri) as conn:
+        row = conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()
+    return row is not None and row[0] is not None
 
 
 def connection_uris(host: str, port: int, user: str = "postgres", prefix: str = "") -> dict[str, str]:

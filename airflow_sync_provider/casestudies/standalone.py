@@ -1,0 +1,86 @@
+"""The reference DAGs in the Airflow UI (``airflow standalone``) against embedded case-study databases.
+
+    python -m airflow_sync_provider.casestudies.standalone          # or: make ui
+
+Starts (or restarts) an embedded PostgreSQL whose data persists in ``--data`` (default
+``~/.cache/airflow_sync_provider/casestudies``), creates the case-study databases the first time
+and seeds them, points the Airflow connections and the tokenisation variable at them (as
+environment variables of this process), and runs ``airflow standalone`` with ``dags/`` as the DAG
+folder.  Open http://localhost:8080 (the admin password is printed by Airflow), unpause
+``inventory_sync`` and ``bank_customer_sync``, and trigger ``case_study_data`` with
+``{"action": "changes"}`` to make something happen.  Ctrl-C stops Airflow and the database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from airflow_sync_provider.casestudies import bank, databases, inventory
+from airflow_sync_provider.casestudies.runner import DAGS_FOLDER
+from airflow_sync_provider.local_postgres import free_port, init_server
+
+DEFAULT_DATA = Path.home() / ".cache" / "airflow_sync_provider" / "casestudies"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="where the embedded databases persist")
+    parser.add_argument("--port", type=int, default=None, help="PostgreSQL port (default: a free one)")
+    parser.add_argument(
+        "--airflow-home", type=Path, default=Path(os.environ.get("AIRFLOW_HOME", Path.cwd() / ".airflow"))
+    )
+    parser.add_argument("--print-env", action="store_true", help="start the databases, print the variables, exit")
+    parser.add_argument("--stop", action="store_true", help="stop the databases a --print-env run left running")
+    args = parser.parse_args(argv)
+
+    pid_file = args.data / "pg" / "postmaster.pid"
+    if args.stop or pid_file.exists():
+        port = int(pid_file.read_text().splitlines()[3]) if pid_file.exists() else 0
+        init_server(args.data / "pg", port).stop()
+        if args.stop:
+            return 0
+    server = init_server(args.data / "pg", args.port or free_port())
+    server.start()
+    try:
+        with server.connect() as admin:
+            created = databases.create_databases(admin, recreate=False)
+        uris = databases.connection_uris("127.0.0.1", server.port)
+        if created:
+            print(f"created databases: {', '.join(created)}; seeding them")
+            if not databases.is_seeded(uris["warehouse_a"], "public.stock"):
+                inventory.seed(uris)
+            if not databases.is_seeded(uris[bank.SOURCE], "public.customers"):
+                bank.seed(uris[bank.SOURCE])
+        environment = {
+            **databases.airflow_environment(uris),
+            "AIRFLOW_VAR_SYNC_TOKEN_KEY": os.environ.get("AIRFLOW_VAR_SYNC_TOKEN_KEY", "local-demo-token-key"),
+            "AIRFLOW_HOME": str(args.airflow_home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        }
+        if args.print_env:
+            for name, value in environment.items():
+                print(f"export {name}='{value}'")
+            print(
+                f"# PostgreSQL is left running on port {server.port}; stop it with: "
+                f"{server.bindir / 'pg_ctl'} -D {server.datadir} stop"
+            )
+            return 0
+        print(f"case-study databases on 127.0.0.1:{server.port}; starting airflow standalone (Ctrl-C to stop)")
+        airflow = shutil.which("airflow", path=str(Path(sys.executable).parent)) or "airflow"
+        try:
+            return subprocess.call([airflow, "standalone"], env={**os.environ, **environment})
+        except KeyboardInterrupt:
+            return 0
+    finally:
+        if not args.print_env:
+            server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
