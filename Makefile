@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint pytest clean bench
+.PHONY: install demo ui test lint pytest clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,11 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m airflow_sync_provider.demo
+	$(PY) -m airflow_sync_provider.demo $(DEMO_ARGS)
+
+# The reference DAGs in the Airflow UI (airflow standalone) against embedded case-study databases.
+ui: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m airflow_sync_provider.casestudies.standalone
 
 lint: install
 	$(VENV)/bin/ruff check airflow_sync_provider dags tests benchmarks
