@@ -184,6 +184,11 @@ def test_case_study_dags_parse_without_a_database_and_declare_their_assets(monke
     inventory_dag, bank_dag = bag.dags["inventory_sync"], bag.dags["bank_customer_sync"]
     # the bank's schedule has real hourly intervals, so `airflow backfill create` windows are real
     assert type(bank_dag.timetable).__name__ == "CronDataIntervalTimetable"
+    # the on-change variant is the same pipeline, started by the warehouses' slot watchers
+    on_change = bag.dags["inventory_sync_on_change"]
+    assert {t.task_id for t in on_change.tasks} == {t.task_id for t in inventory_dag.tasks}
+    (watched,) = on_change.timetable.asset_condition.objects
+    assert [w.trigger.sync_id for w in watched.watchers] == ["warehouse_a_stock", "warehouse_b_stock"]
     written = {asset.name for dag in (inventory_dag, bank_dag) for task in dag.tasks for asset in task.outlets}
     assert {
         "inventory_central.inventory.available_to_promise",
