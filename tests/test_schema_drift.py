@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 
 from airflow_sync_provider.core import ConfigurationError, SchemaError, SyncSpec, extract_for, load_manifest
+from airflow_sync_provider.core.cdc import CdcSpec
 from airflow_sync_provider.core.drift import compare_types, parse_pg_type
 from airflow_sync_provider.core.manifest import Manifest
 
-from .conftest import SyncEnv, source_columns, table_checksum
+from .conftest import CdcEnv, SyncEnv, source_columns, table_checksum
 
 SPEC = SyncSpec(sync_id="items", source_table="items", mode="full")
 POLICIES = ["evolve", "freeze", "discard"]
@@ -382,3 +383,29 @@ def test_evolve_keeps_the_history_table_in_step(env: SyncEnv) -> None:
         ).fetchone()
     assert current == [(1, 5000000000, "red"), (2, 5000000000, "red"), (3, 3, None)]
     assert qty_type == ("bigint",)
+
+
+def test_cdc_batches_follow_the_default_freeze(cdc: CdcEnv) -> None:
+    """CDC loads go through the same check: a type changed between change batches fails clearly (the
+    snapshot's column plan and pgoutput name types differently, so only like is compared with like)."""
+    with cdc.env.source() as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, qty integer, pos point)")
+        conn.execute("INSERT INTO items SELECT g, g, point(g, g) FROM generate_series(1, 20) g")
+    spec = CdcSpec(sync_id="items_cdc", tables=("items",))
+    cdc.run(spec, run_id="snapshot")
+    with cdc.env.source() as conn:  # pgoutput calls the column POINT, the snapshot planned TEXT: not drift
+        conn.execute("UPDATE items SET qty = -1 WHERE id = 1")
+    assert cdc.run(spec, run_id="changes")[1].updated == 1
+    with cdc.env.source() as conn:
+        conn.execute("ALTER TABLE items ALTER COLUMN qty TYPE bigint")
+        conn.execute("UPDATE items SET qty = 5000000000 WHERE id = 2")
+    with pytest.raises(
+        SchemaError,
+        match=r"^\[sync='items_cdc' table='public.items' column='qty' rule=schema drift: freeze\] schema drift: "
+        r"column 'qty' changed type at the source from INTEGER to BIGINT \(widened\)\.",
+    ):
+        cdc.run(spec, run_id="retyped")
+    with cdc.env.target() as conn:  # acknowledged by making the target match
+        conn.execute("ALTER TABLE items ALTER COLUMN qty TYPE bigint")
+    cdc.run(spec, run_id="acknowledged")
+    cdc.assert_converged("items", ["id"])
