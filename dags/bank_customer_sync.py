@@ -32,8 +32,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
-from airflow.sdk import DAG, Asset, TaskGroup, Variable, chain
+from airflow.sdk import DAG, TaskGroup, Variable, chain
 
+from airflow_sync_provider.assets import table_asset
 from airflow_sync_provider.casestudies.bank import (
     HISTORY_TABLE,
     LOAN_EXPECTATIONS,
@@ -55,10 +56,6 @@ try:  # Airflow 3.1+: the SDK re-exports the timetables
     from airflow.sdk import CronDataIntervalTimetable
 except ImportError:  # pragma: no cover - Airflow 3.0
     from airflow.timetables.interval import CronDataIntervalTimetable  # type: ignore[no-redef,attr-defined]
-
-
-def table_asset(conn_id: str, schema: str, table: str) -> Asset:
-    return Asset(name=f"{conn_id}.{schema}.{table}", uri=f"sync://{conn_id}/{schema}/{table}", group="sync")
 
 
 def masked(target: str) -> Callable[[pd.DataFrame], pd.DataFrame]:

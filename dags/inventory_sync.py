@@ -32,6 +32,7 @@ from typing import Any
 
 from airflow.sdk import DAG, Asset, AssetWatcher, BaseHook, chain, task
 
+from airflow_sync_provider.assets import table_asset
 from airflow_sync_provider.casestudies.inventory import ATP_EXPECTATIONS, STORES, WAREHOUSES, compute_atp
 from airflow_sync_provider.operators.cdc import CdcSyncOperator
 from airflow_sync_provider.operators.quality import DataQualityGateOperator
@@ -43,11 +44,6 @@ from airflow_sync_provider.operators.sync import (
 from airflow_sync_provider.triggers.cdc import CdcChangesEventTrigger
 
 CENTRAL = "inventory_central"
-
-
-def table_asset(conn_id: str, schema: str, table: str) -> Asset:
-    """An Asset per table a task writes, so downstream DAGs can be scheduled on it."""
-    return Asset(name=f"{conn_id}.{schema}.{table}", uri=f"sync://{conn_id}/{schema}/{table}", group="sync")
 
 
 def _uris(conn_ids: list[str]) -> dict[str, str]:

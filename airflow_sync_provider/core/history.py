@@ -122,22 +122,14 @@ def record_history(
             sql.SQL(", ").join(_comparable("h", c, table) for c in values),
             sql.SQL(", ").join(_comparable("s", c, table) for c in values),
         )
-    closed = conn.execute(
-        sql.SQL(
-            "UPDATE {history} h SET {valid_to} = now(), {current} = false, {closed_by} = %(run_id)s "
-            "FROM {stage} s WHERE {match} AND h.{current}{stage_filter} AND {differs}"
-        ).format(
-            history=history,
-            valid_to=sql.Identifier(VALID_TO),
-            current=sql.Identifier(IS_CURRENT),
-            closed_by=sql.Identifier(CLOSED_BY),
-            stage=stage,
-            match=_key_match("h", "s", keys),
-            stage_filter=stage_filter,
-            differs=differs,
+    closed = _close_versions(
+        conn,
+        history,
+        run_id,
+        sql.SQL("FROM {} s WHERE {} AND h.{}{} AND {}").format(
+            stage, _key_match("h", "s", keys), sql.Identifier(IS_CURRENT), stage_filter, differs
         ),
-        {"run_id": run_id},
-    ).rowcount
+    )
     opened = conn.execute(
         sql.SQL(
             "INSERT INTO {history} ({columns}, {valid_from}, {current}, {opened_by}) "
@@ -165,21 +157,36 @@ def close_deleted(conn: psycopg.Connection[Any], manifest: Manifest, target: sql
     live: sql.Composable = sql.SQL("")
     if manifest.delete_mode == "soft":
         live = sql.SQL(" AND {} IS NULL").format(sql.Identifier("t", DELETED_AT_COLUMN))
-    return conn.execute(
-        sql.SQL(
-            "UPDATE {history} h SET {valid_to} = now(), {current} = false, {closed_by} = %(run_id)s, {deleted} = true "
-            "WHERE h.{current} AND NOT EXISTS (SELECT 1 FROM {target} t WHERE {match}{live})"
-        ).format(
-            history=history,
-            valid_to=sql.Identifier(VALID_TO),
-            current=sql.Identifier(IS_CURRENT),
-            closed_by=sql.Identifier(CLOSED_BY),
-            deleted=sql.Identifier(DELETED),
-            target=target,
-            match=_key_match("t", "h", manifest.primary_key),
-            live=live,
+    return _close_versions(
+        conn,
+        history,
+        run_id,
+        sql.SQL("WHERE h.{} AND NOT EXISTS (SELECT 1 FROM {} t WHERE {}{})").format(
+            sql.Identifier(IS_CURRENT), target, _key_match("t", "h", manifest.primary_key), live
         ),
-        {"run_id": run_id},
+        deleted=True,
+    )
+
+
+def _close_versions(
+    conn: psycopg.Connection[Any],
+    history: sql.Identifier,
+    run_id: str,
+    which: sql.Composable,
+    deleted: bool = False,
+) -> int:
+    """Close the versions ``which`` selects (alias ``h``): valid until now, no longer current."""
+    return conn.execute(
+        sql.SQL("UPDATE {} h SET {} = now(), {} = false, {} = %s, {} = {} OR %s {}").format(
+            history,
+            sql.Identifier(VALID_TO),
+            sql.Identifier(IS_CURRENT),
+            sql.Identifier(CLOSED_BY),
+            sql.Identifier(DELETED),
+            sql.Identifier("h", DELETED),
+            which,
+        ),
+        (run_id, deleted),
     ).rowcount
 
 
