@@ -93,8 +93,9 @@ def test_odd_identifiers_round_trip(env: SyncEnv, case: str, mode: str) -> None:
 @pytest.mark.xfail(
     strict=True,
     raises=psycopg.ProgrammingError,
-    reason="core/load.py merge_stage: psycopg does not escape % inside sql.Identifier, so the merge "
-    "(run with %(run_id)s) breaks on names with % (state queries use state.param_identifier)",
+    reason="psycopg does not escape % inside sql.Identifier, so composed queries run with parameters break on "
+    "names with %: core/load.py merge_stage and _delete_missing, core/history.py record_history (the state "
+    "queries use state.param_identifier, which doubles it)",
 )
 def test_percent_signs_in_identifiers(env: SyncEnv) -> None:
     table, columns = "rate %s %(x)s 100%", ["id %s", "v %(name)s", "updated_at"]
