@@ -251,3 +251,22 @@ def test_example_dag_runs_end_to_end_with_dag_test(connections: SyncEnv, tmp_pat
         state = conn.execute("SELECT version, last_run_id FROM _sync_state WHERE sync_id = 'orders'").fetchone()
     assert rows == (3_000, 3_000)
     assert state is not None and state[0] == 1 and state[1].startswith("manual__")
+
+
+def test_operators_pass_schema_drift_and_history_to_the_spec() -> None:
+    from airflow_sync_provider.operators.sync import ExtractToStagingOperator
+
+    operator = ExtractToStagingOperator(
+        task_id="x",
+        source_conn_id="s",
+        target_conn_id="t",
+        source_table="orders",
+        cursor_column="updated_at",
+        schema_drift="evolve",
+        history_table="orders_history",
+    )
+    spec = operator.build_spec()
+    assert (spec.schema_drift, spec.history_table) == ("evolve", "orders_history")
+    operator.schema_drift = "ignore"
+    with pytest.raises(ConfigurationError, match="schema_drift must be one of"):
+        operator.build_spec()

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import psycopg
@@ -380,7 +380,7 @@ def apply_drift(
     """Inside the load transaction: plan (or refuse) and run the DDL; returns the plan.
 
     The DDL commits with the data and the state (or rolls back with them).  Columns ``discard``
-    leaves out are removed from ``manifest.columns`` (see :func:`narrow_manifest`).
+    leaves out are in ``plan.discarded``: load :func:`narrowed` ``(manifest, plan.discarded)``.
     """
     log = log or LOG
     not_null = not_null_columns(conn, manifest.target_schema, manifest.target_table)
@@ -401,7 +401,7 @@ def apply_drift(
             "; ".join(plan.actions),
         )
     if plan.discarded:
-        narrow_manifest(manifest, plan.discarded)
+        narrowed(manifest, plan.discarded)  # refuses a CDC batch before anything else runs
     return plan
 
 
@@ -434,14 +434,12 @@ def _evolve_history(conn: psycopg.Connection[Any], schema: str, history: str, pl
             conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL").format(ident, column))
 
 
-def narrow_manifest(manifest: Manifest, discarded: Sequence[str]) -> None:
-    """Leave ``discarded`` columns out of the load of this manifest.
+def narrowed(manifest: Manifest, discarded: Sequence[str]) -> Manifest:
+    """The manifest to load when ``discard`` leaves ``discarded`` columns out.
 
-    The per-table load (``apply_table_batch``: stage, COPY, merge) reads the columns from the
-    manifest object it passed to ``ensure_target_table``, so the columns are narrowed on that object
-    (the staged Parquet files keep the column; COPY selects the manifest's columns).  CDC batches
-    mark unchanged TOAST values by column *position*, so leaving a column out would shift them:
-    refused there.
+    The staged Parquet files keep the columns; the stage, COPY and merge take the manifest's.  CDC
+    batches mark unchanged TOAST values by column *position*, so leaving a column out would shift
+    them: refused there.
     """
     if manifest.mode == "cdc":
         raise SchemaError(
@@ -451,8 +449,7 @@ def narrow_manifest(manifest: Manifest, discarded: Sequence[str]) -> None:
             column=list(discarded),
             rule="schema drift: discard",
         )
-    kept = tuple(c for c in manifest.columns if c.name not in set(discarded))
-    object.__setattr__(manifest, "columns", kept)  # frozen dataclass: see the docstring
+    return replace(manifest, columns=tuple(c for c in manifest.columns if c.name not in set(discarded)))
 
 
 def recorded_columns(manifest: Manifest) -> list[tuple[str, str]]:

@@ -30,6 +30,7 @@ from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.progress import LOG
 from airflow_sync_provider.core.schema import validate_pg_type
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN
+from airflow_sync_provider.core.state import param_identifier
 
 VALID_FROM = "_valid_from"
 VALID_TO = "_valid_to"
@@ -93,7 +94,7 @@ def ensure_history_table(conn: psycopg.Connection[Any], manifest: Manifest) -> s
 
 def _key_match(left: str, right: str, keys: Sequence[str]) -> sql.Composable:
     return sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier(left, k), sql.Identifier(right, k)) for k in keys
+        sql.SQL("{} = {}").format(param_identifier(left, k), param_identifier(right, k)) for k in keys
     )
 
 
@@ -107,8 +108,10 @@ def record_history(
     """Inside the load transaction: close changed current versions and open new ones from ``stage``.
 
     ``where`` filters the stage rows (alias ``s``) like the merge's.  Returns (opened, closed).
+    Identifiers go through :func:`~.state.param_identifier`: these statements run with parameters.
     """
-    history = ensure_history_table(conn, manifest)
+    ensure_history_table(conn, manifest)
+    history = param_identifier(manifest.target_schema, manifest.history_table or "")
     keys = list(manifest.primary_key)
     columns = [c.name for c in manifest.columns]
     values = [c for c in columns if c not in keys]
@@ -127,7 +130,7 @@ def record_history(
         history,
         run_id,
         sql.SQL("FROM {} s WHERE {} AND h.{}{} AND {}").format(
-            stage, _key_match("h", "s", keys), sql.Identifier(IS_CURRENT), stage_filter, differs
+            stage, _key_match("h", "s", keys), param_identifier(IS_CURRENT), stage_filter, differs
         ),
     )
     opened = conn.execute(
@@ -138,10 +141,10 @@ def record_history(
         ).format(
             history=history,
             columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
-            valid_from=sql.Identifier(VALID_FROM),
-            current=sql.Identifier(IS_CURRENT),
-            opened_by=sql.Identifier(OPENED_BY),
-            selected=sql.SQL(", ").join(sql.Identifier("s", c) for c in columns),
+            valid_from=param_identifier(VALID_FROM),
+            current=param_identifier(IS_CURRENT),
+            opened_by=param_identifier(OPENED_BY),
+            selected=sql.SQL(", ").join(param_identifier("s", c) for c in columns),
             stage=stage,
             match=_key_match("h", "s", keys),
             stage_filter=stage_filter,
@@ -151,18 +154,22 @@ def record_history(
     return opened, closed
 
 
-def close_deleted(conn: psycopg.Connection[Any], manifest: Manifest, target: sql.Identifier, run_id: str) -> int:
-    """After deletes: close the current versions of keys the target no longer has (or soft-deleted)."""
-    history = ensure_history_table(conn, manifest)
+def close_deleted(conn: psycopg.Connection[Any], manifest: Manifest, target: sql.Composable, run_id: str) -> int:
+    """After deletes: close the current versions of keys the target no longer has (or soft-deleted).
+
+    ``target``: the target table as :func:`~.state.param_identifier` renders it.
+    """
+    ensure_history_table(conn, manifest)
+    history = param_identifier(manifest.target_schema, manifest.history_table or "")
     live: sql.Composable = sql.SQL("")
     if manifest.delete_mode == "soft":
-        live = sql.SQL(" AND {} IS NULL").format(sql.Identifier("t", DELETED_AT_COLUMN))
+        live = sql.SQL(" AND {} IS NULL").format(param_identifier("t", DELETED_AT_COLUMN))
     return _close_versions(
         conn,
         history,
         run_id,
         sql.SQL("WHERE h.{} AND NOT EXISTS (SELECT 1 FROM {} t WHERE {}{})").format(
-            sql.Identifier(IS_CURRENT), target, _key_match("t", "h", manifest.primary_key), live
+            param_identifier(IS_CURRENT), target, _key_match("t", "h", manifest.primary_key), live
         ),
         deleted=True,
     )
@@ -170,7 +177,7 @@ def close_deleted(conn: psycopg.Connection[Any], manifest: Manifest, target: sql
 
 def _close_versions(
     conn: psycopg.Connection[Any],
-    history: sql.Identifier,
+    history: sql.Composable,
     run_id: str,
     which: sql.Composable,
     deleted: bool = False,
@@ -179,11 +186,11 @@ def _close_versions(
     return conn.execute(
         sql.SQL("UPDATE {} h SET {} = now(), {} = false, {} = %s, {} = {} OR %s {}").format(
             history,
-            sql.Identifier(VALID_TO),
-            sql.Identifier(IS_CURRENT),
-            sql.Identifier(CLOSED_BY),
-            sql.Identifier(DELETED),
-            sql.Identifier("h", DELETED),
+            param_identifier(VALID_TO),
+            param_identifier(IS_CURRENT),
+            param_identifier(CLOSED_BY),
+            param_identifier(DELETED),
+            param_identifier("h", DELETED),
             which,
         ),
         (run_id, deleted),

@@ -23,8 +23,16 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from psycopg import sql
 
+from airflow_sync_provider.core import drift
 from airflow_sync_provider.core.audit import AuditEntry, append_entry, ensure_audit_table, stage_checksum
-from airflow_sync_provider.core.errors import DataError, SchemaError, SyncError, UnsafeOperationError
+from airflow_sync_provider.core.errors import (
+    DataError,
+    SchemaError,
+    SourceUnavailableError,
+    SyncError,
+    UnsafeOperationError,
+    first_line,
+)
 from airflow_sync_provider.core.history import close_deleted, record_history
 from airflow_sync_provider.core.manifest import Manifest, StagedFile
 from airflow_sync_provider.core.pgcopy import BoundedQueuedWriter, hex_bytea, naive_utc, utc_session
@@ -32,7 +40,7 @@ from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver, Prog
 from airflow_sync_provider.core.schema import TYPES_WITHOUT_EQUALITY, validate_pg_type
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SYNCED_AT_COLUMN
 from airflow_sync_provider.core.staging import iter_staged_batches, remove_staged
-from airflow_sync_provider.core.state import SyncState, ensure_state_table, lock_state, write_state
+from airflow_sync_provider.core.state import SyncState, ensure_state_table, lock_state, param_identifier, write_state
 
 LoadStatus = Literal["applied", "backfilled", "stale", "already_applied"]
 
@@ -70,6 +78,8 @@ class TargetTable:
     schema: str
     name: str
     column_types: dict[str, str]
+    #: Source columns ``schema_drift="discard"`` leaves out of this load.
+    discarded: tuple[str, ...] = ()
 
     @property
     def ident(self) -> sql.Identifier:
@@ -98,7 +108,33 @@ def load_manifest(
     observer: PhaseObserver | None = None,
     keep_staged: bool = False,
 ) -> LoadResult:
-    """Apply a staged batch and its watermark to the target in one transaction."""
+    """Apply a staged batch and its watermark to the target in one transaction.
+
+    A lost target connection (killed, server restart) raises :class:`SourceUnavailableError` (a
+    retryable error naming the sync and table): the transaction did not commit, or its commit was
+    not confirmed, and a retry applies the batch exactly once either way (a committed manifest is
+    recognised as already applied).
+    """
+    try:
+        return _load_manifest(conn, manifest, run_id, logger, observer, keep_staged)
+    except psycopg.OperationalError as error:
+        raise SourceUnavailableError(
+            f"the target connection was lost during the load of manifest {manifest.manifest_id} "
+            f"({first_line(error)}); nothing was committed, or the commit was not confirmed: retry the load, "
+            "it applies the batch exactly once",
+            sync_id=manifest.sync_id,
+            table=f"{manifest.target_schema}.{manifest.target_table}",
+        ) from error
+
+
+def _load_manifest(
+    conn: psycopg.Connection[Any],
+    manifest: Manifest,
+    run_id: str | None,
+    logger: Logger | None,
+    observer: PhaseObserver | None,
+    keep_staged: bool,
+) -> LoadResult:
     log = logger or LOG
     started = time.monotonic()
     run_id = run_id or manifest.run_id
@@ -219,6 +255,8 @@ def apply_table_batch(
     have committed a later version of the row since the window was read).
     """
     target = ensure_target_table(conn, manifest)
+    if target.discarded:
+        manifest = drift.narrowed(manifest, target.discarded)
     stage = _create_stage(conn, manifest, target)
     staged = copy_files(conn, manifest, target, stage, log)
     notify(observer, "staged", {"rows": staged})
@@ -233,7 +271,7 @@ def apply_table_batch(
         keys = stage if manifest.mode == "full" else _stage_keys(conn, manifest, target, log)
         deleted = _delete_missing(conn, manifest, target, keys, run_id)
         if deleted and manifest.history_table:
-            closed += close_deleted(conn, manifest, target.ident, run_id)
+            closed += close_deleted(conn, manifest, param_identifier(target.schema, target.name), run_id)
     if manifest.history_table:
         log.info(
             "sync %s: history %s.%s: %d version(s) opened, %d closed",
@@ -250,10 +288,13 @@ def _not_older_than_target(manifest: Manifest, target: TargetTable) -> sql.Compo
     """Stage rows (alias ``s``) whose target row, if any, has no newer cursor value."""
     assert manifest.cursor_column
     match = sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier("n", k), sql.Identifier("s", k)) for k in manifest.primary_key
+        sql.SQL("{} = {}").format(param_identifier("n", k), param_identifier("s", k)) for k in manifest.primary_key
     )
     return sql.SQL("NOT EXISTS (SELECT 1 FROM {} n WHERE {} AND {} > {})").format(
-        target.ident, match, sql.Identifier("n", manifest.cursor_column), sql.Identifier("s", manifest.cursor_column)
+        param_identifier(target.schema, target.name),
+        match,
+        param_identifier("n", manifest.cursor_column),
+        param_identifier("s", manifest.cursor_column),
     )
 
 
@@ -323,8 +364,6 @@ def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Ta
     follow the manifest's ``schema_drift`` policy (:mod:`.drift`: fail, alter the target, or leave
     new columns out), and the columns synced are recorded in the state row with the data.
     """
-    # Imported here: this function is the only user in this module.
-    from airflow_sync_provider.core import drift
     from airflow_sync_provider.core.state import SourceSchema, read_source_schema, write_source_schema
 
     schema, name = manifest.target_schema, manifest.target_table
@@ -374,6 +413,8 @@ def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Ta
 
     same_kind = known is not None and known.kind == kind
     plan = drift.apply_drift(conn, manifest, known.columns if known else None, existing, LOG, check_types=same_kind)
+    if plan.discarded:
+        manifest = drift.narrowed(manifest, plan.discarded)  # what record() writes
     if plan.statements:
         existing = _target_columns(conn, schema, name)
         assert existing is not None
@@ -394,7 +435,7 @@ def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Ta
             )
             existing[column] = pg_type.lower()
     record()
-    return TargetTable(schema, name, existing)
+    return TargetTable(schema, name, existing, tuple(plan.discarded))
 
 
 # --------------------------------------------------------------------------- staging into PostgreSQL
@@ -559,7 +600,8 @@ def _value_columns(manifest: Manifest) -> list[str]:
 
 
 def _comparable(alias: str, column: str, target: TargetTable) -> sql.Composable:
-    ref = sql.Identifier(alias, column)
+    """``alias.column`` in a form ``IS DISTINCT FROM`` can compare (for queries run with parameters)."""
+    ref = param_identifier(alias, column)
     base_type = target.column_types.get(column, "").split("(")[0].strip().lower()
     return sql.SQL("{}::text").format(ref) if base_type in TYPES_WITHOUT_EQUALITY else ref
 
@@ -705,22 +747,25 @@ def merge_stage(
 def _delete_missing(
     conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, stage: sql.Identifier, run_id: str
 ) -> int:
-    """Remove (or mark) target rows whose key is not in ``stage`` (the complete source key set)."""
+    """Remove (or mark) target rows whose key is not in ``stage`` (the complete source key set).
+
+    Run with parameters (an empty tuple for the DELETE), so identifiers go through ``param_identifier``.
+    """
     match = sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier("s", k), sql.Identifier("t", k)) for k in manifest.primary_key
+        sql.SQL("{} = {}").format(param_identifier("s", k), param_identifier("t", k)) for k in manifest.primary_key
     )
     missing = sql.SQL("NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(stage, match)
     if manifest.delete_mode == "soft":
         statement = sql.SQL("UPDATE {} t SET {} = now(), {} = %s WHERE {} IS NULL AND {}").format(
-            target.ident,
-            sql.Identifier(DELETED_AT_COLUMN),
-            sql.Identifier(RUN_ID_COLUMN),
-            sql.Identifier("t", DELETED_AT_COLUMN),
+            param_identifier(target.schema, target.name),
+            param_identifier(DELETED_AT_COLUMN),
+            param_identifier(RUN_ID_COLUMN),
+            param_identifier("t", DELETED_AT_COLUMN),
             missing,
         )
         params: tuple[Any, ...] = (run_id,)
     else:
-        statement = sql.SQL("DELETE FROM {} t WHERE {}").format(target.ident, missing)
+        statement = sql.SQL("DELETE FROM {} t WHERE {}").format(param_identifier(target.schema, target.name), missing)
         params = ()
     before = None
     if manifest.max_delete_fraction is not None:

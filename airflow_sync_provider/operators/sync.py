@@ -30,6 +30,7 @@ from airflow_sync_provider.core import (
     load_manifest,
 )
 from airflow_sync_provider.core.extract import BatchTransform
+from airflow_sync_provider.core.spec import DEFAULT_SCHEMA_DRIFT
 from airflow_sync_provider.hooks.source import SqlSourceHook
 from airflow_sync_provider.hooks.target import SyncTargetHook
 
@@ -94,6 +95,7 @@ class _SyncSpecMixin:
     state_table: str
     max_delete_fraction: float | None
     history_table: str | None
+    schema_drift: str
 
     def _init_spec(
         self,
@@ -116,6 +118,7 @@ class _SyncSpecMixin:
         state_table: str = "_sync_state",
         max_delete_fraction: float | None = None,
         history_table: str | None = None,
+        schema_drift: str = DEFAULT_SCHEMA_DRIFT,
     ) -> None:
         self.sync_id = sync_id or source_table
         self.source_table = source_table
@@ -135,6 +138,7 @@ class _SyncSpecMixin:
         self.state_table = state_table
         self.max_delete_fraction = max_delete_fraction
         self.history_table = history_table
+        self.schema_drift = schema_drift
 
     def build_spec(self) -> SyncSpec:
         return SyncSpec(
@@ -156,6 +160,7 @@ class _SyncSpecMixin:
             state_table=self.state_table,
             max_delete_fraction=self.max_delete_fraction,
             history_table=self.history_table or None,
+            schema_drift=self.schema_drift,  # type: ignore[arg-type]
         )
 
 
