@@ -98,7 +98,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Machine: {results['machine']['cpus']} CPUs, Python {results['machine']['python']}, "
         f"PostgreSQL {results['machine']['postgresql']} (embedded, loopback TCP). "
         f"{scale['rows']:,}-row table (7 columns, ~100 bytes/row); medians of {scale['rounds']} rounds; "
-        f"wall time {results['wall_seconds']:.0f} s.",
+        f"wall time {results['wall_seconds']:.0f} s; code at commit {results.get('commit', '?')}.",
         "",
         "### Targets (issue 6)",
         "",
@@ -156,7 +156,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 
     summary = results["summary"]
     panels = [w for w in ("a", "b", "c") if summary.get(w)]
-    fig, axes = plt.subplots(len(panels) + 1, 1, figsize=(10, 3 + 2.6 * len(panels)))
+    fig, axes = plt.subplots(len(panels) + 1, 1, figsize=(11, 3 + 2.6 * len(panels)))
     for ax, workload in zip(axes, panels, strict=False):
         entries = sorted(summary[workload].items(), key=lambda kv: kv[1]["rows_per_s"] or 0)
         names = [LABELS.get(c, c) for c, _ in entries]
@@ -164,7 +164,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         colors = ["tab:green" if c.startswith("provider") else "tab:gray" for c, _ in entries]
         ax.barh(names, rates, color=colors)
         ax.set_xscale("log")
-        ax.set_title(WORKLOADS[workload] + " - rows (changes) per second, log scale")
+        ax.set_title(WORKLOADS[workload] + ": rows/s (log scale)")
         for y, rate in enumerate(rates):
             ax.text(rate, y, f" {rate:,.0f}", va="center", fontsize=8)
     ax = axes[-1]

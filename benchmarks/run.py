@@ -484,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "postgresql": version,
         },
+        "commit": _commit(),
         "wall_seconds": round(time.monotonic() - started, 1),
         "summary": summarise(bench.samples),
         "checks": bench.checks,
@@ -511,6 +512,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TARGET != SOURCE after the incremental run for: {', '.join(failed)}")
         return 1
     return 0
+
+
+def _commit() -> str:
+    """The code's commit (and whether the working tree had local changes), for the record."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "../airflow_sync_provider"], cwd=HERE, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    return head.stdout.strip() + (" + local changes" if dirty.stdout.strip() else "")
 
 
 def rerender(path: Path) -> int:

@@ -688,6 +688,9 @@ def _copy_page(
             f"extraction failed: {first_line(error)}", sync_id=spec.sync_id, table=spec.qualified_source
         ) from error
     names = [p.name for p in source.plans]
+    schema = pa.schema([pa.field(p.name, p.arrow_type) for p in source.plans])
+    if not buffer:  # past the last page (Arrow refuses an empty CSV)
+        return _ArrowPage(schema.empty_table())
     # PostgreSQL quotes every CSV value that holds a newline: without a quote in the page, no value
     # does, and Arrow parses ~2-4x faster (multi-threaded) when told so.
     quoted = b'"' in buffer
@@ -709,5 +712,4 @@ def _copy_page(
         )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
-    schema = pa.schema([pa.field(p.name, p.arrow_type) for p in source.plans])
     return _ArrowPage(table.combine_chunks().cast(schema) if table.schema != schema else table.combine_chunks())
