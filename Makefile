@@ -33,7 +33,7 @@ pytest: install
 test: lint pytest
 
 # Benchmarks side by side with the peers (raw COPY limit, Airflow hooks, pandas, dlt): see benchmarks/README.md.
-#   make bench                        - full run (1M rows, 10M-row memory run; ~20 min)
+#   make bench                        - full run (1M rows, 10M-row memory run; ~7-10 min)
 #   make bench BENCH_ARGS="--quick"   - small scale (~1-2 min)
 $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 	$(VENV)/bin/uv pip install --python $(PY) --quiet -e ".[test,bench]"
