@@ -90,13 +90,6 @@ def test_odd_identifiers_round_trip(env: SyncEnv, case: str, mode: str) -> None:
     _assert_same(env, table, columns[0], "Src Ünï", f"{case} tgt")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=psycopg.ProgrammingError,
-    reason="psycopg does not escape % inside sql.Identifier, so composed queries run with parameters break on "
-    "names with %: core/load.py merge_stage and _delete_missing, core/history.py record_history (the state "
-    "queries use state.param_identifier, which doubles it)",
-)
 def test_percent_signs_in_identifiers(env: SyncEnv) -> None:
     table, columns = "rate %s %(x)s 100%", ["id %s", "v %(name)s", "updated_at"]
     _create(env, table, columns)
@@ -296,12 +289,6 @@ def test_cdc_streams_odd_values_exactly(cdc: CdcEnv) -> None:
     assert cdc.assert_converged("odd", ["id"]) == 2 * rows - 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Exception,
-    reason="core/cdc/extract.py _flush puts the raw schema.table into the staged file URI: a backslash, "
-    "a blank or a non-ASCII letter makes an invalid URI (pyarrow ArrowInvalid 'Cannot parse URI')",
-)
 @pytest.mark.parametrize("table", ["back\\slash", "ünï", "with blank"])
 def test_cdc_tables_with_odd_names(cdc: CdcEnv, table: str) -> None:
     with cdc.env.source() as conn:

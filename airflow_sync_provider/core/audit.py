@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from airflow_sync_provider.core.state import table_exists
+from airflow_sync_provider.core.state import param_identifier, table_exists
 
 AUDIT_TABLE = "_sync_audit"
 QUALITY_TABLE = "_sync_quality_results"
@@ -114,8 +114,8 @@ def append_entry(conn: psycopg.Connection[Any], schema: str, entry: AuditEntry) 
     columns = list(values)
     conn.execute(
         sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-            sql.Identifier(schema, AUDIT_TABLE),
-            sql.SQL(", ").join(map(sql.Identifier, columns)),
+            param_identifier(schema, AUDIT_TABLE),
+            sql.SQL(", ").join(map(param_identifier, columns)),
             sql.SQL(", ").join(sql.Placeholder(c) for c in columns),
         ),
         values,
@@ -144,7 +144,7 @@ def read_ledger(
     if not parts:
         return []
     runs = sql.SQL(" UNION ").join(
-        sql.SQL("SELECT sync_id, run_id FROM {}").format(sql.Identifier(schema, t)) for t in parts
+        sql.SQL("SELECT sync_id, run_id FROM {}").format(param_identifier(schema, t)) for t in parts
     )
 
     def aggregate(table: str, order: str) -> sql.Composable:
@@ -153,7 +153,7 @@ def read_ledger(
         return sql.SQL(
             "(SELECT coalesce(jsonb_agg(to_jsonb(x) ORDER BY x.{order}), '[]') FROM {t} x "
             "WHERE x.sync_id = r.sync_id AND x.run_id = r.run_id)"
-        ).format(t=sql.Identifier(schema, table), order=sql.Identifier(order))
+        ).format(t=param_identifier(schema, table), order=param_identifier(order))
 
     query = sql.SQL(
         "SELECT r.sync_id, r.run_id, {loads} AS loads, {quality} AS quality, {recon} AS reconciliations "

@@ -620,13 +620,15 @@ def merge_stage(
     it is a ``MERGE ... RETURNING merge_action()`` (measured 20-50% faster than ON CONFLICT here);
     should a concurrent writer insert one of the keys first (MERGE raises a unique violation where
     ON CONFLICT would wait and update), it falls back to ``INSERT ... ON CONFLICT`` from a savepoint.
+    Identifiers go through ``param_identifier``: a ``%`` in a name must not read as a placeholder.
     """
     keys = list(manifest.primary_key)
     values = _value_columns(manifest)
+    ident = param_identifier(target.schema, target.name)  # every statement here runs with parameters
     all_columns = [c.name for c in manifest.columns]
     soft = manifest.delete_mode == "soft"
-    insert_columns = sql.SQL(", ").join(map(sql.Identifier, [*all_columns, RUN_ID_COLUMN, SYNCED_AT_COLUMN]))
-    select_columns = sql.SQL(", ").join(sql.Identifier("s", c) for c in all_columns)
+    insert_columns = sql.SQL(", ").join(map(param_identifier, [*all_columns, RUN_ID_COLUMN, SYNCED_AT_COLUMN]))
+    select_columns = sql.SQL(", ").join(param_identifier("s", c) for c in all_columns)
     filtered = sql.SQL(" WHERE {}").format(where) if where is not None else sql.SQL("")
 
     def changed(new: str) -> list[sql.Composable]:
@@ -639,16 +641,15 @@ def merge_stage(
                 )
             )
         if soft:
-            conditions.append(sql.SQL("{} IS NOT NULL").format(sql.Identifier("t", DELETED_AT_COLUMN)))
+            conditions.append(sql.SQL("{} IS NOT NULL").format(param_identifier("t", DELETED_AT_COLUMN)))
         return conditions
 
     on_conflict: sql.Composable = sql.SQL("DO NOTHING")
     if changed("excluded"):
-        assignments = [
-            sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in [*values, RUN_ID_COLUMN, SYNCED_AT_COLUMN]
-        ]
+        updated_columns = [*values, RUN_ID_COLUMN, SYNCED_AT_COLUMN]
+        assignments = [sql.SQL("{0} = excluded.{0}").format(param_identifier(c)) for c in updated_columns]
         if soft:
-            assignments.append(sql.SQL("{} = NULL").format(sql.Identifier(DELETED_AT_COLUMN)))
+            assignments.append(sql.SQL("{} = NULL").format(param_identifier(DELETED_AT_COLUMN)))
         on_conflict = sql.SQL("DO UPDATE SET {} WHERE {}").format(
             sql.SQL(", ").join(assignments), sql.SQL(" OR ").join(changed("excluded"))
         )
@@ -660,25 +661,25 @@ def merge_stage(
         " RETURNING (t.xmax = 0) AS inserted)"
         " SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM merged"
     ).format(
-        target=target.ident,
+        target=ident,
         insert_columns=insert_columns,
         select_columns=select_columns,
         stage=stage,
         where=filtered,
-        keys=sql.SQL(", ").join(map(sql.Identifier, keys)),
+        keys=sql.SQL(", ").join(map(param_identifier, keys)),
         on_conflict=on_conflict,
     )
     merge: sql.Composed | None = None
     if conn.info.server_version >= 170000:
         when_matched: sql.Composable = sql.SQL("")
         if changed("s"):
-            assignments = [sql.SQL("{0} = {1}").format(sql.Identifier(c), sql.Identifier("s", c)) for c in values]
+            assignments = [sql.SQL("{0} = {1}").format(param_identifier(c), param_identifier("s", c)) for c in values]
             assignments += [
-                sql.SQL("{} = %(run_id)s").format(sql.Identifier(RUN_ID_COLUMN)),
-                sql.SQL("{} = now()").format(sql.Identifier(SYNCED_AT_COLUMN)),
+                sql.SQL("{} = %(run_id)s").format(param_identifier(RUN_ID_COLUMN)),
+                sql.SQL("{} = now()").format(param_identifier(SYNCED_AT_COLUMN)),
             ]
             if soft:
-                assignments.append(sql.SQL("{} = NULL").format(sql.Identifier(DELETED_AT_COLUMN)))
+                assignments.append(sql.SQL("{} = NULL").format(param_identifier(DELETED_AT_COLUMN)))
             when_matched = sql.SQL(" WHEN MATCHED AND ({}) THEN UPDATE SET {}").format(
                 sql.SQL(" OR ").join(changed("s")), sql.SQL(", ").join(assignments)
             )
@@ -689,11 +690,11 @@ def merge_stage(
             " RETURNING merge_action() AS action)"
             " SELECT count(*) FILTER (WHERE action = 'INSERT'), count(*) FILTER (WHERE action = 'UPDATE') FROM merged"
         ).format(
-            target=target.ident,
+            target=ident,
             stage=stage,
             where=filtered,
             match=sql.SQL(" AND ").join(
-                sql.SQL("{} = {}").format(sql.Identifier("t", k), sql.Identifier("s", k)) for k in keys
+                sql.SQL("{} = {}").format(param_identifier("t", k), param_identifier("s", k)) for k in keys
             ),
             when_matched=when_matched,
             insert_columns=insert_columns,
@@ -712,7 +713,7 @@ def merge_stage(
                 with conn.transaction():
                     inserted = conn.execute(
                         insert.format(
-                            target=target.ident,
+                            target=ident,
                             insert_columns=insert_columns,
                             select_columns=select_columns,
                             stage=stage,

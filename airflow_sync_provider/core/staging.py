@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -49,6 +50,12 @@ class StagingArea:
 
     def __init__(self, location: str | Path | None = None) -> None:
         self.base_uri = _to_uri(location or DEFAULT_STAGING_DIR)
+
+    @staticmethod
+    def file_label(name: str) -> str:
+        """A file-name-safe, URI-safe and unique label for ``name`` (a table name may hold anything)."""
+        digest = hashlib.sha1(name.encode(), usedforsecurity=False).hexdigest()[:8]
+        return f"{_UNSAFE.sub('_', name)[:60]}-{digest}"
 
     def batch_uri(self, sync_id: str, manifest_id: str) -> str:
         return f"{self.base_uri}/{_UNSAFE.sub('_', sync_id)}/{manifest_id}"

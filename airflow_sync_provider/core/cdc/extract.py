@@ -475,7 +475,8 @@ def _flush(
         [pa.array(list(col), type=f.type) for col, f in zip(zip(*stream.buffer, strict=True), schema, strict=True)],
         schema=schema,
     )
-    name = f"{staging_dir}/{stream.source.schema}.{stream.source.name}-{len(stream.files):05d}.parquet"
+    label = staging.file_label(f"{stream.source.schema}.{stream.source.name}")
+    name = f"{staging_dir}/{label}-{len(stream.files):05d}.parquet"
     with staging.open_writer(name, schema) as writer:
         writer.write_table(batch)
     stream.files.append(StagedFile(uri=name, rows=batch.num_rows))
