@@ -586,3 +586,27 @@ def test_snapshot_filter_places_32_bit_xids_in_the_right_epoch() -> None:
     wrapped = SnapshotFilter(f"{epoch - 5}:{epoch + 5}:")  # xmin in the previous epoch
     assert wrapped.visible(2**32 - 3) and wrapped.visible(4) and not wrapped.visible(5)
     assert int_to_lsn(lsn_to_int("16/B374D848")) == "16/B374D848"
+
+
+def test_schema_drift_evolve_follows_added_and_dropped_columns(cdc: CdcEnv) -> None:
+    _seed_items(cdc, rows=10)
+    spec = CdcSpec(sync_id="evolve", tables=("items",), schema_drift="evolve")
+    cdc.run(spec, run_id="snap")
+    with cdc.env.source() as conn:
+        conn.execute("ALTER TABLE items ADD COLUMN color text")
+        conn.execute("UPDATE items SET color = 'red' WHERE id = 1")
+    cdc.run(spec, run_id="c1")  # the target gains the column in the load's transaction
+    cdc.assert_converged("items", ["id"])
+
+    with cdc.env.source() as conn:
+        conn.execute("ALTER TABLE items DROP COLUMN note")
+        conn.execute("UPDATE items SET qty = 7 WHERE id = 2")
+        conn.execute("INSERT INTO items (id, sku, qty, color) VALUES (1000, 'SKU-NEW', 1, 'blue')")
+    _, result = cdc.run(spec, run_id="c2")
+    assert (result.inserted, result.updated) == (1, 1)
+    cdc.assert_converged("items", ["id"])  # compares the source's columns: note is gone there
+    with cdc.env.target() as target:  # kept in the target, NULL for rows written after the drop
+        assert target.execute("SELECT note IS NULL FROM items WHERE id = 1000").fetchone() == (True,)
+        assert target.execute("SELECT count(note) FROM items").fetchone() != (0,)
+    with pytest.raises(ConfigurationError, match="schema_drift must be one of"):
+        CdcSpec(sync_id="x", tables=("items",), schema_drift="ignore")  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ from airflow_sync_provider.core.cdc import (
     run_cdc_sync,
 )
 from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
+from airflow_sync_provider.core.spec import DEFAULT_SCHEMA_DRIFT
 from airflow_sync_provider.hooks.cdc import PostgresCdcHook
 from airflow_sync_provider.operators.sync import (
     _fail,
@@ -69,6 +70,7 @@ class _CdcSpecMixin:
     batch_rows: int
     max_retained_wal_bytes: int | None
     state_table: str
+    schema_drift: str
 
     def _init_spec(
         self,
@@ -83,6 +85,7 @@ class _CdcSpecMixin:
         batch_rows: int = 50_000,
         max_retained_wal_bytes: int | None = None,
         state_table: str = "_sync_state",
+        schema_drift: str = DEFAULT_SCHEMA_DRIFT,
     ) -> None:
         self.tables = tables
         self.sync_id = sync_id
@@ -94,6 +97,7 @@ class _CdcSpecMixin:
         self.batch_rows = batch_rows
         self.max_retained_wal_bytes = max_retained_wal_bytes
         self.state_table = state_table
+        self.schema_drift = schema_drift
 
     def build_spec(self) -> CdcSpec:
         tables = _table_list(self.tables)
@@ -113,6 +117,7 @@ class _CdcSpecMixin:
             batch_rows=int(self.batch_rows),
             max_retained_wal_bytes=self.max_retained_wal_bytes,
             state_table=self.state_table,
+            schema_drift=self.schema_drift,  # type: ignore[arg-type]
         )
 
 

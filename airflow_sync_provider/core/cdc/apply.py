@@ -249,7 +249,8 @@ def apply_changes(
 ) -> dict[str, int]:
     """Apply one table's staged changes inside the caller's transaction; returns the counts."""
     target = ensure_target_table(conn, manifest)
-    _refuse_dropped_columns(manifest, target)
+    if manifest.schema_drift == "freeze":  # evolve and discard keep a dropped column (new rows NULL)
+        _refuse_dropped_columns(manifest, target)
     names = [c.name for c in manifest.columns]
     stage = sql.Identifier(f"_sync_cdc_{abs(hash((manifest.manifest_id, manifest.source_table))) % 10**12}")
     conn.execute(

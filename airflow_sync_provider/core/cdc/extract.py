@@ -511,4 +511,5 @@ def _table_manifest(
         staging_dir=staging_dir,
         delete_mode=spec.delete_mode,
         state_table=spec.state_table,
+        schema_drift=spec.schema_drift,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from airflow_sync_provider.core.drift import DEFAULT_SCHEMA_DRIFT, SCHEMA_DRIFT_POLICIES, SchemaDrift
 from airflow_sync_provider.core.errors import ConfigurationError
 from airflow_sync_provider.core.spec import DeleteMode
 
@@ -33,6 +34,10 @@ class CdcSpec:
     batch_rows: int = 50_000
     max_retained_wal_bytes: int | None = None
     state_table: str = "_sync_state"
+    #: What a load does when a table's columns changed at the source (see :mod:`..drift`):
+    #: ``freeze`` fails, ``evolve`` adds and widens target columns; ``discard`` is refused for
+    #: change batches (unchanged TOAST values are marked by column position).
+    schema_drift: SchemaDrift = DEFAULT_SCHEMA_DRIFT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tables", tuple(self.tables))
@@ -51,6 +56,8 @@ class CdcSpec:
             fail("a CDC sync needs at least one source table")
         if not re.fullmatch(r"[a-z0-9_]{1,63}", self.slot_name):
             fail(f"slot_name {self.slot_name!r} must be 1-63 characters of lower-case letters, digits and '_'")
+        if self.schema_drift not in SCHEMA_DRIFT_POLICIES:
+            fail(f"schema_drift must be one of {', '.join(SCHEMA_DRIFT_POLICIES)}, not {self.schema_drift!r}")
         if self.delete_mode not in ("hard", "soft"):
             fail(f"delete_mode must be 'hard' or 'soft' for CDC, not {self.delete_mode!r}")
         if self.max_changes < 1 or self.batch_rows < 1:
