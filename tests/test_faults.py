@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +110,27 @@ class Mutator:
             psycopg.sql.SQL("DELETE FROM {} WHERE id %% %s = %s").format(ident),
             (rng.choice([41, 53, 67]), rng.randrange(41)),
         )
+
+
+def _two_at_once(run_once: Callable[[str], str], prefix: str) -> tuple[list[str], list[BaseException], bool]:
+    """Start two runs at the same moment (a barrier); return their statuses, errors, and whether one hung."""
+    barrier = threading.Barrier(2)
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            barrier.wait(10)
+            results.append(run_once(name))
+        except BaseException as error:  # reported by the caller, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(f"{prefix}-{i}",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results, errors, any(thread.is_alive() for thread in threads)
 
 
 def _problems(
@@ -521,28 +542,7 @@ def test_two_runs_of_one_sync_at_once(env: SyncEnv, rng: random.Random, trials: 
         if trial:
             with env.source() as conn:
                 mutate(conn)
-        barrier = threading.Barrier(2)
-        results: list[str] = []
-        errors: list[BaseException] = []
-
-        def run(
-            name: str,
-            barrier: threading.Barrier = barrier,
-            results: list[str] = results,
-            errors: list[BaseException] = errors,
-        ) -> None:
-            try:
-                barrier.wait(10)
-                results.append(env.sync(SPEC, run_id=name)[1].status)
-            except BaseException as error:  # reported below, in the test's thread
-                errors.append(error)
-
-        threads = [threading.Thread(target=run, args=(f"t{trial}-{i}",)) for i in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-        hung = any(thread.is_alive() for thread in threads)
+        results, errors, hung = _two_at_once(lambda name: env.sync(SPEC, run_id=name)[1].status, f"t{trial}")
         key = "+".join(sorted(results))
         statuses[key] = statuses.get(key, 0) + 1
         # A run that extracted from an older version is a no-op ("stale"); whatever it left for later
@@ -709,28 +709,8 @@ def test_two_cdc_runs_at_once_and_a_stale_cdc_batch(
     for trial in range(trials):
         with cdc.env.source() as conn:
             mutate(conn)
-        barrier = threading.Barrier(2)
-        results: list[str] = []
-        errors: list[BaseException] = []
-
-        def run(
-            name: str,
-            barrier: threading.Barrier = barrier,
-            results: list[str] = results,
-            errors: list[BaseException] = errors,
-        ) -> None:
-            try:
-                barrier.wait(10)
-                results.append(cdc.run(spec, run_id=name)[1].status)
-            except BaseException as error:  # reported below, in the test's thread
-                errors.append(error)
-
-        threads = [threading.Thread(target=run, args=(f"c{trial}-{i}",)) for i in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-        problems = [repr(e) for e in errors] + (["hung"] if any(t.is_alive() for t in threads) else [])
+        results, errors, hung = _two_at_once(lambda name: cdc.run(spec, run_id=name)[1].status, f"c{trial}")
+        problems = [repr(e) for e in errors] + (["hung"] if hung else [])
         problems += [] if "applied" in results else [f"neither run applied: {results}"]
 
         # A batch staged now, loaded after a newer run committed: a no-op that says so.
