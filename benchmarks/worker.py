@@ -45,42 +45,52 @@ def _watermark(job: Job, target: str) -> str | None:
     return row[0] if row else None
 
 
-# --------------------------------------------------------------------------- contenders
+def _raw_where(job: Job, target: str) -> str:
+    """Incremental (workload b): rows past the target's newest cursor, read back from the target."""
+    if job["workload"] != "b":
+        return ""
+    mark = _watermark(job, target)
+    return f" WHERE updated_at > '{mark}'::timestamptz" if mark else ""
 
 
-def raw_limit(job: Job) -> dict[str, Any]:
-    """COPY TO STDOUT (binary) piped into COPY FROM STDIN + one MERGE: two psql processes, no Python per row."""
-    target = job["target"]
-    where = ""
-    if job["workload"] == "b":
-        mark = _watermark(job, target)
-        where = f" WHERE updated_at > '{mark}'::timestamptz" if mark else ""
-    out_sql = f"COPY ({_select(job['source'], where)}) TO STDOUT (FORMAT binary)"
+def _raw_load_argv(job: Job, target: str) -> list[str]:
+    """psql, one transaction: COPY stdin (binary) into a temp stage, then one MERGE skipping unchanged rows."""
     match = " AND ".join(f"t.{c} IS NOT DISTINCT FROM s.{c}" for c in VALUES)
     merge = (
         f"MERGE INTO {target} t USING _raw_stage s ON t.id = s.id "
         f"WHEN MATCHED AND NOT ({match}) THEN UPDATE SET {', '.join(f'{c} = s.{c}' for c in VALUES)} "
         f"WHEN NOT MATCHED THEN INSERT ({', '.join(COLUMNS)}) VALUES ({', '.join('s.' + c for c in COLUMNS)})"
     )
+    return [
+        job["psql"],
+        "-X",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-1",
+        job["tgt_dsn"],
+        "-c",
+        f"CREATE TEMP TABLE _raw_stage (LIKE {target}) ON COMMIT DROP",
+        "-c",
+        "COPY _raw_stage FROM STDIN (FORMAT binary)",
+        "-c",
+        merge,
+    ]
+
+
+# --------------------------------------------------------------------------- contenders
+
+
+def raw_limit(job: Job) -> dict[str, Any]:
+    """COPY TO STDOUT (binary) piped into COPY FROM STDIN + one MERGE: two psql processes, no Python per row."""
+    target = job["target"]
+    where = _raw_where(job, target)
+    out_sql = f"COPY ({_select(job['source'], where)}) TO STDOUT (FORMAT binary)"
     psql = job["psql"]
     started = time.perf_counter()
     reader = subprocess.Popen([psql, "-X", "-q", job["src_dsn"], "-c", out_sql], stdout=subprocess.PIPE)
     writer = subprocess.run(
-        [
-            psql,
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-1",
-            job["tgt_dsn"],
-            "-c",
-            f"CREATE TEMP TABLE _raw_stage (LIKE {target}) ON COMMIT DROP",
-            "-c",
-            "COPY _raw_stage FROM STDIN (FORMAT binary)",
-            "-c",
-            merge,
-        ],
+        _raw_load_argv(job, target),
         stdin=reader.stdout,
         capture_output=True,
         text=True,
@@ -97,16 +107,7 @@ def raw_staged(job: Job) -> dict[str, Any]:
     """The raw limit without the pipe: COPY TO a file, then COPY FROM it + MERGE (two steps in a row,
     like any staged design; still no Python per row).  Shows what staging itself costs."""
     target = job["target"]
-    where = ""
-    if job["workload"] == "b":
-        mark = _watermark(job, target)
-        where = f" WHERE updated_at > '{mark}'::timestamptz" if mark else ""
-    match = " AND ".join(f"t.{c} IS NOT DISTINCT FROM s.{c}" for c in VALUES)
-    merge = (
-        f"MERGE INTO {target} t USING _raw_stage s ON t.id = s.id "
-        f"WHEN MATCHED AND NOT ({match}) THEN UPDATE SET {', '.join(f'{c} = s.{c}' for c in VALUES)} "
-        f"WHEN NOT MATCHED THEN INSERT ({', '.join(COLUMNS)}) VALUES ({', '.join('s.' + c for c in COLUMNS)})"
-    )
+    where = _raw_where(job, target)
     psql = job["psql"]
     path = os.path.join(job["staging"], f"raw-staged-{os.getpid()}.bin")
     os.makedirs(job["staging"], exist_ok=True)
@@ -126,21 +127,7 @@ def raw_staged(job: Job) -> dict[str, Any]:
         )
     with open(path, "rb") as data:
         subprocess.run(
-            [
-                psql,
-                "-X",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-1",
-                job["tgt_dsn"],
-                "-c",
-                f"CREATE TEMP TABLE _raw_stage (LIKE {target}) ON COMMIT DROP",
-                "-c",
-                "COPY _raw_stage FROM STDIN (FORMAT binary)",
-                "-c",
-                merge,
-            ],
+            _raw_load_argv(job, target),
             stdin=data,
             capture_output=True,
             check=True,
