@@ -45,12 +45,21 @@ def _watermark(job: Job, target: str) -> str | None:
     return row[0] if row else None
 
 
-def _raw_where(job: Job, target: str) -> str:
-    """Incremental (workload b): rows past the target's newest cursor, read back from the target."""
-    if job["workload"] != "b":
-        return ""
-    mark = _watermark(job, target)
-    return f" WHERE updated_at > '{mark}'::timestamptz" if mark else ""
+def _raw_copy_out(job: Job, target: str) -> tuple[list[str], bytes]:
+    """psql argv and its stdin script: COPY the source (binary) to stdout.
+
+    Incremental (workload b) reads the rows past the target's newest cursor.  The value goes in as
+    a psql variable quoted by psql (``:'mark'``); psql interpolates variables in scripts, not in
+    ``-c`` commands, hence the script on stdin.
+    """
+    argv = [job["psql"], "-X", "-q", "-v", "ON_ERROR_STOP=1"]
+    where = ""
+    mark = _watermark(job, target) if job["workload"] == "b" else None
+    if mark:
+        argv += ["-v", f"mark={mark}"]
+        where = " WHERE updated_at > :'mark'::timestamptz"
+    script = f"COPY ({_select(job['source'], where)}) TO STDOUT (FORMAT binary);\n"
+    return [*argv, job["src_dsn"]], script.encode()
 
 
 def _raw_load_argv(job: Job, target: str) -> list[str]:
@@ -84,11 +93,12 @@ def _raw_load_argv(job: Job, target: str) -> list[str]:
 def raw_limit(job: Job) -> dict[str, Any]:
     """COPY TO STDOUT (binary) piped into COPY FROM STDIN + one MERGE: two psql processes, no Python per row."""
     target = job["target"]
-    where = _raw_where(job, target)
-    out_sql = f"COPY ({_select(job['source'], where)}) TO STDOUT (FORMAT binary)"
-    psql = job["psql"]
+    copy_out, script = _raw_copy_out(job, target)
     started = time.perf_counter()
-    reader = subprocess.Popen([psql, "-X", "-q", job["src_dsn"], "-c", out_sql], stdout=subprocess.PIPE)
+    reader = subprocess.Popen(copy_out, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert reader.stdin is not None
+    reader.stdin.write(script)
+    reader.stdin.close()
     writer = subprocess.run(
         _raw_load_argv(job, target),
         stdin=reader.stdout,
@@ -107,24 +117,12 @@ def raw_staged(job: Job) -> dict[str, Any]:
     """The raw limit without the pipe: COPY TO a file, then COPY FROM it + MERGE (two steps in a row,
     like any staged design; still no Python per row).  Shows what staging itself costs."""
     target = job["target"]
-    where = _raw_where(job, target)
-    psql = job["psql"]
+    copy_out, script = _raw_copy_out(job, target)
     path = os.path.join(job["staging"], f"raw-staged-{os.getpid()}.bin")
     os.makedirs(job["staging"], exist_ok=True)
     started = time.perf_counter()
     with open(path, "wb") as out:
-        subprocess.run(
-            [
-                psql,
-                "-X",
-                "-q",
-                job["src_dsn"],
-                "-c",
-                f"COPY ({_select(job['source'], where)}) TO STDOUT (FORMAT binary)",
-            ],
-            stdout=out,
-            check=True,
-        )
+        subprocess.run(copy_out, input=script, stdout=out, check=True)
     with open(path, "rb") as data:
         subprocess.run(
             _raw_load_argv(job, target),
@@ -206,15 +204,14 @@ def provider_cdc(job: Job) -> dict[str, Any]:
 
 def slot_read(job: Job) -> dict[str, Any]:
     """The rate the slot can be read: peek all pending pgoutput messages and discard them (psql, C only)."""
-    query = (
+    script = (  # psql quotes the variables (:'slot'); it interpolates them in scripts, not in -c
         "COPY (SELECT data FROM pg_logical_slot_peek_binary_changes("
-        f"'{job['slot']}', NULL, NULL, 'proto_version', '1', 'publication_names', '{job['publication']}', "
-        "'messages', 'true')) TO STDOUT (FORMAT binary)"
+        ":'slot', NULL, NULL, 'proto_version', '1', 'publication_names', :'publication', "
+        "'messages', 'true')) TO STDOUT (FORMAT binary);\n"
     )
+    argv = [job["psql"], "-X", "-q", "-v", f"slot={job['slot']}", "-v", f"publication={job['publication']}"]
     started = time.perf_counter()
-    done = subprocess.run(
-        [job["psql"], "-X", "-q", job["src_dsn"], "-c", query], stdout=subprocess.DEVNULL, check=False, text=True
-    )
+    done = subprocess.run([*argv, job["src_dsn"]], input=script.encode(), stdout=subprocess.DEVNULL, check=False)
     if done.returncode != 0:
         raise RuntimeError("slot read failed")
     return {"rows": job["rows"], "seconds": time.perf_counter() - started}
@@ -242,11 +239,23 @@ def _airflow_env(job: Job) -> None:
 
 
 def _subset_query(job: Job) -> str:
+    """The row-by-row contenders' source query (a subset, see the README).
+
+    Its bounds are written into a one-row source table with bound parameters and the query reads
+    them from there, so no value is formatted into SQL (``GenericTransfer`` takes no parameters).
+    """
+    mark = _watermark(job, job["target"]) if job["workload"] == "b" else None
+    with psycopg.connect(job["src_dsn"], autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS bench_subset (mark timestamptz, row_limit bigint)")
+        conn.execute("TRUNCATE bench_subset")
+        conn.execute("INSERT INTO bench_subset VALUES (%s::timestamptz, %s)", (mark, int(job["rows"])))
     if job["workload"] == "b":
-        mark = _watermark(job, job["target"])
-        where = f" WHERE updated_at > '{mark}'::timestamptz ORDER BY updated_at, id LIMIT {int(job['rows'])}"
+        where = (
+            " WHERE updated_at > (SELECT mark FROM bench_subset) ORDER BY updated_at, id"
+            " LIMIT (SELECT row_limit FROM bench_subset)"
+        )
     else:
-        where = f" WHERE id <= {int(job['rows'])}"
+        where = " WHERE id <= (SELECT row_limit FROM bench_subset)"
     return _select(job["source"], where)
 
 
