@@ -610,3 +610,31 @@ def test_schema_drift_evolve_follows_added_and_dropped_columns(cdc: CdcEnv) -> N
         assert target.execute("SELECT count(note) FROM items").fetchone() != (0,)
     with pytest.raises(ConfigurationError, match="schema_drift must be one of"):
         CdcSpec(sync_id="x", tables=("items",), schema_drift="ignore")  # type: ignore[arg-type]
+
+
+def test_scd2_history_of_a_cdc_table(cdc: CdcEnv) -> None:
+    _seed_items(cdc, rows=50)
+    spec = CdcSpec(sync_id="hist", tables=("items",), history=True)
+    cdc.run(spec, run_id="snap")
+    with cdc.env.source() as conn:
+        conn.execute("UPDATE items SET qty = qty + 1 WHERE id IN (1, 2)")
+        conn.execute("UPDATE items SET qty = qty + 1 WHERE id = 1")  # two changes, one new version
+        conn.execute("DELETE FROM items WHERE id = 3")
+        conn.execute("INSERT INTO items (id, sku, qty) VALUES (100, 'SKU-100', 5)")
+        conn.execute("UPDATE items SET id = 200 WHERE id = 4")  # a key change
+    cdc.run(spec, run_id="c1")
+    cdc.run(spec, run_id="c2")  # nothing new: no version
+    cdc.assert_converged("items", ["id"])
+    with cdc.env.target() as target:
+        versions = dict(target.execute("SELECT id, count(*) FROM items_history GROUP BY id ORDER BY id").fetchall())
+        current = target.execute("SELECT count(*), count(DISTINCT id) FROM items_history WHERE _is_current").fetchone()
+        closed_by_delete = target.execute("SELECT id FROM items_history WHERE _sync_deleted ORDER BY id").fetchall()
+        same = target.execute(
+            "SELECT count(*) FROM items t JOIN items_history h ON h.id = t.id AND h._is_current "
+            "WHERE (t.sku, t.qty, t.note) IS NOT DISTINCT FROM (h.sku, h.qty, h.note)"
+        ).fetchone()
+    assert (versions[1], versions[2], versions[3], versions[5]) == (2, 2, 1, 1)
+    assert versions[100] == 1 and versions[200] == 1
+    assert current == (50, 50)  # 50 - 1 deleted + 1 inserted; the moved key counts once
+    assert closed_by_delete == [(3,), (4,)]
+    assert same == (50,)  # the current versions are the target's rows

@@ -71,6 +71,7 @@ class _CdcSpecMixin:
     max_retained_wal_bytes: int | None
     state_table: str
     schema_drift: str
+    history: bool
 
     def _init_spec(
         self,
@@ -86,6 +87,7 @@ class _CdcSpecMixin:
         max_retained_wal_bytes: int | None = None,
         state_table: str = "_sync_state",
         schema_drift: str = DEFAULT_SCHEMA_DRIFT,
+        history: bool = False,
     ) -> None:
         self.tables = tables
         self.sync_id = sync_id
@@ -98,6 +100,7 @@ class _CdcSpecMixin:
         self.max_retained_wal_bytes = max_retained_wal_bytes
         self.state_table = state_table
         self.schema_drift = schema_drift
+        self.history = history
 
     def build_spec(self) -> CdcSpec:
         tables = _table_list(self.tables)
@@ -118,6 +121,7 @@ class _CdcSpecMixin:
             max_retained_wal_bytes=self.max_retained_wal_bytes,
             state_table=self.state_table,
             schema_drift=self.schema_drift,  # type: ignore[arg-type]
+            history=bool(self.history),
         )
 
 

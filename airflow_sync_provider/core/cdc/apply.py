@@ -29,6 +29,7 @@ from airflow_sync_provider.core.cdc.manifest import (
 )
 from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
 from airflow_sync_provider.core.errors import DataError, SchemaError
+from airflow_sync_provider.core.history import close_deleted, record_history
 from airflow_sync_provider.core.load import (
     TargetTable,
     apply_table_batch,
@@ -43,7 +44,7 @@ from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN
 from airflow_sync_provider.core.staging import remove_staged
-from airflow_sync_provider.core.state import lock_state, write_state
+from airflow_sync_provider.core.state import lock_state, param_identifier, write_state
 
 CdcLoadStatus = Literal["applied", "stale", "already_applied", "no_changes"]
 
@@ -292,9 +293,12 @@ def apply_changes(
     )
     _fill_unchanged_from_target(conn, manifest, target, final)
     deleted += _apply_deletes(conn, manifest, target, final, run_id)
-    inserted, updated = merge_stage(
-        conn, manifest, target, final, run_id, where=sql.SQL("s.{} <> 'D'").format(sql.Identifier(OP_COLUMN))
-    )
+    upserts = sql.SQL("s.{} <> 'D'").format(sql.Identifier(OP_COLUMN))
+    if manifest.history_table:  # versions of the rows this batch leaves behind, in the same transaction
+        if deleted:
+            close_deleted(conn, manifest, param_identifier(target.schema, target.name), run_id)
+        record_history(conn, manifest, final, run_id, upserts)
+    inserted, updated = merge_stage(conn, manifest, target, final, run_id, where=upserts)
     return {"inserted": inserted, "updated": updated, "deleted": deleted}
 
 

@@ -157,6 +157,8 @@ def snapshot_to_staging(
                     delete_mode=spec.delete_mode,
                     batch_rows=spec.batch_rows,
                     state_table=spec.state_table,
+                    schema_drift=spec.schema_drift,
+                    history_table=spec.history_table_of(table.qualified),
                 )
                 part = extract_to_staging(
                     engine,
@@ -512,4 +514,5 @@ def _table_manifest(
         delete_mode=spec.delete_mode,
         state_table=spec.state_table,
         schema_drift=spec.schema_drift,
+        history_table=spec.history_table_of(stream.source.qualified),
     )

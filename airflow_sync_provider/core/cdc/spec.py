@@ -38,6 +38,9 @@ class CdcSpec:
     #: ``freeze`` fails, ``evolve`` adds and widens target columns; ``discard`` is refused for
     #: change batches (unchanged TOAST values are marked by column position).
     schema_drift: SchemaDrift = DEFAULT_SCHEMA_DRIFT
+    #: Keep an SCD type 2 history of every table in ``<table>_history`` (see :mod:`..history`),
+    #: written in the same transaction as the changes and the LSN.
+    history: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tables", tuple(self.tables))
@@ -70,3 +73,7 @@ class CdcSpec:
 
     def target_name(self, table: str) -> str:
         return self.source_name(table)[1]
+
+    def history_table_of(self, table: str) -> str | None:
+        """The SCD2 history table of a declared source table (None without ``history``)."""
+        return f"{self.target_name(table)}_history" if self.history else None
