@@ -57,12 +57,16 @@ def _history_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Any:
     return TargetTable(schema, name, _target_columns(conn, schema, name) or {})
 
 
-def ensure_history_table(conn: psycopg.Connection[Any], manifest: Manifest) -> sql.Identifier:
-    """Create the history table (from the manifest's columns) if missing, or check it has them."""
+def ensure_history_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Any:
+    """Create the history table (from the manifest's columns) if missing, or check it has them.
+
+    Returns it as the load module's ``TargetTable`` (its column types decide how values compare).
+    """
     assert manifest.history_table
     schema, name = manifest.target_schema, manifest.history_table
     ident = sql.Identifier(schema, name)
-    existing = _history_table(conn, manifest).column_types
+    table = _history_table(conn, manifest)
+    existing = table.column_types
     if existing:
         needed = [c.name for c in manifest.columns] + [c for c, _ in HISTORY_COLUMNS]
         missing = [c for c in needed if c not in existing]
@@ -74,7 +78,7 @@ def ensure_history_table(conn: psycopg.Connection[Any], manifest: Manifest) -> s
                 column=missing,
                 rule="scd2 history",
             )
-        return ident
+        return table
     keys = sql.SQL(", ").join(map(sql.Identifier, manifest.primary_key))
     definitions = [
         sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(validate_pg_type(c.pg_type))) for c in manifest.columns
@@ -89,7 +93,7 @@ def ensure_history_table(conn: psycopg.Connection[Any], manifest: Manifest) -> s
         )
     )
     LOG.info("sync %s: created SCD2 history table %s.%s", manifest.sync_id, schema, name)
-    return ident
+    return _history_table(conn, manifest)
 
 
 def _key_match(left: str, right: str, keys: Sequence[str]) -> sql.Composable:
@@ -110,14 +114,13 @@ def record_history(
     ``where`` filters the stage rows (alias ``s``) like the merge's.  Returns (opened, closed).
     Identifiers go through :func:`~.state.param_identifier`: these statements run with parameters.
     """
-    ensure_history_table(conn, manifest)
+    from airflow_sync_provider.core.load import _comparable
+
+    table = ensure_history_table(conn, manifest)
     history = param_identifier(manifest.target_schema, manifest.history_table or "")
     keys = list(manifest.primary_key)
     columns = [c.name for c in manifest.columns]
     values = [c for c in columns if c not in keys]
-    from airflow_sync_provider.core.load import _comparable
-
-    table = _history_table(conn, manifest)
     stage_filter = sql.SQL(" AND ({})").format(where) if where is not None else sql.SQL("")
     differs: sql.Composable = sql.SQL("false")
     if values:
