@@ -135,29 +135,32 @@ def compute_upper_bound(
         notes.append("cursor is not a date/time: no time upper bound; late commits are covered only by lookback")
         return None, notes
 
+    holder: str | None = None
     with engine.connect() as conn:
         if source.dialect == "postgresql":
-            now, oldest, holder = conn.execute(
+            now, oldest, pid, user, application = conn.execute(
                 sa.text(
-                    "SELECT now(), a.xact_start, a.pid::text || ' (' || coalesce(a.application_name, '') || ')' "
+                    "SELECT now(), a.xact_start, a.pid, a.usename, a.application_name "
                     "FROM (SELECT 1) one LEFT JOIN LATERAL ("
-                    "  SELECT xact_start, pid, application_name FROM pg_stat_activity"
+                    "  SELECT xact_start, pid, usename, application_name FROM pg_stat_activity"
                     "  WHERE datname = current_database() AND pid <> pg_backend_pid()"
                     "    AND xact_start IS NOT NULL AND backend_type = 'client backend'"
                     "  ORDER BY xact_start LIMIT 1) a ON true"
                 )
             ).one()
+            holder = describe_session(pid, user=user, application=application)
         elif source.dialect in ("mysql", "mariadb"):
             now = conn.execute(sa.text("SELECT NOW(6)")).scalar_one()
-            oldest = holder = None
+            oldest = None
             if spec.guard_open_transactions:
                 try:
-                    oldest, holder = conn.execute(
+                    oldest, thread = conn.execute(
                         sa.text(
-                            "SELECT trx_started, CAST(trx_mysql_thread_id AS CHAR) FROM information_schema.innodb_trx "
+                            "SELECT trx_started, trx_mysql_thread_id FROM information_schema.innodb_trx "
                             "WHERE trx_mysql_thread_id <> CONNECTION_ID() ORDER BY trx_started LIMIT 1"
                         )
                     ).one_or_none() or (None, None)
+                    holder = describe_session(thread, kind="thread")
                 except sa_exc.DBAPIError as error:
                     notes.append(
                         f"open-transaction guard unavailable ({first_line(error.orig or error)}); relying on lag"
@@ -166,7 +169,7 @@ def compute_upper_bound(
             now = conn.execute(sa.select(sa.func.current_timestamp())).scalar_one()
             if isinstance(now, str):  # SQLite returns UTC text
                 now = dt.datetime.fromisoformat(now)
-            oldest = holder = None
+            oldest = None
 
     bound = now - spec.lag
     if spec.guard_open_transactions and oldest is not None and oldest < bound:
@@ -179,6 +182,15 @@ def compute_upper_bound(
     if isinstance(cursor.type, sa.Date) and not isinstance(cursor.type, sa.DateTime):
         bound = bound.date()
     return bound, notes
+
+
+def describe_session(
+    session_id: Any, *, kind: str = "pid", user: str | None = None, application: str | None = None
+) -> str:
+    """``pid 16956 (user 'etl', application 'psql')``: what a DBA needs to find the open transaction;
+    parts the server did not report are left out rather than shown empty."""
+    details = [f"{label} {value!r}" for label, value in (("user", user), ("application", application)) if value]
+    return f"{kind} {session_id}" + (f" ({', '.join(details)})" if details else "")
 
 
 def _cursor_bound(cursor: sa.Column[Any], value: Any) -> Any:
@@ -260,13 +272,18 @@ def _rows_to_table(rows: Sequence[Sequence[Any]], source: SourceTable, spec: Syn
 
 
 def apply_transform(table: pa.Table, transform: BatchTransform, spec: SyncSpec, batch_number: int) -> pa.Table:
-    """Run a pandas transform over one batch, keeping Arrow types exact (ArrowDtype round trip)."""
+    """Run a pandas transform over one batch, keeping Arrow types exact (ArrowDtype round trip).
+
+    ``batch_number`` 0 is the typed empty batch of a run that extracted nothing (see
+    :func:`quiet_run_columns`).
+    """
     frame = table.to_pandas(types_mapper=pd.ArrowDtype)
+    which = f"batch {batch_number}" if batch_number else "the empty batch of a run that extracted no rows"
     try:
         result = transform(frame)
     except Exception as error:
         raise SyncError(
-            f"transform {getattr(transform, '__name__', transform)!r} failed on batch {batch_number}: "
+            f"transform {getattr(transform, '__name__', transform)!r} failed on {which}: "
             f"{type(error).__name__}: {error}",
             sync_id=spec.sync_id,
             table=spec.qualified_source,
@@ -291,8 +308,13 @@ def extract_to_staging(
     logger: Logger | None = None,
     connection: sa.Connection | None = None,
     window: tuple[Any, Any] | None = None,
+    recorded_columns: Sequence[tuple[str, str]] | None = None,
 ) -> Manifest:
     """Extract the rows past the committed watermark (or the whole table) into staged Parquet files.
+
+    ``recorded_columns``: the ``(name, type)`` columns the last committed load of this sync synced
+    (its transformed schema, from the state row); a run that extracts nothing takes from them the
+    types an empty transformed batch cannot tell (see :func:`quiet_run_columns`).
 
     ``connection``: read inside this caller-owned transaction instead of opening a REPEATABLE READ
     one (CDC snapshots read several tables from one snapshot this way).
@@ -394,8 +416,10 @@ def extract_to_staging(
         if owned:
             connection.close()
 
-    if schema is None:  # nothing extracted: the column plan still tells the load how to create the table
-        schema = pa.schema([pa.field(p.name, p.arrow_type) for p in source.plans])
+    if schema is None:  # nothing extracted: the batch still has the columns a batch with rows has
+        columns = quiet_run_columns(source, spec, transform, recorded_columns, notes, log)
+    else:
+        columns = _manifest_columns(schema, source)
     progress.done(f"{len(files)} staged file(s) in {staging_dir}")
     manifest = Manifest(
         sync_id=spec.sync_id,
@@ -407,7 +431,7 @@ def extract_to_staging(
         target_table=spec.target_table,
         primary_key=source.primary_key,
         cursor_column=spec.cursor_column,
-        columns=_manifest_columns(schema, source),
+        columns=columns,
         files=tuple(files),
         rows=sum(f.rows for f in files),
         base_version=base_version,
@@ -429,6 +453,60 @@ def extract_to_staging(
     )
     staging.write_manifest(manifest)
     return manifest
+
+
+def quiet_run_columns(
+    source: SourceTable,
+    spec: SyncSpec,
+    transform: BatchTransform | None,
+    recorded: Sequence[tuple[str, str]] | None,
+    notes: list[str],
+    log: Logger,
+) -> tuple[ManifestColumn, ...]:
+    """The columns of a run that extracted no rows: the ones a batch with rows would have had.
+
+    A transform shapes every batch (it adds, renames, masks or drops columns), so it also runs on
+    the typed empty batch: otherwise a quiet run would stage the raw source columns, and the gate,
+    the drift check and the load would see the transform's columns as dropped and fail, with the
+    deletes the run found never applied.  Source columns keep their reflected types.  A column the
+    transform made takes the type the last committed load recorded for it (an empty frame is weak
+    evidence of a type: ``.apply`` on no rows gives no type at all), else the type Arrow inferred.
+    A transform that cannot run on an empty frame falls back to the recorded columns, with a note.
+    """
+    empty = pa.schema([pa.field(p.name, p.arrow_type) for p in source.plans]).empty_table()
+    if transform is None:
+        return _manifest_columns(empty.schema, source)
+    known = dict(recorded or ())
+    try:
+        batch = apply_transform(empty, transform, spec, 0)
+    except SyncError as error:
+        if not known:
+            raise
+        notes.append(f"{error.reason}; the batch takes the columns of the last committed load")
+        log.warning("sync %s: %s", spec.sync_id, notes[-1])
+        plans = {p.name: p for p in source.plans}
+        return tuple(
+            ManifestColumn(name, pg_type, plans[name].nullable if name in plans else True)
+            for name, pg_type in known.items()
+        )
+    _check_transformed(batch, source, spec)
+    planned = {p.name for p in source.plans}
+    columns = []
+    for column, field in zip(_manifest_columns(batch.schema, source), batch.schema, strict=True):
+        made_by_transform = column.name not in planned or column.pg_type != _plan_type(source, column.name)
+        if made_by_transform and column.name in known:
+            column = ManifestColumn(column.name, known[column.name], column.nullable)
+        elif pa.types.is_null(field.type):
+            notes.append(
+                f"the transform gave column {column.name!r} no type on an empty batch and no load recorded one: "
+                f"{column.pg_type}"
+            )
+        columns.append(column)
+    return tuple(columns)
+
+
+def _plan_type(source: SourceTable, name: str) -> str | None:
+    return next((p.pg_type for p in source.plans if p.name == name), None)
 
 
 def _pages(

@@ -15,7 +15,7 @@ from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.progress import Logger, PhaseObserver
 from airflow_sync_provider.core.spec import SyncSpec
 from airflow_sync_provider.core.staging import StagingArea
-from airflow_sync_provider.core.state import SyncState, read_state
+from airflow_sync_provider.core.state import SyncState, read_source_schema, read_state
 
 
 def committed_state(conn: psycopg.Connection[Any], spec: SyncSpec) -> SyncState | None:
@@ -47,7 +47,14 @@ def extract_for(
         transform=transform,
         logger=logger,
         window=window,
+        recorded_columns=recorded_columns(target, spec) if transform is not None else None,
     )
+
+
+def recorded_columns(conn: psycopg.Connection[Any], spec: SyncSpec) -> tuple[tuple[str, str], ...] | None:
+    """The (transformed) columns the last committed load of this sync recorded, or None."""
+    record = read_source_schema(conn, spec.target_schema, spec.state_table, spec.sync_id, spec.qualified_target)
+    return record.columns if record is not None else None
 
 
 def run_sync(
