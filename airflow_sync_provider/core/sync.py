@@ -4,6 +4,7 @@ operator, the demo and the tests; the split operators call the same two halves.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -37,11 +38,18 @@ def extract_for(
     logger: Logger | None = None,
     window: tuple[Any, Any] | None = None,
 ) -> Manifest:
-    """Extract from where the committed state in the target says the sync is (or a backfill ``window``)."""
+    """Extract from where the committed state in the target says the sync is (or a backfill ``window``).
+
+    First it sweeps the staged batches of this sync that killed or abandoned runs left behind
+    (older than ``staging.abandoned_after`` and no longer loadable: see
+    :meth:`StagingArea.sweep_abandoned`).
+    """
+    state = committed_state(target, spec)
+    staging.sweep_abandoned(spec.sync_id, pending=loadable_at(state), log=logger)
     return extract_to_staging(
         source,
         spec,
-        state=committed_state(target, spec),
+        state=state,
         staging=staging,
         run_id=run_id,
         transform=transform,
@@ -49,6 +57,18 @@ def extract_for(
         window=window,
         recorded_columns=recorded_columns(target, spec) if transform is not None else None,
     )
+
+
+def loadable_at(state: SyncState | None) -> Callable[[dict[str, Any]], bool]:
+    """Whether a staged table batch (its ``manifest.json``) would still change the target: it was
+    extracted at the committed state version, so its load applies it instead of skipping it as
+    stale.  A backfill window is not pinned to a version; its age alone decides."""
+    version = state.version if state else 0
+
+    def loadable(manifest: dict[str, Any]) -> bool:
+        return manifest.get("window") is None and manifest.get("base_version") == version
+
+    return loadable
 
 
 def recorded_columns(conn: psycopg.Connection[Any], spec: SyncSpec) -> tuple[tuple[str, str], ...] | None:
