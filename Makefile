@@ -19,8 +19,10 @@ demo: install
 	$(PY) -m airflow_sync_provider.demo $(DEMO_ARGS)
 
 # The reference DAGs in the Airflow UI (airflow standalone) against embedded case-study databases.
+#   make ui                  - UI on http://localhost:8080
+#   make ui UI_PORT=8081     - on another port (or SYNC_UI_PORT=8081 in the environment)
 ui: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m airflow_sync_provider.casestudies.standalone
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m airflow_sync_provider.casestudies.standalone $(if $(UI_PORT),--ui-port $(UI_PORT))
 
 lint: install
 	$(VENV)/bin/ruff check airflow_sync_provider dags tests benchmarks
