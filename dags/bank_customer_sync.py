@@ -14,9 +14,10 @@ Every hour, from ``core_banking`` (customers, accounts, loans):
   columns it holds as the master does), and every load leaves an entry in the append-only audit
   ledger (``_sync_audit``) of its target.
 
-Backfills: the schedule has real hourly data intervals, so
-``airflow backfill create --dag-id bank_customer_sync --from-date 2026-11-01 --to-date 2026-11-02``
-re-syncs exactly the rows whose ``updated_at`` falls in each run's hour, idempotently, and leaves
+Backfills: the schedule has real hourly data intervals, so ``airflow backfill create --dag-id
+bank_customer_sync --from-date 2026-11-01T00:00:00+00:00 --to-date 2026-11-01T23:00:00+00:00``
+(both dates inclusive: ``--to-date`` is the start of the last hour; ``2026-11-02`` would add a 25th
+run) re-syncs exactly the rows whose ``updated_at`` falls in each run's hour, idempotently, and leaves
 the live watermark where it is.  A manual run with ``{"window_start": ..., "window_end": ...}`` in
 its conf does the same for any window.
 

@@ -37,7 +37,7 @@ from airflow_sync_provider.core.cdc import (
     load_cdc_manifest,
     run_cdc_sync,
 )
-from airflow_sync_provider.core.errors import SchemaError
+from airflow_sync_provider.core.errors import SchemaError, SourceUnavailableError
 from airflow_sync_provider.core.state import read_state
 from airflow_sync_provider.core.values import decode_row
 from airflow_sync_provider.local_postgres import LocalPostgres, local_postgres
@@ -449,6 +449,8 @@ def test_source_connection_terminated_mid_extract(env: SyncEnv, rng: random.Rand
         except SyncError as error:
             outcome = type(error).__name__
             assert str(error).startswith("[sync='orders' table='orders_slow'] extraction failed: "), error
+            # a lost source connection is retryable: operators let Airflow retry it (not AirflowFailException)
+            assert isinstance(error, SourceUnavailableError), type(error)
         finally:
             terminator.finish()
         errors[outcome] = errors.get(outcome, 0) + 1

@@ -65,6 +65,26 @@ class SyncError(Exception):
         return self._render()
 
 
+def database_error(error: BaseException, doing: str, *, sync_id: str | None, table: str | None) -> SyncError:
+    """A driver error raised while ``doing`` something, as the :class:`SyncError` a person acts on.
+
+    A lost, refused or shut-down connection is a :class:`SourceUnavailableError` (a retry can
+    succeed, so operators let Airflow retry it); any other failed statement is a plain
+    :class:`SyncError` (it would fail the same way again).
+    """
+    import psycopg
+    from sqlalchemy import exc as sa_exc
+
+    cause = getattr(error, "orig", None) or error
+    lost = (
+        getattr(error, "connection_invalidated", False)
+        or isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError))
+        or isinstance(cause, (psycopg.OperationalError, psycopg.InterfaceError))
+    )
+    kind = SourceUnavailableError if lost else SyncError
+    return kind(f"{doing} failed: {first_line(cause)}", sync_id=sync_id, table=table)
+
+
 class ConfigurationError(SyncError):
     """The sync is declared wrongly (bad option, missing cursor column for incremental mode...)."""
 

@@ -30,6 +30,7 @@ from airflow_sync_provider.core.errors import (
     SchemaError,
     SourceUnavailableError,
     SyncError,
+    database_error,
     first_line,
 )
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
@@ -406,11 +407,7 @@ def extract_to_staging(
     except BaseException as error:
         staging.discard(staging_dir, log)  # a half-written batch is never loaded: do not leave it behind
         if isinstance(error, sa_exc.DBAPIError):
-            raise SyncError(
-                f"extraction failed: {first_line(error.orig or error)}",
-                sync_id=spec.sync_id,
-                table=spec.qualified_source,
-            ) from error
+            raise database_error(error, "extraction", sync_id=spec.sync_id, table=spec.qualified_source) from error
         raise
     finally:
         if owned:
@@ -762,9 +759,7 @@ def _copy_page(
             for chunk in copy:
                 buffer += chunk
     except psycopg.Error as error:
-        raise SyncError(
-            f"extraction failed: {first_line(error)}", sync_id=spec.sync_id, table=spec.qualified_source
-        ) from error
+        raise database_error(error, "extraction", sync_id=spec.sync_id, table=spec.qualified_source) from error
     names = [p.name for p in source.plans]
     schema = pa.schema([pa.field(p.name, p.arrow_type) for p in source.plans])
     if not buffer:  # past the last page (Arrow refuses an empty CSV)
