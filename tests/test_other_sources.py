@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -331,9 +332,38 @@ BIG_IDS = [9_223_372_036_854_775_808, 18_446_744_073_709_551_615]  # beyond a si
 DOCS = ['{"a": 1, "emoji": "😀", "nested": [1, 2.5, {"b": null}]}', "[]", None, '"just text"', '{"k": "ä\\n"}']
 
 
+_DOC, _ACTIVE = MARIADB_COLUMNS.index("doc"), MARIADB_COLUMNS.index("active")
+
+
+def _json_value(text: str | None) -> Any:
+    return None if text is None else json.loads(text, parse_float=Decimal, parse_int=Decimal)
+
+
 def _mariadb_rows(db: MariaDB) -> Rows:
-    rows = db.execute(f"SELECT {', '.join(MARIADB_COLUMNS)} FROM items ORDER BY id")
-    return {int(r[0]): tuple(r[1:]) for r in rows}
+    """The source rows as the target holds them: ``active`` (TINYINT(1)) 0/1 as booleans (any other
+    value fails the sync: test_mysql_types.py), ``doc`` (JSON) by value."""
+    synced: Rows = {}
+    for source_row in db.execute(f"SELECT {', '.join(MARIADB_COLUMNS)} FROM items ORDER BY id"):
+        row = list(source_row)
+        row[_DOC] = _json_value(row[_DOC])
+        row[_ACTIVE] = None if row[_ACTIVE] is None else {0: False, 1: True}[row[_ACTIVE]]
+        synced[int(row[0])] = tuple(row[1:])
+    return synced
+
+
+def _mariadb_target_rows(env: SyncEnv) -> Rows:
+    """The target rows, ``doc`` by value (read as text, so the same whether the column is text or jsonb)."""
+    selected = [
+        sql.SQL("{}::text").format(sql.Identifier(c)) if c == "doc" else sql.Identifier(c) for c in MARIADB_COLUMNS
+    ]
+    query = sql.SQL("SELECT {} FROM items ORDER BY id").format(sql.SQL(", ").join(selected))
+    rows: Rows = {}
+    with env.target() as conn:
+        for target_row in conn.execute(query):
+            row = list(target_row)
+            row[_DOC] = _json_value(row[_DOC])
+            rows[int(row[0])] = tuple(row[1:])
+    return rows
 
 
 def _mariadb_values(i: int, key: int) -> tuple[Any, ...]:
@@ -388,7 +418,7 @@ def test_mariadb_incremental_sync_with_delete_detection(env: SyncEnv, mariadb: M
         assert not [n for n in manifest.notes if "guard" in n or "lowered" in n], manifest.notes
         assert (manifest.rows, len(manifest.files)) == (250, 3)
         assert _counts(first) == (250, 0, 0, 1)
-        _assert_same_rows(_target_rows(env, "items", MARIADB_COLUMNS), _mariadb_rows(mariadb))
+        _assert_same_rows(_mariadb_target_rows(env), _mariadb_rows(mariadb))
 
         # Changes: flip `active` on every 10th row (ON UPDATE bumps the cursor), insert 20, delete 7
         # (among them the largest key and the watermark's own key).
@@ -404,7 +434,7 @@ def test_mariadb_incremental_sync_with_delete_detection(env: SyncEnv, mariadb: M
         assert _counts(second) == (20, len(updated), len(deleted), 2)
         source = _mariadb_rows(mariadb)
         assert len(source) == 250 + 20 - len(deleted)
-        _assert_same_rows(_target_rows(env, "items", MARIADB_COLUMNS), source)
+        _assert_same_rows(_mariadb_target_rows(env), source)
         newest = max((v[3], k) for k, v in source.items())
         assert second.watermark == [{"$datetime": newest[0].isoformat()}, newest[1]]
 
@@ -436,7 +466,7 @@ def test_mariadb_open_transaction_holds_the_watermark_back(env: SyncEnv, mariadb
         slow.commit()
         _, second = _run(engine, env, spec, "after")
         assert _counts(second) == (2, 0, 0, 2)
-        _assert_same_rows(_target_rows(env, "items", MARIADB_COLUMNS), _mariadb_rows(mariadb))
+        _assert_same_rows(_mariadb_target_rows(env), _mariadb_rows(mariadb))
     finally:
         slow.close()
         engine.dispose()

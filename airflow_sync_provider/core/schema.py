@@ -4,19 +4,78 @@ Types Arrow has a faithful native type for (integers, floats, bounded numerics, 
 dates, timestamps, binary) are fetched as Python values and staged natively.  Types it has not
 (json, uuid, interval, arrays, unbounded numeric, enums, network types...) are cast to text *in the
 source query* and rebuilt by PostgreSQL from that text on load: lossless, and no Python per value.
+
+From PostgreSQL the target keeps the source's exact type.  From MySQL/MariaDB (see :func:`plan_column`):
+
+==============================  ==============================  ==========================================
+source type                     PostgreSQL type                 values
+==============================  ==============================  ==========================================
+``TINYINT(1)``, ``BOOL``,       ``BOOLEAN``                     0 -> false, 1 -> true; any other value
+``BOOLEAN`` (MySQL creates                                      fails the run with a ``DataError`` naming
+all three as ``TINYINT(1)``)                                    the row, before anything is written
+other ``TINYINT`` (signed or    ``SMALLINT``                    exact
+unsigned)
+``JSON``                        ``JSONB``                       read as JSON text, parsed by PostgreSQL:
+                                                                equal JSON (key order, spacing and number
+                                                                spelling as jsonb keeps them; of duplicate
+                                                                keys the last one)
+``VARCHAR(n)``                  ``VARCHAR(n)``                  exact (both count characters)
+``CHAR(n)``                     ``CHAR(n)``                     exact as text: MySQL strips the padding on
+                                                                read, PostgreSQL pads to n on output and
+                                                                ignores it in comparisons; ``col::text``
+                                                                gives the MySQL value
+``TINYTEXT`` ... ``LONGTEXT``,  ``TEXT``                        exact
+``ENUM``, ``SET``
+``DATETIME(p)``                 ``TIMESTAMP WITHOUT TIME ZONE`` exact (a wall-clock value, no zone)
+``TIMESTAMP(p)``                ``TIMESTAMP WITHOUT TIME ZONE`` as the *session* time zone shows it (below)
+==============================  ==============================  ==========================================
+
+MariaDB's ``JSON`` is an alias for ``LONGTEXT`` with a column ``CHECK (json_valid(col))`` that
+SQLAlchemy does not reflect: such a column is ``JSONB`` when the caller passes
+:func:`json_check_columns` to :func:`plan_column`, else ``TEXT`` (the text exactly as stored).  A
+table-level ``CONSTRAINT ... CHECK (json_valid(col))`` is reflected, so recognised either way.
+Source collations (``utf8mb4_unicode_ci``...) are not carried over: the target's default applies.
+Other MySQL integers are unchanged: ``BIGINT`` (an ``INT UNSIGNED`` exceeds ``integer``), and
+``NUMERIC(20, 0)`` for ``BIGINT UNSIGNED``.
+
+``TIMESTAMP``: MySQL stores UTC and converts to and from the session's ``time_zone`` on every read
+and write; ``DATETIME`` is stored and shown as written.  The sync reads both as its session shows
+them (no zone attached), and compares cursor values and its ``NOW(6) - lag`` upper bound in that same
+session time.  Give the source connection a fixed zone, ideally UTC (PyMySQL: ``init_command`` =
+``SET time_zone = '+00:00'``, e.g. in the Airflow connection's ``sqlalchemy_query`` extra): then
+``TIMESTAMP`` values land as UTC, and no daylight-saving fall-back hour shows two instants as one
+wall-clock time (which would also make a ``TIMESTAMP`` cursor step backwards).  A ``DATETIME`` cursor
+stamped by ``NOW()``/``CURRENT_TIMESTAMP`` holds the *writer's* session time: the sync's session
+should use the writers' zone, or its upper bound is off by the difference (too early only delays
+rows; too late weakens the late-commit guard).  Changing the session zone of an existing sync shifts
+every ``TIMESTAMP`` value it reads: re-sync the table.
+
+Upgrading: a target an earlier version created (``TINYINT(1)``/``TINYINT`` as ``bigint``,
+``JSON``/``VARCHAR(n)``/``CHAR(n)`` as ``text``) makes these columns schema drift (:mod:`.drift`): the
+load fails before writing anything and names them (``schema_drift='discard'`` keeps the wider
+``bigint``/``text`` for ``SMALLINT``/``VARCHAR(n)``, but fails on ``boolean``, ``jsonb`` and
+``char(n)`` too).  Alter the target columns to the new types (``ALTER COLUMN flag TYPE boolean USING
+flag <> 0``, ``ALTER COLUMN doc TYPE jsonb USING doc::jsonb``, ``ALTER COLUMN name TYPE varchar(200)``;
+``freeze`` accepts a target that already has the new type) and run again.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import mysql, postgresql
 
 _PG = postgresql.dialect()
+_MYSQL_DIALECTS = frozenset({"mysql", "mariadb"})
+
+# A CHECK that keeps one column to valid JSON, as MySQL/MariaDB render it: json_valid(`doc`).
+_JSON_CHECK = re.compile(r"json_valid\s*\(\s*(?:`((?:[^`]|``)+)`|([A-Za-z0-9_$]+))\s*\)", re.IGNORECASE)
 
 # A PostgreSQL type expression as SQLAlchemy compiles it, e.g. 'NUMERIC(12, 2)', 'VARCHAR(40)[]',
 # 'TIMESTAMP WITH TIME ZONE'.  Type names travel in manifests; refuse anything else so a manifest
@@ -45,21 +104,122 @@ def validate_pg_type(pg_type: str) -> str:
     return pg_type.strip()
 
 
-def plan_column(column: sa.Column[Any], dialect_name: str) -> ColumnPlan:
-    """Decide how to read, stage and store one reflected column."""
+class _TinyIntBoolean(sa.types.TypeDecorator[Any]):
+    """A MySQL ``TINYINT(1)`` read as a boolean: 0 -> False, 1 -> True.
+
+    Any other number is passed on unchanged, so staging it as a boolean fails with a
+    :class:`~.errors.DataError` naming the row, column and rule: a flag column holding 2 is a fact
+    about the data a person must look at, not something to round to ``true``.
+    """
+
+    impl = sa.SmallInteger
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Any:
+        if value is None or isinstance(value, bool):
+            return value
+        if value == 0:
+            return False
+        if value == 1:
+            return True
+        return value
+
+
+def _json_checked(check: str) -> str | None:
+    """The column a CHECK clause keeps to valid JSON (``json_valid(`doc`)``), or None."""
+    check = check.strip()
+    # Outer parentheses go: (json_valid(`a`)).  '(p) OR (q)' loses its ends too, then fails the full match.
+    while check.startswith("(") and check.endswith(")"):
+        check = check[1:-1].strip()
+    match = _JSON_CHECK.fullmatch(check)
+    if match is None:
+        return None
+    quoted, bare = match.groups()
+    return quoted.replace("``", "`") if quoted is not None else bare
+
+
+def _is_text(sa_type: Any) -> bool:
+    return isinstance(sa_type, sa.String) and not isinstance(sa_type, (sa.Enum, mysql.SET))
+
+
+def _table_json_checks(column: sa.Column[Any]) -> bool:
+    """Whether a CHECK reflected with the column's table keeps it to valid JSON."""
+    table = getattr(column, "table", None)
+    for constraint in getattr(table, "constraints", ()):
+        if isinstance(constraint, sa.CheckConstraint) and _json_checked(str(constraint.sqltext)) == column.name:
+            return True
+    return False
+
+
+def json_check_columns(bind: sa.Engine | sa.Connection, table: sa.Table) -> frozenset[str]:
+    """Text columns of a reflected MySQL/MariaDB table that a CHECK keeps to valid JSON.
+
+    MariaDB's ``JSON`` is an alias: the column is ``LONGTEXT`` with a column-level
+    ``CHECK (json_valid(`col`))``, which SQLAlchemy does not reflect (it reflects only table-level
+    ``CONSTRAINT ... CHECK`` lines).  This reads the checks from ``information_schema`` (MariaDB
+    10.2.22+) and adds the table-level ones SQLAlchemy did reflect.  Pass the result to
+    :func:`plan_column` as ``json_columns`` so such columns sync as ``jsonb``.  Only a check that is
+    exactly ``json_valid(col)`` counts (``json_valid(col) OR col = ''`` admits non-JSON text).
+    Empty for other dialects.
+    """
+    if bind.dialect.name not in _MYSQL_DIALECTS:
+        return frozenset()
+    found = {c.name for c in table.columns if _table_json_checks(c)}
+    if getattr(bind.dialect, "is_mariadb", False):
+        query = sa.text(
+            "SELECT CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS "
+            "WHERE CONSTRAINT_SCHEMA = COALESCE(:schema, DATABASE()) AND TABLE_NAME = :table"
+        )
+        params = {"schema": table.schema, "table": table.name}
+        try:
+            if isinstance(bind, sa.Engine):
+                with bind.connect() as conn:
+                    clauses = list(conn.execute(query, params).scalars())
+            else:
+                clauses = list(bind.execute(query, params).scalars())
+        except sa_exc.ProgrammingError:  # MariaDB before 10.2.22: no CHECK_CONSTRAINTS; JSON stays text
+            clauses = []
+        found.update(name for name in map(_json_checked, clauses) if name is not None)
+    return frozenset(name for name in found if name in table.c and _is_text(table.c[name].type))
+
+
+def plan_column(column: sa.Column[Any], dialect_name: str, json_columns: Collection[str] = ()) -> ColumnPlan:
+    """Decide how to read, stage and store one reflected column.
+
+    From MySQL/MariaDB (see the module docstring for the full table and the ``TIMESTAMP`` rules):
+    ``TINYINT(1)`` (which is what ``BOOL``/``BOOLEAN`` create) becomes ``BOOLEAN``, reading 0 and 1
+    as false and true; a ``TINYINT(1)`` holding any other value (2, -1, 255 if unsigned) fails the
+    extraction with a :class:`~.errors.DataError` naming the table, column, row key and rule
+    ``type``, and nothing is written.  A column that really holds small numbers should be declared
+    ``TINYINT`` (or ``SMALLINT``) at the source, which syncs as ``SMALLINT``.  ``JSON`` becomes
+    ``JSONB``; a text column named in ``json_columns`` (see :func:`json_check_columns`) or kept to
+    valid JSON by a reflected table-level CHECK is JSON too.  ``VARCHAR(n)``/``CHAR(n)`` keep their
+    length; ``CHAR(n)`` is read as text (MySQL strips its padding) so comparisons with the padded
+    PostgreSQL value go through ``::text``.  ``DATETIME`` and ``TIMESTAMP`` are read as the session
+    shows them, into ``TIMESTAMP WITHOUT TIME ZONE``.
+    """
     sa_type = column.type
     from_pg = dialect_name == "postgresql"
+    from_mysql = dialect_name in _MYSQL_DIALECTS
     native = True
     arrow: pa.DataType
     pg_type: str
+    reader: Any = None  # a type to read the column through (type_coerce: same SQL, other result processing)
 
     if isinstance(sa_type, postgresql.DOMAIN):
         sa_type = sa_type.data_type
+    if from_mysql and _is_text(sa_type) and (column.name in json_columns or _table_json_checks(column)):
+        sa_type = sa.JSON()
     if isinstance(sa_type, sa.String) and sa_type.collation:
         sa_type = sa_type.copy()
         sa_type.collation = None  # the target database may not have the source's collations
     if isinstance(sa_type, sa.Boolean):
         arrow, pg_type = pa.bool_(), "BOOLEAN"
+    elif from_mysql and isinstance(sa_type, mysql.TINYINT):
+        if sa_type.display_width == 1:
+            arrow, pg_type, reader = pa.bool_(), "BOOLEAN", _TinyIntBoolean()
+        else:  # -128..127 or 0..255
+            arrow, pg_type = pa.int16(), "SMALLINT"
     elif isinstance(sa_type, sa.Integer):
         unsigned = bool(getattr(sa_type, "unsigned", False))
         if unsigned and isinstance(sa_type, sa.BigInteger):
@@ -103,7 +263,12 @@ def plan_column(column: sa.Column[Any], dialect_name: str) -> ColumnPlan:
         native, arrow, pg_type = False, pa.string(), "TEXT"
     elif isinstance(sa_type, sa.String):
         arrow = pa.string()
-        pg_type = _compile_pg(sa_type) if from_pg else "TEXT"
+        if from_pg:
+            pg_type = _compile_pg(sa_type)
+        elif from_mysql:
+            pg_type, native = _mysql_string(sa_type)
+        else:
+            pg_type = "TEXT"
     else:
         # uuid, interval, arrays, inet, money, ranges, unknown types...: text round trip.
         native, arrow = False, pa.string()
@@ -113,11 +278,13 @@ def plan_column(column: sa.Column[Any], dialect_name: str) -> ColumnPlan:
         pg_type = validate_pg_type(pg_type)
     except ValueError:
         native, arrow, pg_type = False, pa.string(), "TEXT"
-    select: Any = column if native else sa.cast(column, sa.String).label(column.name)
     if native and isinstance(sa_type, sa.Float) and sa_type.asdecimal:
         # MySQL/MariaDB DOUBLE and REAL reflect with asdecimal=True: SQLAlchemy would turn every value
         # into a Decimal rounded to 10 places (lossy, and not a float Arrow accepts).  Keep the driver's float.
-        select = sa.type_coerce(column, sa.Float(asdecimal=False)).label(column.name)
+        reader = sa.Float(asdecimal=False)
+    select: Any = column if native else sa.cast(column, sa.String).label(column.name)
+    if native and reader is not None:
+        select = sa.type_coerce(column, reader).label(column.name)
     return ColumnPlan(
         name=column.name,
         select=select,
@@ -126,6 +293,22 @@ def plan_column(column: sa.Column[Any], dialect_name: str) -> ColumnPlan:
         nullable=bool(column.nullable),
         as_text=not native,
     )
+
+
+def _mysql_string(sa_type: sa.String) -> tuple[str, bool]:
+    """PostgreSQL type of a MySQL/MariaDB string column, and whether it is read natively.
+
+    ``CHAR(n)`` is read as text: PostgreSQL pads ``character(n)`` values to n on output while MySQL
+    strips the padding, so value comparisons (reconciliation) read the target through ``::text``,
+    which strips it again.  Lengths count characters on both sides.  ``CHAR(0)``/``VARCHAR(0)``
+    (legal in MySQL, not in PostgreSQL) are ``TEXT``.
+    """
+    length = sa_type.length
+    if length and isinstance(sa_type, (sa.CHAR, sa.NCHAR)):
+        return f"CHAR({int(length)})", False
+    if length and isinstance(sa_type, (sa.VARCHAR, sa.NVARCHAR)):
+        return f"VARCHAR({int(length)})", True
+    return "TEXT", True
 
 
 def _compile_pg(sa_type: Any) -> str:
