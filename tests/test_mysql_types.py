@@ -434,12 +434,6 @@ def test_json_checked_text_column_syncs_as_jsonb(env: SyncEnv, mariadb: MariaDB)
         engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MariaDB's JSON is LONGTEXT with a column CHECK (json_valid(...)) that SQLAlchemy does not reflect: "
-    "extract.reflect_source must pass schema.json_check_columns(engine, table) to plan_column (not wired yet); "
-    "remove this marker once it is",
-)
 def test_mariadb_json_column_syncs_as_jsonb(env: SyncEnv, mariadb: MariaDB) -> None:
     _json_rows(mariadb, "doc JSON")
     engine = mariadb.engine()

@@ -35,7 +35,7 @@ from airflow_sync_provider.core.errors import (
 )
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger, Progress
-from airflow_sync_provider.core.schema import ColumnPlan, pg_type_for_arrow, plan_column
+from airflow_sync_provider.core.schema import ColumnPlan, json_check_columns, pg_type_for_arrow, plan_column
 from airflow_sync_provider.core.spec import SyncSpec
 from airflow_sync_provider.core.staging import StagingArea
 from airflow_sync_provider.core.state import SyncState
@@ -94,7 +94,8 @@ def reflect_source(engine: sa.Engine, spec: SyncSpec) -> SourceTable:
                 column=column,
             )
     selected = list(dict.fromkeys([*primary_key, *wanted]))
-    plans = tuple(plan_column(table.c[name], engine.dialect.name) for name in selected)
+    json_columns = json_check_columns(engine, table)
+    plans = tuple(plan_column(table.c[name], engine.dialect.name, json_columns) for name in selected)
     return SourceTable(table=table, dialect=engine.dialect.name, primary_key=tuple(primary_key), plans=plans)
 
 
