@@ -638,3 +638,92 @@ def test_scd2_history_of_a_cdc_table(cdc: CdcEnv) -> None:
     assert current == (50, 50)  # 50 - 1 deleted + 1 inserted; the moved key counts once
     assert closed_by_delete == [(3,), (4,)]
     assert same == (50,)  # the current versions are the target's rows
+
+
+def _toast_body(seed: str, kilobytes: int = 128) -> str:
+    """~``kilobytes`` kB of hex text: compressible only ~2x, so stored out of line (TOASTed)."""
+    import hashlib
+
+    chunks = (hashlib.sha256(f"{seed}-{i}".encode()).hexdigest() for i in range(kilobytes * 1024 // 64))
+    return "".join(chunks)
+
+
+def _toast_table(cdc: CdcEnv, rows: dict[int, str]) -> CdcSpec:
+    with cdc.env.source() as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v int, body text)")
+        for key, body in rows.items():
+            conn.execute("INSERT INTO t VALUES (%s, 0, %s)", (key, body))
+    spec = CdcSpec(sync_id="toastkeys", tables=("t",))
+    _, snapshot = cdc.run(spec, run_id="snap")
+    assert snapshot.kind == "snapshot"
+    return spec
+
+
+def test_issue13_key_chain_then_unchanged_toast_update_takes_the_moved_rows_value(cdc: CdcEnv) -> None:
+    """Issue 13, repro 1: 1->201, 3->1, then an update of v on id=1 whose body is left out as unchanged.
+
+    The body of id=1 is B's (the row that moved in), not A's (the row the target held at id=1).
+    """
+    body_a, body_b = _toast_body("A"), _toast_body("B")
+    spec = _toast_table(cdc, {1: body_a, 3: body_b})
+    with cdc.env.source() as conn:
+        conn.execute("UPDATE t SET id = 201 WHERE id = 1")
+        conn.execute("UPDATE t SET id = 1 WHERE id = 3")
+        conn.execute("UPDATE t SET v = 6 WHERE id = 1")
+    manifest, result = cdc.run(spec, run_id="c1", keep_staged=True)
+    unchanged = [
+        value
+        for part in manifest.tables
+        for staged in part.files
+        for value in pq.read_table(staged.uri.removeprefix("file://"))["_cdc_unchanged"].to_pylist()
+    ]
+    assert unchanged.count("{3}") == 3  # the stream left every body out
+    assert result.status == "applied"
+    cdc.assert_converged("t", ["id"])
+    with cdc.env.target() as target:
+        rows = dict(target.execute("SELECT id, (v, md5(body)) FROM t").fetchall())
+    assert set(rows) == {1, 201}
+    with cdc.env.source() as conn:
+        assert dict(conn.execute("SELECT id, (v, md5(body)) FROM t").fetchall()) == rows
+    _, again = cdc.run(spec, run_id="c2")
+    assert again.status == "no_changes"
+
+
+def test_issue13_key_change_then_unchanged_toast_update_applies(cdc: CdcEnv) -> None:
+    """Issue 13, repro 2: 1->2, then an update of v on id=2 (body unchanged) in the same batch."""
+    spec = _toast_table(cdc, {1: _toast_body("A")})
+    with cdc.env.source() as conn:
+        conn.execute("UPDATE t SET id = 2 WHERE id = 1")
+        conn.execute("UPDATE t SET v = 9 WHERE id = 2")
+    _, result = cdc.run(spec, run_id="c1")
+    assert (result.status, result.inserted, result.deleted) == ("applied", 1, 1)
+    cdc.assert_converged("t", ["id"])
+
+
+def test_unchanged_toast_through_swaps_chains_deletes_and_reinserts_in_one_batch(cdc: CdcEnv) -> None:
+    """Identity followed in commit order: a swap via a spare key, a chain of moves, a delete and a
+    re-insert of a key, a multi-row transaction, all with bodies left out as unchanged."""
+    bodies = {k: _toast_body(f"row{k}", 16) for k in (1, 2, 3, 4, 5)}
+    spec = _toast_table(cdc, bodies)
+    with cdc.env.source() as conn:
+        with conn.transaction():  # swap 1 <-> 2 through 100, then touch both
+            conn.execute("UPDATE t SET id = 100 WHERE id = 1")
+            conn.execute("UPDATE t SET id = 1 WHERE id = 2")
+            conn.execute("UPDATE t SET id = 2 WHERE id = 100")
+            conn.execute("UPDATE t SET v = v + 1 WHERE id IN (1, 2)")
+        conn.execute("UPDATE t SET id = 30 WHERE id = 3")  # a chain 3 -> 30 -> 300 -> 3000
+        conn.execute("UPDATE t SET v = 7 WHERE id = 30")
+        conn.execute("UPDATE t SET id = 300 WHERE id = 30")
+        conn.execute("UPDATE t SET id = 3000, v = 8 WHERE id = 300")
+        conn.execute("DELETE FROM t WHERE id = 4")  # a delete, then a new row at the same key
+        conn.execute("INSERT INTO t VALUES (4, 40, %s)", (_toast_body("new4", 16),))
+        conn.execute("UPDATE t SET v = 41 WHERE id = 4")
+        conn.execute("DELETE FROM t WHERE id = 5")  # ...and a row moved onto a freed key
+        conn.execute("UPDATE t SET id = 5 WHERE id = 4")
+        conn.execute("UPDATE t SET v = 50 WHERE id = 5")
+    _, result = cdc.run(spec, run_id="c1")
+    assert result.status == "applied"
+    cdc.assert_converged("t", ["id"])
+    with cdc.env.target() as target:
+        bodies_now = dict(target.execute("SELECT id, body FROM t").fetchall())
+    assert bodies_now == {1: bodies[2], 2: bodies[1], 3000: bodies[3], 5: _toast_body("new4", 16)}

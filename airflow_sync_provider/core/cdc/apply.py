@@ -235,8 +235,9 @@ def _skip_reason(
 
 
 def _keys(manifest: Manifest, left: str, right: str) -> sql.Composable:
+    """``left.k = right.k AND ...`` over the key (for statements run with parameters, too)."""
     return sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier(left, k), sql.Identifier(right, k)) for k in manifest.primary_key
+        sql.SQL("{} = {}").format(param_identifier(left, k), param_identifier(right, k)) for k in manifest.primary_key
     )
 
 
@@ -248,12 +249,17 @@ def apply_changes(
     run_id: str,
     log: Logger,
 ) -> dict[str, int]:
-    """Apply one table's staged changes inside the caller's transaction; returns the counts."""
+    """Apply one table's staged changes inside the caller's transaction; returns the counts.
+
+    Order matters: the unchanged TOAST values are resolved (from the batch, or from the target rows
+    as they stand before the batch) before anything in the target is deleted or merged.
+    """
     target = ensure_target_table(conn, manifest)
     if manifest.schema_drift == "freeze":  # evolve and discard keep a dropped column (new rows NULL)
         _refuse_dropped_columns(manifest, target)
     names = [c.name for c in manifest.columns]
-    stage = sql.Identifier(f"_sync_cdc_{abs(hash((manifest.manifest_id, manifest.source_table))) % 10**12}")
+    label = f"_sync_cdc_{abs(hash((manifest.manifest_id, manifest.source_table))) % 10**12}"
+    stage = sql.Identifier(label)
     conn.execute(
         sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
             stage, sql.SQL(", ").join(map(sql.Identifier, names)), target.ident
@@ -266,39 +272,44 @@ def apply_changes(
         ).format(stage, *map(sql.Identifier, CHANGE_COLUMNS))
     )
     copy_files(conn, manifest, target, stage, log, names=[*names, *CHANGE_COLUMNS], what="staged changes")
-    conn.execute(sql.SQL("DELETE FROM {} WHERE {} <= %s").format(stage, sql.Identifier(LSN_COLUMN)), (applied_lsn,))
+    conn.execute(sql.SQL("DELETE FROM {} WHERE {} <= %s").format(stage, param_identifier(LSN_COLUMN)), (applied_lsn,))
     deleted = 0
     last_truncate = max((t.seq for t in truncates if t.lsn > applied_lsn), default=None)
     if last_truncate is not None:
         deleted += _delete_all(conn, manifest, target, run_id)
         conn.execute(
-            sql.SQL("DELETE FROM {} WHERE {} < %s").format(stage, sql.Identifier(SEQ_COLUMN)), (last_truncate,)
+            sql.SQL("DELETE FROM {} WHERE {} < %s").format(stage, param_identifier(SEQ_COLUMN)), (last_truncate,)
         )
     conn.execute(
         sql.SQL("CREATE INDEX ON {} ({}, {})").format(
             stage, sql.SQL(", ").join(map(sql.Identifier, manifest.primary_key)), sql.Identifier(SEQ_COLUMN)
         )
     )
+    conn.execute(sql.SQL("CREATE INDEX ON {} ({})").format(stage, sql.Identifier(SEQ_COLUMN)))
     conn.execute(sql.SQL("ANALYZE {}").format(stage))
-    _fill_unchanged_from_batch(conn, manifest, target, stage)
-    final = sql.Identifier(f"{stage.as_string()[1:-1]}_last")
-    conn.execute(
-        sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT DISTINCT ON ({}) * FROM {} ORDER BY {}, {} DESC").format(
-            final,
-            sql.SQL(", ").join(map(sql.Identifier, manifest.primary_key)),
-            stage,
-            sql.SQL(", ").join(map(sql.Identifier, manifest.primary_key)),
-            sql.Identifier(SEQ_COLUMN),
+    positions = _unchanged_positions(conn, stage)
+    if positions:
+        links = _identity_links(conn, manifest, stage, label)
+        _resolve_unchanged(conn, manifest, target, stage, links, positions)
+        conn.execute(
+            sql.SQL("DELETE FROM {} s USING {} l WHERE l.{seq} = s.{seq} AND NOT l.{last}").format(
+                stage, links, seq=sql.Identifier(SEQ_COLUMN), last=sql.Identifier(_LAST)
+            )
         )
-    )
-    _fill_unchanged_from_target(conn, manifest, target, final)
-    deleted += _apply_deletes(conn, manifest, target, final, run_id)
-    upserts = sql.SQL("s.{} <> 'D'").format(sql.Identifier(OP_COLUMN))
+    else:  # keep the last change per key: the stage becomes the batch's net effect
+        conn.execute(
+            sql.SQL(
+                "DELETE FROM {stage} s WHERE EXISTS (SELECT FROM {stage} n WHERE {same} AND n.{seq} > s.{seq})"
+            ).format(stage=stage, same=_keys(manifest, "n", "s"), seq=param_identifier(SEQ_COLUMN)),
+            (),  # with parameters: _keys doubles a % in a column name
+        )
+    deleted += _apply_deletes(conn, manifest, target, stage, run_id)
+    upserts = sql.SQL("s.{} <> 'D'").format(param_identifier(OP_COLUMN))
     if manifest.history_table:  # versions of the rows this batch leaves behind, in the same transaction
         if deleted:
             close_deleted(conn, manifest, param_identifier(target.schema, target.name), run_id)
-        record_history(conn, manifest, final, run_id, upserts)
-    inserted, updated = merge_stage(conn, manifest, target, final, run_id, where=upserts)
+        record_history(conn, manifest, stage, run_id, upserts)
+    inserted, updated = merge_stage(conn, manifest, target, stage, run_id, where=upserts)
     return {"inserted": inserted, "updated": updated, "deleted": deleted}
 
 
@@ -325,119 +336,221 @@ def _unchanged_positions(conn: psycopg.Connection[Any], table: sql.Composable) -
     return sorted(int(r[0]) for r in rows)
 
 
-def _fill_unchanged_from_batch(
-    conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, stage: sql.Identifier
-) -> None:
-    """An UPDATE leaves unchanged TOAST values out: take them from the latest earlier change of the key
-    in this batch that carried the value, or (for a key change) from the row's old key."""
-    unchanged, op, seq, moved = (
-        sql.Identifier(c) for c in (UNCHANGED_COLUMN, OP_COLUMN, SEQ_COLUMN, MOVED_FROM_COLUMN)
+# Columns of the identity-link table (one narrow row per staged change, no values).
+_SEGNO = "_cdc_segno"  # deletes of the key before this change: a key's rows split into segments at deletes
+_SEG = "_cdc_seg"  # seq of the first change of this change's segment
+_LAST = "_cdc_last"  # the key's last change in the batch (its net effect)
+_CHAIN = "_cdc_chain"  # seq of the first change of the row identity this change belongs to
+
+
+def _identity_links(
+    conn: psycopg.Connection[Any], manifest: Manifest, stage: sql.Identifier, label: str
+) -> sql.Identifier:
+    """Follow each row's identity through the batch in commit order; returns the link table.
+
+    A key's changes split into *segments* at its deletes: a segment is one row identity living at
+    that key (a delete, or the delete half of a key change, ends it).  A segment begins with an
+    insert (a new identity), with the upsert half of a key change (the identity of the segment whose
+    delete it is: ``_cdc_moved_from``), or, as the key's first segment, with an update or delete of
+    a row that existed before the batch.  Chaining segments through the key changes (pointer
+    jumping: one set-based UPDATE per doubling of the longest chain) gives every change the first
+    change of its identity, ``_cdc_chain``; an identity's changes are that chain in ``_cdc_seq`` order.
+    """
+    keys = sql.SQL(", ").join(map(sql.Identifier, manifest.primary_key))
+    seq, op, moved, unchanged = (
+        sql.Identifier(c) for c in (SEQ_COLUMN, OP_COLUMN, MOVED_FROM_COLUMN, UNCHANGED_COLUMN)
     )
-    for position in _unchanged_positions(conn, stage):
-        column = sql.Identifier(manifest.columns[position - 1].name)
-        carried = sql.SQL("p.{op} <> 'D' AND NOT (%(pos)s = ANY(coalesce(p.{unchanged}, '{{}}')))").format(
-            op=op, unchanged=unchanged
+    segno, seg, last, chain = (sql.Identifier(c) for c in (_SEGNO, _SEG, _LAST, _CHAIN))
+    links, moves = sql.Identifier(f"{label}_links"), sql.Identifier(f"{label}_moves")
+    conn.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE {links} ON COMMIT DROP AS "
+            "SELECT {keys}, {seq}, {op}, {moved}, {unchanged}, {segno}, {last}, "
+            "  min({seq}) OVER s AS {seg}, min({seq}) OVER s AS {chain} "
+            "FROM (SELECT {keys}, {seq}, {op}, {moved}, {unchanged}, "
+            "  count(*) FILTER (WHERE {op} = 'D') OVER w AS {segno}, "
+            "  lead({seq}) OVER (PARTITION BY {keys} ORDER BY {seq}) IS NULL AS {last} "
+            "  FROM {stage} WINDOW w AS (PARTITION BY {keys} ORDER BY {seq} "
+            "  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)) a WINDOW s AS (PARTITION BY {keys}, {segno})"
+        ).format(
+            links=links,
+            keys=keys,
+            seq=seq,
+            op=op,
+            moved=moved,
+            unchanged=unchanged,
+            segno=segno,
+            last=last,
+            seg=seg,
+            chain=chain,
+            stage=stage,
         )
-        conn.execute(
-            sql.SQL(
-                "UPDATE {stage} r SET {column} = v.value, {unchanged} = array_remove(r.{unchanged}, %(pos)s) "
-                "FROM (SELECT r2.{seq} AS seq, p.{column} AS value FROM {stage} r2 CROSS JOIN LATERAL ("
-                "  SELECT p.{column} FROM {stage} p WHERE {same_key} AND p.{seq} < r2.{seq} AND {carried}"
-                "  ORDER BY p.{seq} DESC LIMIT 1) p WHERE %(pos)s = ANY(r2.{unchanged})) v "
-                "WHERE r.{seq} = v.seq"
-            ).format(
-                stage=stage,
-                column=column,
-                unchanged=unchanged,
-                seq=seq,
-                carried=carried,
-                same_key=_keys(manifest, "p", "r2"),
-            ),
-            {"pos": position},
+    )
+    conn.execute(sql.SQL("CREATE UNIQUE INDEX ON {} ({})").format(links, seq))
+    # A segment that a key change began continues the segment its old key's delete ended.
+    conn.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE {moves} ON COMMIT DROP AS SELECT DISTINCT l.{seg} AS seg, d.{seg} AS root "
+            "FROM {links} l JOIN {links} d ON d.{seq} = l.{moved} WHERE l.{moved} IS NOT NULL"
+        ).format(moves=moves, links=links, seg=seg, seq=seq, moved=moved)
+    )
+    conn.execute(sql.SQL("CREATE UNIQUE INDEX ON {} (seg)").format(moves))
+    conn.execute(sql.SQL("ANALYZE {}").format(moves))
+    while conn.execute(
+        sql.SQL("UPDATE {moves} m SET root = p.root FROM {moves} p WHERE m.root = p.seg").format(moves=moves)
+    ).rowcount:
+        pass  # every round doubles how far each segment's pointer reaches; chains run forward, so it ends
+    conn.execute(
+        sql.SQL("UPDATE {links} l SET {chain} = m.root FROM {moves} m WHERE m.seg = l.{seg}").format(
+            links=links, chain=chain, moves=moves, seg=seg
         )
-        # An update that moved the row to a new key: the value is the old key's.
-        conn.execute(
-            sql.SQL(
-                "UPDATE {stage} r SET {column} = v.value, {unchanged} = array_remove(r.{unchanged}, %(pos)s) "
-                "FROM {stage} d CROSS JOIN LATERAL ("
-                "  SELECT x.value FROM ("
-                "    SELECT p.{column} AS value, 1 AS pri, p.{seq} AS ord FROM {stage} p"
-                "    WHERE {old_key} AND p.{seq} < d.{seq} AND {carried}"
-                "    UNION ALL SELECT t.{column}, 0, 0 FROM {target} t WHERE {target_key}"
-                "  ) x ORDER BY x.pri DESC, x.ord DESC LIMIT 1) v "
-                "WHERE d.{seq} = r.{moved} AND %(pos)s = ANY(r.{unchanged})"
-            ).format(
-                stage=stage,
-                column=column,
-                unchanged=unchanged,
-                seq=seq,
-                moved=moved,
-                carried=carried,
-                old_key=_keys(manifest, "p", "d"),
-                target=target.ident,
-                target_key=_keys(manifest, "t", "d"),
-            ),
-            {"pos": position},
-        )
+    )
+    conn.execute(sql.SQL("ANALYZE {}").format(links))
+    return links
 
 
-def _fill_unchanged_from_target(
-    conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, final: sql.Identifier
+def _resolve_unchanged(
+    conn: psycopg.Connection[Any],
+    manifest: Manifest,
+    target: TargetTable,
+    stage: sql.Identifier,
+    links: sql.Identifier,
+    positions: list[int],
 ) -> None:
-    """What the batch could not supply is the value the target row already holds; never write NULL."""
-    unchanged = sql.Identifier(UNCHANGED_COLUMN)
-    positions = _unchanged_positions(conn, final)
+    """Give every last change per key the TOASTed values its update left out as unchanged.
+
+    The value is the one its row identity last carried in this batch (an insert or an update that
+    sent it, whatever key the row had then); if the identity carried none, it began before the batch,
+    and the value is the target row at the key the identity had then (read before any write).
+    Anything else cannot be known: the load fails before writing (see ``_unknown_value``).
+    """
+    p_seq, p_op, p_unchanged = (param_identifier(c) for c in (SEQ_COLUMN, OP_COLUMN, UNCHANGED_COLUMN))
+    p_segno, p_last, p_chain, p_moved = (param_identifier(c) for c in (_SEGNO, _LAST, _CHAIN, MOVED_FROM_COLUMN))
+    fill = sql.Identifier(f"{links.as_string()[1:-1]}_fill")
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE {} (seq bigint PRIMARY KEY, carrier bigint, chain bigint) ON COMMIT DROP").format(
+            fill
+        )
+    )
+    live: sql.Composable = sql.SQL("")
+    if manifest.delete_mode == "soft":
+        live = sql.SQL(" AND t.{} IS NULL").format(param_identifier(DELETED_AT_COLUMN))
     for position in positions:
-        column = sql.Identifier(manifest.columns[position - 1].name)
+        column = param_identifier(manifest.columns[position - 1].name)
+        conn.execute(sql.SQL("TRUNCATE {}").format(fill))
+        # Per identity, in commit order (seq grows along it): the latest change so far that carried the value.
         conn.execute(
             sql.SQL(
-                "UPDATE {final} s SET {column} = t.{column}, {unchanged} = array_remove(s.{unchanged}, %(pos)s) "
-                "FROM {target} t WHERE {same_key} AND %(pos)s = ANY(s.{unchanged})"
+                "INSERT INTO {fill} (seq, carrier, chain) SELECT {seq}, carrier, {chain} FROM ("
+                "  SELECT {seq}, {chain}, {last}, {op}, {unchanged}, max({seq}) FILTER (WHERE {op} <> 'D' AND "
+                "  NOT %(pos)s = ANY(coalesce({unchanged}, '{{}}'))) OVER (PARTITION BY {chain} ORDER BY {seq}) "
+                "  AS carrier FROM {links} WHERE {chain} IN (SELECT {chain} FROM {links} WHERE {last} AND {op} <> 'D' "
+                "  AND %(pos)s = ANY({unchanged}))) c "
+                "WHERE {last} AND {op} <> 'D' AND %(pos)s = ANY({unchanged})"
+            ).format(fill=fill, seq=p_seq, chain=p_chain, last=p_last, op=p_op, unchanged=p_unchanged, links=links),
+            {"pos": position},
+        )
+        # Carried in the batch...
+        conn.execute(
+            sql.SQL(
+                "UPDATE {stage} r SET {column} = c.{column}, {unchanged} = array_remove(r.{unchanged}, %(pos)s) "
+                "FROM {fill} f JOIN {stage} c ON c.{seq} = f.carrier WHERE r.{seq} = f.seq"
+            ).format(stage=stage, column=column, unchanged=p_unchanged, fill=fill, seq=p_seq),
+            {"pos": position},
+        )
+        # ...or held by the target row at the key where an identity that began before the batch started.
+        conn.execute(
+            sql.SQL(
+                "UPDATE {stage} r SET {column} = t.{column}, {unchanged} = array_remove(r.{unchanged}, %(pos)s) "
+                "FROM {fill} f JOIN {links} o ON o.{seq} = f.chain JOIN {target} t ON {origin_key} "
+                "WHERE r.{seq} = f.seq AND f.carrier IS NULL AND o.{op} <> 'I' AND o.{moved} IS NULL "
+                "AND o.{segno} = 0{live}"
             ).format(
-                final=final, column=column, unchanged=unchanged, target=target.ident, same_key=_keys(manifest, "t", "s")
+                stage=stage,
+                column=column,
+                unchanged=p_unchanged,
+                fill=fill,
+                links=links,
+                seq=p_seq,
+                target=param_identifier(target.schema, target.name),
+                origin_key=_keys(manifest, "t", "o"),
+                op=p_op,
+                moved=p_moved,
+                segno=p_segno,
+                live=live,
             ),
             {"pos": position},
         )
-    if not positions:
-        return
+    _unknown_value(conn, manifest, target, stage, links)
+
+
+def _unknown_value(
+    conn: psycopg.Connection[Any],
+    manifest: Manifest,
+    target: TargetTable,
+    stage: sql.Identifier,
+    links: sql.Identifier,
+) -> None:
+    """Fail (before anything is written) if a last change still lacks a value it left out."""
+    keys = manifest.primary_key
     row = conn.execute(
-        sql.SQL("SELECT {}, {} FROM {} WHERE {} <> 'D' AND cardinality({}) > 0 LIMIT 1").format(
-            sql.SQL(", ").join(map(sql.Identifier, manifest.primary_key)),
-            unchanged,
-            final,
-            sql.Identifier(OP_COLUMN),
-            unchanged,
+        sql.SQL(
+            "SELECT {keys}, s.{unchanged}, {origin_keys}, o.{op}, o.{moved} IS NOT NULL FROM {stage} s "
+            "JOIN {links} l ON l.{seq} = s.{seq} JOIN {links} o ON o.{seq} = l.{chain} "
+            "WHERE l.{last} AND s.{op} <> 'D' AND cardinality(s.{unchanged}) > 0 ORDER BY s.{seq} LIMIT 1"
+        ).format(
+            keys=sql.SQL(", ").join(sql.Identifier("s", k) for k in keys),
+            origin_keys=sql.SQL(", ").join(sql.Identifier("o", k) for k in keys),
+            unchanged=sql.Identifier(UNCHANGED_COLUMN),
+            op=sql.Identifier(OP_COLUMN),
+            moved=sql.Identifier(MOVED_FROM_COLUMN),
+            stage=stage,
+            links=links,
+            seq=sql.Identifier(SEQ_COLUMN),
+            chain=sql.Identifier(_CHAIN),
+            last=sql.Identifier(_LAST),
         )
     ).fetchone()
-    if row is not None:
-        columns = [manifest.columns[p - 1].name for p in row[-1]]
-        raise DataError(
-            "an update left TOASTed value(s) out as unchanged, but neither the batch nor the target holds the "
-            "row to take them from (the target is missing a row the source has); writing NULL would lose data. "
-            "Reset the sync to take a new initial snapshot",
-            sync_id=manifest.sync_id,
-            table=target.display,
-            column=columns,
-            key=dict(zip(manifest.primary_key, row[:-1], strict=True)),
-            rule="unchanged TOAST value",
-        )
+    if row is None:
+        return
+    n = len(keys)
+    key = dict(zip(keys, row[:n], strict=True))
+    origin = dict(zip(keys, row[n + 1 : 2 * n + 1], strict=True))
+    columns = [manifest.columns[p - 1].name for p in row[n]]
+    where = (
+        "" if origin == key else " (where the row was at " + ", ".join(f"{k}={v!r}" for k, v in origin.items()) + ")"
+    )
+    raise DataError(
+        f"an update left TOASTed value(s) out as unchanged, and they cannot be known: the row existed before "
+        f"this batch, but the target does not hold it{where}, so the target has diverged from the source. "
+        "Writing NULL or a stale value would lose data, so nothing was written. Recover by re-snapshotting just "
+        "this table (airflow_sync_provider.core.cdc.resnapshot_tables with this table; the other tables keep "
+        "streaming), or make it REPLICA IDENTITY FULL at the source, so updates carry the whole old row",
+        sync_id=manifest.sync_id,
+        table=target.display,
+        column=columns,
+        key=key,
+        rule="unchanged TOAST value",
+    )
 
 
 def _apply_deletes(
     conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, final: sql.Identifier, run_id: str
 ) -> int:
-    deleting = sql.SQL("s.{} = 'D' AND {}").format(sql.Identifier(OP_COLUMN), _keys(manifest, "t", "s"))
+    """Delete (or mark) the keys whose last change is a delete; run with parameters, hence param_identifier."""
+    ident = param_identifier(target.schema, target.name)
+    deleting = sql.SQL("s.{} = 'D' AND {}").format(param_identifier(OP_COLUMN), _keys(manifest, "t", "s"))
     if manifest.delete_mode == "soft":
         statement = sql.SQL("UPDATE {} t SET {} = now(), {} = %s FROM {} s WHERE {} AND t.{} IS NULL").format(
-            target.ident,
-            sql.Identifier(DELETED_AT_COLUMN),
-            sql.Identifier(RUN_ID_COLUMN),
+            ident,
+            param_identifier(DELETED_AT_COLUMN),
+            param_identifier(RUN_ID_COLUMN),
             final,
             deleting,
-            sql.Identifier(DELETED_AT_COLUMN),
+            param_identifier(DELETED_AT_COLUMN),
         )
         return conn.execute(statement, (run_id,)).rowcount
-    return conn.execute(sql.SQL("DELETE FROM {} t USING {} s WHERE {}").format(target.ident, final, deleting)).rowcount
+    return conn.execute(sql.SQL("DELETE FROM {} t USING {} s WHERE {}").format(ident, final, deleting), ()).rowcount
 
 
 def _delete_all(conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, run_id: str) -> int:
@@ -445,10 +558,10 @@ def _delete_all(conn: psycopg.Connection[Any], manifest: Manifest, target: Targe
     if manifest.delete_mode == "soft":
         return conn.execute(
             sql.SQL("UPDATE {} SET {} = now(), {} = %s WHERE {} IS NULL").format(
-                target.ident,
-                sql.Identifier(DELETED_AT_COLUMN),
-                sql.Identifier(RUN_ID_COLUMN),
-                sql.Identifier(DELETED_AT_COLUMN),
+                param_identifier(target.schema, target.name),
+                param_identifier(DELETED_AT_COLUMN),
+                param_identifier(RUN_ID_COLUMN),
+                param_identifier(DELETED_AT_COLUMN),
             ),
             (run_id,),
         ).rowcount

@@ -320,6 +320,9 @@ def changes_to_staging(
                     txn_rows.append((oid, _pending_rows(message.new, "I", txn_lsn, seq)))
                 elif isinstance(message, pgoutput.Update):
                     moved_from = None
+                    new = message.new
+                    if message.old_kind == "O" and message.old is not None:
+                        new = _with_old_values(new, message.old)
                     if message.old_kind == "K" and message.old is not None:
                         seq += 1  # the key changed: delete the old key, then upsert the new one
                         moved_from = seq
@@ -333,7 +336,7 @@ def changes_to_staging(
                         moved_from = seq
                         txn_rows.append((oid, _pending_rows(message.old, "D", txn_lsn, seq)))
                     seq += 1
-                    txn_rows.append((oid, _pending_rows(message.new, "U", txn_lsn, seq, moved_from)))
+                    txn_rows.append((oid, _pending_rows(new, "U", txn_lsn, seq, moved_from)))
                 else:
                     seq += 1
                     txn_rows.append((oid, _pending_rows(message.old, "D", txn_lsn, seq)))
@@ -416,6 +419,17 @@ def changes_to_staging(
     )
     staging.write_manifest(manifest)
     return manifest
+
+
+def _with_old_values(new: tuple[object, ...], old: tuple[object, ...]) -> tuple[object, ...]:
+    """REPLICA IDENTITY FULL: the old row arrives whole (TOASTed values detoasted), so a value the new
+    row leaves out as unchanged is the old row's; the load then needs neither the batch nor the target."""
+    if not any(v is pgoutput.UNCHANGED_TOAST for v in new):
+        return new
+    return tuple(
+        o if n is pgoutput.UNCHANGED_TOAST and o is not pgoutput.UNCHANGED_TOAST else n
+        for n, o in zip(new, old, strict=True)
+    )
 
 
 def _relation_shape(relation: pgoutput.Relation) -> tuple[tuple[str, int, int], ...]:
