@@ -11,11 +11,11 @@ import tempfile
 # Airflow reads its home at import time: give the session its own, away from ~/airflow.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="sync-tests-airflow-"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-from collections.abc import Iterator
-from contextlib import closing
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -29,6 +29,9 @@ from airflow_sync_provider.core.cdc.extract import open_source
 from airflow_sync_provider.core.load import LoadResult
 from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.local_postgres import LocalPostgres, local_postgres
+
+if TYPE_CHECKING:
+    from airflow_sync_provider.casestudies.runner import AirflowSandbox
 
 _counter = itertools.count()
 
@@ -212,3 +215,50 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             + (f"  ({details})" if details else "")
         )
     terminalreporter.write_line(f"(written to {FAULT_SUMMARY_PATH})")
+
+
+@contextmanager
+def case_study_systems(
+    server: LocalPostgres,
+    home: Path,
+    *,
+    prefix: str,
+    token_key: str,
+    extra_databases: Sequence[str] = (),
+    environment: Mapping[str, str] | None = None,
+) -> Iterator[tuple[AirflowSandbox, dict[str, str]]]:
+    """The case studies' databases (plus ``extra_databases``) on the test server and a migrated Airflow
+    sandbox whose connections point at them; drops the databases and their CDC slots afterwards."""
+    from airflow_sync_provider.casestudies import databases
+    from airflow_sync_provider.casestudies.runner import AirflowSandbox
+
+    with server.connect() as admin:
+        databases.create_databases(admin, prefix)
+        for name in extra_databases:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(prefix + name)))
+    uris = databases.connection_uris("127.0.0.1", server.port, prefix=prefix)
+    extra = {name: f"postgresql://postgres@127.0.0.1:{server.port}/{prefix + name}" for name in extra_databases}
+    box = AirflowSandbox(
+        home / "airflow",
+        {
+            **databases.airflow_environment(uris),
+            "AIRFLOW_VAR_SYNC_TOKEN_KEY": token_key,
+            "SYNC_STAGING_DIR": str(home / "staging"),
+            **(environment or {}),
+        },
+    )
+    box.migrate()
+    try:
+        yield box, {**uris, **extra}
+    finally:
+        for system in databases.ALL_SYSTEMS:  # CDC slots are server-wide: never leave one behind
+            with databases.connect(uris[system]) as conn:
+                conn.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                    "WHERE database = current_database()"
+                )
+        with server.connect() as admin:
+            for system in (*databases.ALL_SYSTEMS, *extra_databases):
+                admin.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(prefix + system))
+                )

@@ -12,12 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from psycopg import sql
 
 from airflow_sync_provider.casestudies import bank, databases, inventory
 from airflow_sync_provider.casestudies.databases import connect
 from airflow_sync_provider.casestudies.runner import AirflowSandbox, DagRunOutcome
 from airflow_sync_provider.local_postgres import LocalPostgres
+
+from .conftest import case_study_systems
 
 pytestmark = pytest.mark.airflow
 
@@ -27,29 +28,8 @@ WHEN = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0) - dt.t
 
 @pytest.fixture
 def systems(pg_server: LocalPostgres, tmp_path: Path) -> Iterator[tuple[AirflowSandbox, dict[str, str]]]:
-    prefix = f"cs{uuid.uuid4().hex[:6]}_"
-    with pg_server.connect() as admin:
-        databases.create_databases(admin, prefix)
-    uris = databases.connection_uris("127.0.0.1", pg_server.port, prefix=prefix)
-    box = AirflowSandbox(
-        tmp_path / "airflow",
-        {
-            **databases.airflow_environment(uris),
-            "AIRFLOW_VAR_SYNC_TOKEN_KEY": KEY,
-            "SYNC_STAGING_DIR": str(tmp_path / "staging"),
-        },
-    )
-    box.migrate()
-    yield box, uris
-    for system in databases.ALL_SYSTEMS:  # CDC slots are server-wide: never leave one behind
-        with connect(uris[system]) as conn:
-            conn.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                "WHERE database = current_database()"
-            )
-    with pg_server.connect() as admin:
-        for system in databases.ALL_SYSTEMS:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(prefix + system)))
+    with case_study_systems(pg_server, tmp_path, prefix=f"cs{uuid.uuid4().hex[:6]}_", token_key=KEY) as sandbox:
+        yield sandbox
 
 
 def _assert_success(outcome: DagRunOutcome) -> None:

@@ -18,10 +18,12 @@ from typing import Any
 import pytest
 from psycopg import sql
 
-from airflow_sync_provider.casestudies import bank, databases, inventory
+from airflow_sync_provider.casestudies import bank, inventory
 from airflow_sync_provider.casestudies.databases import connect
 from airflow_sync_provider.casestudies.runner import AirflowSandbox, DagRunOutcome
 from airflow_sync_provider.local_postgres import LocalPostgres
+
+from .conftest import case_study_systems
 
 pytestmark = pytest.mark.airflow
 
@@ -33,35 +35,21 @@ METADATA = ("_sync_run_id", "_sync_synced_at", "_sync_deleted_at")
 
 @pytest.fixture
 def systems(pg_server: LocalPostgres, tmp_path: Path) -> Iterator[tuple[AirflowSandbox, dict[str, str]]]:
+    examples = {"AIRFLOW_CONN_SYNC_SOURCE": "example_source", "AIRFLOW_CONN_SYNC_TARGET": "example_target"}
     prefix = f"q{uuid.uuid4().hex[:6]}_"
-    with pg_server.connect() as admin:
-        databases.create_databases(admin, prefix)
-        for name in ("example_source", "example_target"):
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(prefix + name)))
-    uris = databases.connection_uris("127.0.0.1", pg_server.port, prefix=prefix)
-    for name in ("example_source", "example_target"):
-        uris[name] = f"postgresql://postgres@127.0.0.1:{pg_server.port}/{prefix + name}"
-    box = AirflowSandbox(
-        tmp_path / "airflow",
-        {
-            **databases.airflow_environment({k: v for k, v in uris.items() if not k.startswith("example_")}),
-            "AIRFLOW_CONN_SYNC_SOURCE": uris["example_source"],
-            "AIRFLOW_CONN_SYNC_TARGET": uris["example_target"],
-            "AIRFLOW_VAR_SYNC_TOKEN_KEY": KEY,
-            "SYNC_STAGING_DIR": str(tmp_path / "staging"),
-        },
-    )
-    box.migrate()
-    yield box, uris
-    for system in databases.ALL_SYSTEMS:  # CDC slots are server-wide: never leave one behind
-        with connect(uris[system]) as conn:
-            conn.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                "WHERE database = current_database()"
-            )
-    with pg_server.connect() as admin:
-        for system in (*databases.ALL_SYSTEMS, "example_source", "example_target"):
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(prefix + system)))
+    environment = {  # the example DAGs' connections (dags/example_table_sync.py)
+        variable: f"postgresql://postgres@127.0.0.1:{pg_server.port}/{prefix + name}"
+        for variable, name in examples.items()
+    }
+    with case_study_systems(
+        pg_server,
+        tmp_path,
+        prefix=prefix,
+        token_key=KEY,
+        extra_databases=tuple(examples.values()),
+        environment=environment,
+    ) as sandbox:
+        yield sandbox
 
 
 def _assert_success(outcome: DagRunOutcome) -> None:

@@ -135,13 +135,7 @@ def test_untyped_transform_column_on_a_quiet_run_takes_the_recorded_type(env: Sy
 def test_transform_that_cannot_see_an_empty_batch(env: SyncEnv) -> None:
     """With a committed load it falls back to the recorded columns (and says so); without one it fails
     naming the empty batch, and nothing is written."""
-    with env.source() as conn:
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE {} (id int PRIMARY KEY, quantity int NOT NULL, unit_price numeric(12, 2) NOT NULL, "
-                "updated_at timestamptz NOT NULL DEFAULT clock_timestamp())"
-            ).format(sql.Identifier(TABLE))
-        )
+    _seed(env, rows=0)
     spec = SyncSpec(sync_id="fragile", source_table=TABLE, cursor_column="updated_at")
     with pytest.raises(SyncError, match="empty batch of a run that extracted no rows") as failure:
         env.sync(spec, transform=needs_a_row)
