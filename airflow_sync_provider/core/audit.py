@@ -16,13 +16,46 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.abc import AdaptContext
 from psycopg.rows import dict_row
 
-from airflow_sync_provider.core.state import param_identifier, table_exists
+from airflow_sync_provider.core.state import table_exists
 
 AUDIT_TABLE = "_sync_audit"
 QUALITY_TABLE = "_sync_quality_results"
 RECONCILE_TABLE = "_sync_reconciliations"
+
+
+def bindable(query: sql.Composable, context: AdaptContext | None = None) -> sql.Composed:
+    """``query`` made safe to run *with parameters*, whatever its identifiers and literals contain.
+
+    psycopg looks for ``%`` placeholders in the whole text of a query run with parameters, the
+    quoted identifiers included, and does not escape ``%`` in them: a column ``a%c`` fails with
+    "only '%s', '%b', '%t' are allowed as placeholders", ``id %s`` with "positional and named
+    placeholders cannot be mixed", ``n %(x)s`` with a missing parameter.  Here every
+    :class:`~psycopg.sql.Identifier` and :class:`~psycopg.sql.Literal` of the composed query is
+    rendered with ``%`` doubled (the parser turns ``%%`` back into ``%``); the ``sql.SQL`` text
+    and the placeholders are left as written, so parts already rendered by
+    :func:`~.state.param_identifier` stay right.  Running every parameterised statement through
+    :func:`execute` (or this, for ``executemany`` and server-side cursors) makes the bug
+    impossible for any name, instead of relying on each identifier being wrapped by hand.
+    """
+    return sql.Composed([_escaped(query, context)])
+
+
+def _escaped(part: sql.Composable, context: AdaptContext | None) -> sql.Composable:
+    if isinstance(part, sql.Composed):
+        return sql.Composed([_escaped(inner, context) for inner in part])
+    if isinstance(part, sql.Identifier | sql.Literal):
+        return sql.SQL(part.as_string(context).replace("%", "%%"))
+    return part
+
+
+def execute(
+    conn: psycopg.Connection[Any] | psycopg.Cursor[Any], query: sql.Composable, params: Any
+) -> psycopg.Cursor[Any]:
+    """``conn.execute(query, params)`` with the query made :func:`bindable` first."""
+    return conn.execute(bindable(query, conn), params)
 
 
 @dataclass(frozen=True)
@@ -112,10 +145,11 @@ def append_entry(conn: psycopg.Connection[Any], schema: str, entry: AuditEntry) 
         "details": json.dumps(entry.details, default=str),
     }
     columns = list(values)
-    conn.execute(
+    execute(
+        conn,
         sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-            param_identifier(schema, AUDIT_TABLE),
-            sql.SQL(", ").join(map(param_identifier, columns)),
+            sql.Identifier(schema, AUDIT_TABLE),
+            sql.SQL(", ").join(map(sql.Identifier, columns)),
             sql.SQL(", ").join(sql.Placeholder(c) for c in columns),
         ),
         values,
@@ -144,7 +178,7 @@ def read_ledger(
     if not parts:
         return []
     runs = sql.SQL(" UNION ").join(
-        sql.SQL("SELECT sync_id, run_id FROM {}").format(param_identifier(schema, t)) for t in parts
+        sql.SQL("SELECT sync_id, run_id FROM {}").format(sql.Identifier(schema, t)) for t in parts
     )
 
     def aggregate(table: str, order: str) -> sql.Composable:
@@ -153,7 +187,7 @@ def read_ledger(
         return sql.SQL(
             "(SELECT coalesce(jsonb_agg(to_jsonb(x) ORDER BY x.{order}), '[]') FROM {t} x "
             "WHERE x.sync_id = r.sync_id AND x.run_id = r.run_id)"
-        ).format(t=param_identifier(schema, table), order=param_identifier(order))
+        ).format(t=sql.Identifier(schema, table), order=sql.Identifier(order))
 
     query = sql.SQL(
         "SELECT r.sync_id, r.run_id, {loads} AS loads, {quality} AS quality, {recon} AS reconciliations "
@@ -165,7 +199,7 @@ def read_ledger(
         runs=runs,
     )
     with conn.cursor(row_factory=dict_row) as cursor:
-        rows = cursor.execute(query, {"sync": sync_id}).fetchall()
+        rows = cursor.execute(bindable(query, cursor), {"sync": sync_id}).fetchall()
 
     def first_time(row: dict[str, Any]) -> str:
         times = [

@@ -19,18 +19,19 @@ in a masked-away column does not open a version.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from airflow_sync_provider.core.audit import execute
 from airflow_sync_provider.core.errors import SchemaError
 from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.progress import LOG
 from airflow_sync_provider.core.schema import validate_pg_type
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN
-from airflow_sync_provider.core.state import param_identifier
 
 VALID_FROM = "_valid_from"
 VALID_TO = "_valid_to"
@@ -89,16 +90,23 @@ def ensure_history_table(conn: psycopg.Connection[Any], manifest: Manifest) -> A
     conn.execute(sql.SQL("CREATE TABLE {} ({})").format(ident, sql.SQL(", ").join(definitions)))
     conn.execute(
         sql.SQL("CREATE UNIQUE INDEX {} ON {} ({}) WHERE {}").format(
-            sql.Identifier(f"{name[:40]}_one_current"), ident, keys, sql.Identifier(IS_CURRENT)
+            sql.Identifier(_index_name(name)), ident, keys, sql.Identifier(IS_CURRENT)
         )
     )
     LOG.info("sync %s: created SCD2 history table %s.%s", manifest.sync_id, schema, name)
     return _history_table(conn, manifest)
 
 
+def _index_name(table: str) -> str:
+    """The partial unique index's name: unique per table, at most 63 bytes (PostgreSQL would cut a
+    longer one, suffix included, so two long names sharing a prefix would collide)."""
+    suffix = f"_{hashlib.sha256(table.encode()).hexdigest()[:8]}_one_current"
+    return table.encode()[: 63 - len(suffix)].decode(errors="ignore") + suffix
+
+
 def _key_match(left: str, right: str, keys: Sequence[str]) -> sql.Composable:
     return sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(param_identifier(left, k), param_identifier(right, k)) for k in keys
+        sql.SQL("{} = {}").format(sql.Identifier(left, k), sql.Identifier(right, k)) for k in keys
     )
 
 
@@ -112,12 +120,13 @@ def record_history(
     """Inside the load transaction: close changed current versions and open new ones from ``stage``.
 
     ``where`` filters the stage rows (alias ``s``) like the merge's.  Returns (opened, closed).
-    Identifiers go through :func:`~.state.param_identifier`: these statements run with parameters.
+    These statements run with parameters, so they go through :func:`~.audit.execute` (a ``%`` in
+    any name must not read as a placeholder).
     """
     from airflow_sync_provider.core.load import _comparable
 
     table = ensure_history_table(conn, manifest)
-    history = param_identifier(manifest.target_schema, manifest.history_table or "")
+    history = sql.Identifier(manifest.target_schema, manifest.history_table or "")
     keys = list(manifest.primary_key)
     columns = [c.name for c in manifest.columns]
     values = [c for c in columns if c not in keys]
@@ -133,10 +142,11 @@ def record_history(
         history,
         run_id,
         sql.SQL("FROM {} s WHERE {} AND h.{}{} AND {}").format(
-            stage, _key_match("h", "s", keys), param_identifier(IS_CURRENT), stage_filter, differs
+            stage, _key_match("h", "s", keys), sql.Identifier(IS_CURRENT), stage_filter, differs
         ),
     )
-    opened = conn.execute(
+    opened = execute(
+        conn,
         sql.SQL(
             "INSERT INTO {history} ({columns}, {valid_from}, {current}, {opened_by}) "
             "SELECT {selected}, now(), true, %(run_id)s FROM {stage} s "
@@ -144,10 +154,10 @@ def record_history(
         ).format(
             history=history,
             columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
-            valid_from=param_identifier(VALID_FROM),
-            current=param_identifier(IS_CURRENT),
-            opened_by=param_identifier(OPENED_BY),
-            selected=sql.SQL(", ").join(param_identifier("s", c) for c in columns),
+            valid_from=sql.Identifier(VALID_FROM),
+            current=sql.Identifier(IS_CURRENT),
+            opened_by=sql.Identifier(OPENED_BY),
+            selected=sql.SQL(", ").join(sql.Identifier("s", c) for c in columns),
             stage=stage,
             match=_key_match("h", "s", keys),
             stage_filter=stage_filter,
@@ -160,19 +170,20 @@ def record_history(
 def close_deleted(conn: psycopg.Connection[Any], manifest: Manifest, target: sql.Composable, run_id: str) -> int:
     """After deletes: close the current versions of keys the target no longer has (or soft-deleted).
 
-    ``target``: the target table as :func:`~.state.param_identifier` renders it.
+    ``target``: the target table (an ``sql.Identifier``, or as :func:`~.state.param_identifier`
+    renders it).
     """
     ensure_history_table(conn, manifest)
-    history = param_identifier(manifest.target_schema, manifest.history_table or "")
+    history = sql.Identifier(manifest.target_schema, manifest.history_table or "")
     live: sql.Composable = sql.SQL("")
     if manifest.delete_mode == "soft":
-        live = sql.SQL(" AND {} IS NULL").format(param_identifier("t", DELETED_AT_COLUMN))
+        live = sql.SQL(" AND {} IS NULL").format(sql.Identifier("t", DELETED_AT_COLUMN))
     return _close_versions(
         conn,
         history,
         run_id,
         sql.SQL("WHERE h.{} AND NOT EXISTS (SELECT 1 FROM {} t WHERE {}{})").format(
-            param_identifier(IS_CURRENT), target, _key_match("t", "h", manifest.primary_key), live
+            sql.Identifier(IS_CURRENT), target, _key_match("t", "h", manifest.primary_key), live
         ),
         deleted=True,
     )
@@ -186,14 +197,15 @@ def _close_versions(
     deleted: bool = False,
 ) -> int:
     """Close the versions ``which`` selects (alias ``h``): valid until now, no longer current."""
-    return conn.execute(
+    return execute(
+        conn,
         sql.SQL("UPDATE {} h SET {} = now(), {} = false, {} = %s, {} = {} OR %s {}").format(
             history,
-            param_identifier(VALID_TO),
-            param_identifier(IS_CURRENT),
-            param_identifier(CLOSED_BY),
-            param_identifier(DELETED),
-            param_identifier("h", DELETED),
+            sql.Identifier(VALID_TO),
+            sql.Identifier(IS_CURRENT),
+            sql.Identifier(CLOSED_BY),
+            sql.Identifier(DELETED),
+            sql.Identifier("h", DELETED),
             which,
         ),
         (run_id, deleted),

@@ -25,7 +25,11 @@ off.  The remaining rows are written to new Parquet files next to the batch and 
 (same manifest id, base version and watermarks) is returned, so the load merges the clean rows and
 still moves the watermark; the failing rows go to ``_sync_quarantine`` in the target with the rule,
 the run id and the original row, committed before the load.  Above ``max_quarantine_fraction`` the
-gate fails and nothing is quarantined.  :func:`replay_quarantined` merges fixed rows later.
+gate fails and nothing is quarantined.  :func:`replay_quarantined` merges fixed rows later, but only
+rows whose batch committed (the load's ``_sync_audit`` row, written with the data, says so): a
+quarantined row records its manifest and the state version its batch loads at, and once the sync
+commits past that version without the batch (a failed or stale load), the next gate run or replay
+marks the row ``abandoned`` - its watermark never moved, so later runs read the row again.
 
 Every run appends its results to ``_sync_quality_results`` (append-only) and writes
 ``quality_report.html`` into the batch's staging folder.  An empty batch passes and is recorded
@@ -52,12 +56,13 @@ import numpy as np
 import pandas as pd
 import psycopg
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc
 import pyarrow.parquet as pq
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from airflow_sync_provider.core.audit import QUALITY_TABLE, make_append_only
+from airflow_sync_provider.core.audit import AUDIT_TABLE, QUALITY_TABLE, bindable, execute, make_append_only
 from airflow_sync_provider.core.errors import (
     ConfigurationError,
     DataError,
@@ -69,6 +74,7 @@ from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, Staged
 from airflow_sync_provider.core.progress import LOG, Logger
 from airflow_sync_provider.core.spec import SYNCED_AT_COLUMN
 from airflow_sync_provider.core.staging import StagingArea, filesystem_for, staged_schema
+from airflow_sync_provider.core.state import table_exists
 
 Severity = Literal["error", "warn"]
 Scope = Literal["rows", "batch", "schema"]
@@ -466,9 +472,16 @@ def jsonable(value: Any) -> Any:
 
 
 def _display(value: Any) -> str:
+    """A value in a message.  NULL is ``NULL``; a float NaN (a value, not a NULL) is ``NaN``.
+
+    Row values from GX come through NumPy-backed pandas, where a NULL in a numeric column is NaN:
+    :func:`_row_value` turns those back into None before they get here.
+    """
     value = _plain(value)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None:
         return "NULL"
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         return str(int(value))  # an integer column with NULLs reaches pandas as float
     if isinstance(value, float):
@@ -584,7 +597,7 @@ class ExpectationOutcome:
         return data
 
     def details(self) -> dict[str, Any]:
-        """The combined result in GX's shape (lists cut to the examples), for the audit table."""
+        """The combined result in GX's shape (lists cut to the examples), for the audit table (JSON-safe)."""
         result: dict[str, Any] = {"element_count": self.element_count}
         if self.unexpected_count is not None:
             considered = self.element_count - self.missing_count
@@ -592,7 +605,7 @@ class ExpectationOutcome:
                 unexpected_count=self.unexpected_count,
                 unexpected_percent=100.0 * self.unexpected_count / considered if considered else 0.0,
                 missing_count=self.missing_count,
-                partial_unexpected_index_list=self.examples,
+                partial_unexpected_index_list=jsonable(self.examples),
             )
         if self.observed_value is not None:
             result["observed_value"] = jsonable(self.observed_value)
@@ -701,6 +714,30 @@ def _key_of(row: Mapping[str, Any], primary_key: Sequence[str]) -> KeyTuple:
     return tuple(_plain(row.get(k)) for k in primary_key)
 
 
+def _row_value(value: Any, column: str, key: Mapping[str, Any], data: pa.Table | pa.RecordBatch | None) -> Any:
+    """A failing row's value for the examples: :func:`jsonable`, None for a NULL, float NaN for a real NaN.
+
+    GX validates NumPy-backed pandas frames, where a NULL in a numeric column arrives as NaN; the
+    Arrow data the frame came from (``data``) still tells the two apart.  Only the few examples a
+    message shows are looked up.  (:meth:`ExpectationOutcome.details` makes a NaN JSON-safe.)
+    """
+    value = _plain(value)
+    if not (isinstance(value, float) and math.isnan(value)):
+        return jsonable(value)
+    if data is None or column not in data.schema.names or not pa.types.is_floating(data.schema.field(column).type):
+        return None  # NaN in a non-float column is pandas' NULL
+    try:
+        mask: Any = None
+        for name, wanted in key.items():
+            field_type = data.schema.field(name).type
+            equal = pc.equal(data.column(name), pa.scalar(_plain(wanted), type=field_type))
+            mask = equal if mask is None else pc.and_(mask, equal)
+        found = data.filter(mask).column(column)
+    except (KeyError, TypeError, ValueError, pa.ArrowException):
+        return None
+    return value if len(found) and found[0].is_valid else None
+
+
 def _absorb(
     outcome: ExpectationOutcome,
     check: _Check,
@@ -709,8 +746,9 @@ def _absorb(
     primary_key: Sequence[str],
     examples: int,
     keys: dict[KeyTuple, None] | None,
+    rows: pa.Table | pa.RecordBatch | None = None,
 ) -> None:
-    """Add one chunk's GX result to the expectation's running outcome."""
+    """Add one chunk's GX result to the expectation's running outcome (``rows``: the chunk's Arrow data)."""
     data = result.result or {}
     error = _exception_message(result.exception_info)
     if error and not outcome.error:
@@ -732,10 +770,11 @@ def _absorb(
         if len(outcome.examples) >= examples or not isinstance(row, Mapping):
             break
         key = {k: jsonable(row.get(k)) for k in primary_key}
-        values = {c: jsonable(row.get(c)) for c in check.columns if c in row}
+        raw_key = {k: row.get(k) for k in primary_key}
+        values = {c: _row_value(row.get(c), c, raw_key, rows) for c in check.columns if c in row}
         example: dict[str, Any] = {"key": key}
         if len(check.columns) == 1 and check.columns[0] in row:
-            example["value"] = jsonable(row[check.columns[0]])
+            example["value"] = values[check.columns[0]]
         elif values:
             example["value"] = values
         outcome.examples.append(example)
@@ -854,17 +893,19 @@ def _evaluate(
     }
     by_scope = {scope: [c for c in checks if c.scope == scope] for scope in ("rows", "batch", "schema")}
 
-    def absorb(group: Sequence[_Check], results: Mapping[int, Any], label: str) -> None:
+    def absorb(
+        group: Sequence[_Check], results: Mapping[int, Any], label: str, data: pa.Table | pa.RecordBatch | None
+    ) -> None:
         for check in group:
             result = results.get(check.index)
             if result is not None:
-                _absorb(outcomes[check.index], check, result, label, primary_key, examples, keys.get(check.index))
+                _absorb(outcomes[check.index], check, result, label, primary_key, examples, keys.get(check.index), data)
 
     if group := by_scope["rows"]:
         suite = engine.suite(group)
         columns = _projection(group, source.schema, primary_key)
         for label, batch in source.chunks(columns, chunk_rows):
-            absorb(group, engine.validate(suite, _to_frame(batch), result_format), label)
+            absorb(group, engine.validate(suite, _to_frame(batch), result_format), label, batch)
     if group := by_scope["batch"]:
         columns = _projection(group, source.schema, primary_key)
         whole = source.whole(columns)
@@ -874,12 +915,11 @@ def _evaluate(
             len(columns),
             f"{whole.num_rows:,}",
         )
-        absorb(group, engine.validate(engine.suite(group), _to_frame(whole), result_format), "batch")
+        absorb(group, engine.validate(engine.suite(group), _to_frame(whole), result_format), "batch", whole)
         del whole
     if group := by_scope["schema"]:
-        absorb(
-            group, engine.validate(engine.suite(group), _to_frame(source.schema.empty_table()), result_format), "schema"
-        )
+        empty = source.schema.empty_table()
+        absorb(group, engine.validate(engine.suite(group), _to_frame(empty), result_format), "schema", empty)
     for check in checks:
         _finish(outcomes[check.index], check)
     return [outcomes[c.index] for c in checks], keys
@@ -1220,7 +1260,8 @@ def _ddl_lock(conn: psycopg.Connection[Any]) -> None:
 
 
 def _exists(conn: psycopg.Connection[Any], schema: str, table: str) -> bool:
-    return conn.execute("SELECT to_regclass(%s)", (f'"{schema}"."{table}"',)).fetchone() != (None,)
+    """Whether ``schema.table`` exists, asked by name (no quoting: a name may hold any character)."""
+    return table_exists(conn, schema, table)
 
 
 def ensure_quality_tables(conn: psycopg.Connection[Any], schema: str) -> None:
@@ -1269,6 +1310,7 @@ def ensure_quality_tables(conn: psycopg.Connection[Any], schema: str) -> None:
                         replay_run_id text,
                         replay_note text,
                         replayed_row jsonb,
+                        base_version bigint,
                         UNIQUE (sync_id, manifest_id, row_key)
                     )"""
                 ).format(quarantine)
@@ -1276,14 +1318,85 @@ def ensure_quality_tables(conn: psycopg.Connection[Any], schema: str) -> None:
             conn.execute(
                 sql.SQL("CREATE INDEX ON {} (sync_id, target_table, row_key)").format(quarantine),
             )
+            _comment_replay_status(conn, schema)
+        elif "base_version" not in (_column_names(conn, schema, QUARANTINE_TABLE)):
+            # A table from before quarantined rows were tied to their batch's state version.
             conn.execute(
-                sql.SQL("COMMENT ON COLUMN {} IS {}").format(
-                    sql.Identifier(schema, QUARANTINE_TABLE, "replay_status"),
-                    sql.Literal(
-                        "NULL = pending; replayed; skipped_newer (a later sync merged a newer version); superseded"
-                    ),
+                sql.SQL("ALTER TABLE {} ADD COLUMN base_version bigint").format(
+                    sql.Identifier(schema, QUARANTINE_TABLE)
                 )
             )
+            _comment_replay_status(conn, schema)
+
+
+def _column_names(conn: psycopg.Connection[Any], schema: str, table: str) -> set[str]:
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped",
+        (schema, table),
+    ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
+def _comment_replay_status(conn: psycopg.Connection[Any], schema: str) -> None:
+    conn.execute(
+        sql.SQL("COMMENT ON COLUMN {} IS {}").format(
+            sql.Identifier(schema, QUARANTINE_TABLE, "replay_status"),
+            sql.Literal(
+                "NULL = pending: replayable once its batch (manifest_id) committed, per _sync_audit, else waiting "
+                "for that load; replayed; skipped_newer (a later sync merged a newer version); superseded (a later "
+                "committed batch quarantined the key again); abandoned (its batch can no longer load: the sync "
+                "committed past base_version without it, and later runs read the rows again)"
+            ),
+        )
+    )
+
+
+def _committed(conn: psycopg.Connection[Any], schema: str, alias: str) -> sql.Composable:
+    """SQL: the batch of quarantined row ``alias`` committed.
+
+    The load appends its ledger row (``_sync_audit``, status ``applied`` or ``backfilled``) in the
+    transaction that merges the batch, so the ledger says exactly which batches are in the target.
+    """
+    if not _exists(conn, schema, AUDIT_TABLE):
+        return sql.SQL("false")
+    return sql.SQL(
+        "EXISTS (SELECT 1 FROM {audit} a WHERE a.sync_id = {q}.sync_id AND a.manifest_id = {q}.manifest_id "
+        "AND a.status IN ('applied', 'backfilled'))"
+    ).format(audit=sql.Identifier(schema, AUDIT_TABLE), q=sql.Identifier(alias))
+
+
+def _abandon_unloaded(conn: psycopg.Connection[Any], schema: str, sync_id: str, state_table: str, run_id: str) -> int:
+    """Mark pending rows of batches that can no longer load ``abandoned``; return how many.
+
+    A batch loads only while the sync's state is at the version it was extracted against (its
+    ``base_version``; a backfill window has none and may load any time).  Once the state moved past
+    that version without the batch's ledger row, the batch never will: it failed, was dropped, or
+    was refused as stale.  Its watermark never committed, so the rows it quarantined are read
+    again by later runs (and gated again); replaying the old versions could resurrect a row
+    deleted at the source since.  The test is monotonic (versions only grow), so no lock is needed.
+    """
+    if not _exists(conn, schema, state_table):
+        return 0
+    row = execute(
+        conn,
+        sql.SQL("SELECT version FROM {} WHERE sync_id = %s").format(sql.Identifier(schema, state_table)),
+        (sync_id,),
+    ).fetchone()
+    if row is None:
+        return 0
+    return execute(
+        conn,
+        sql.SQL(
+            "UPDATE {q} q SET replay_status = 'abandoned', replay_run_id = %(run)s, replay_note = "
+            "'its batch never loaded: the sync committed state version ' || %(version)s::text || ' without it; "
+            "later runs read these rows again from the source' "
+            "WHERE q.sync_id = %(sync)s AND q.replay_status IS NULL AND q.base_version < %(version)s "
+            "AND NOT {committed}"
+        ).format(q=sql.Identifier(schema, QUARANTINE_TABLE), committed=_committed(conn, schema, "q")),
+        {"run": run_id, "version": int(row[0]), "sync": sync_id},
+    ).rowcount
 
 
 def _connection_ready(conn: psycopg.Connection[Any], sync_id: str) -> None:
@@ -1321,13 +1434,18 @@ def _record(
                 staged, rules, rows = quarantined
                 blob = _batch_schema(staged, manifest)
                 key_names = list(manifest.primary_key)
+                # The state version the batch loads at (a backfill window loads at any version).
+                base_version = manifest.base_version if manifest.window is None else None
                 with conn.cursor() as cursor:
                     cursor.executemany(
-                        sql.SQL(
-                            "INSERT INTO {} (sync_id, run_id, manifest_id, target_table, row_key, failed_rules, row, "
-                            "batch_schema) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
-                            "ON CONFLICT (sync_id, manifest_id, row_key) DO NOTHING"
-                        ).format(sql.Identifier(schema, QUARANTINE_TABLE)),
+                        bindable(
+                            sql.SQL(
+                                "INSERT INTO {} (sync_id, run_id, manifest_id, target_table, row_key, failed_rules, "
+                                "row, batch_schema, base_version) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                                "ON CONFLICT (sync_id, manifest_id, row_key) DO NOTHING"
+                            ).format(sql.Identifier(schema, QUARANTINE_TABLE)),
+                            cursor,
+                        ),
                         [
                             (
                                 manifest.sync_id,
@@ -1338,11 +1456,13 @@ def _record(
                                 rules[key],
                                 Jsonb({k: jsonable(v) for k, v in row.items()}),
                                 blob,
+                                base_version,
                             )
                             for key, row in rows
                         ],
                     )
-            conn.execute(
+            execute(
+                conn,
                 sql.SQL(
                     "INSERT INTO {} (sync_id, run_id, manifest_id, target_table, success, rows, quarantined_rows, "
                     "summary, details) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
@@ -1359,10 +1479,20 @@ def _record(
                     Jsonb(result.details()),
                 ),
             )
+            # Rows earlier gates quarantined from batches that never loaded are no longer pending.
+            abandoned = _abandon_unloaded(conn, schema, manifest.sync_id, manifest.state_table, result.run_id)
     except psycopg.OperationalError as error:
         raise SourceUnavailableError(
             f"could not record the quality results in the target: {error}", sync_id=manifest.sync_id
         ) from error
+    if abandoned:
+        LOG.warning(
+            "sync %s: %d quarantined row(s) of earlier batches that never loaded marked abandoned in %s "
+            "(later runs read those rows again from the source)",
+            manifest.sync_id,
+            abandoned,
+            QUARANTINE_TABLE,
+        )
 
 
 # --------------------------------------------------------------------------- the report
@@ -1461,6 +1591,10 @@ class ReplayResult:
     superseded: int = 0
     #: Rows the fix dropped or that still fail the suite: left pending in quarantine.
     still_pending: tuple[dict[str, Any], ...] = ()
+    #: Rows whose batch has not committed (yet): not replayable, left as they are.
+    awaiting_load: int = 0
+    #: Rows whose batch can no longer load, marked ``abandoned`` by this replay.
+    abandoned: int = 0
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -1477,6 +1611,8 @@ class ReplayResult:
             "superseded": self.superseded,
             "still_pending": list(self.still_pending[:20]),
             "still_pending_count": len(self.still_pending),
+            "awaiting_load": self.awaiting_load,
+            "abandoned": self.abandoned,
             "seconds": self.seconds,
         }
 
@@ -1584,11 +1720,18 @@ def replay_quarantined(
     ``error`` expectation stay pending too.  Rows can also be fixed in SQL (``UPDATE
     _sync_quarantine SET row = jsonb_set(row, ...)``) before replaying.
 
+    Only rows of batches that committed are replayed: the gate quarantines before the load, and
+    a load that fails (or is refused as stale) leaves its batch out of the target.  Rows whose
+    batch has not committed yet are left alone (``awaiting_load``); rows whose batch can no longer
+    load (the sync committed past the version it was extracted at) are marked ``abandoned``,
+    since later runs read those rows again from the source.  The load's ledger row in
+    ``_sync_audit`` (written in the merge's transaction) says which batches committed.
+
     A row is not replayed when the target already holds a version merged after it was quarantined
     (``_sync_synced_at`` newer: a later sync brought the row again) - it is marked
-    ``skipped_newer`` and reported - or when a later run quarantined the same key again
-    (``superseded``).  The merge is the load's own (:func:`apply_table_batch`) without deletes and
-    without touching the sync state: the watermark does not move.
+    ``skipped_newer`` and reported - or when a later committed batch quarantined the same key
+    again (``superseded``).  The merge is the load's own (:func:`apply_table_batch`) without
+    deletes and without touching the sync state: the watermark does not move.
     """
     log = logger or LOG
     started = time.monotonic()
@@ -1601,39 +1744,47 @@ def replay_quarantined(
         return ReplayResult(sync_id=sync_id, run_id=run_id, manifest_id=manifest_id)
     ensure_quality_tables(target_conn, target_schema)
     staged_dirs: list[str] = []
-    pending = replayed = inserted = updated = superseded = 0
+    pending = replayed = inserted = updated = superseded = awaiting = abandoned = 0
     skipped: list[dict[str, Any]] = []
     still: list[dict[str, Any]] = []
     try:
         with target_conn.transaction():
             if _exists(target_conn, target_schema, state_table):  # serialize with loads of this sync
-                target_conn.execute(
+                execute(
+                    target_conn,
                     sql.SQL("SELECT 1 FROM {} WHERE sync_id = %s FOR UPDATE").format(
                         sql.Identifier(target_schema, state_table)
                     ),
                     (sync_id,),
                 )
+            abandoned = _abandon_unloaded(target_conn, target_schema, sync_id, state_table, run_id)
             run_filter = sql.SQL(" AND q.run_id = %(run)s") if quarantined_in_run else sql.SQL("")
             params = {"sync": sync_id, "run": quarantined_in_run, "replay": run_id}
-            superseded = target_conn.execute(
+            superseded = execute(
+                target_conn,
                 sql.SQL(
                     "UPDATE {q} q SET replay_status = 'superseded', replay_run_id = %(replay)s, "
                     "replay_note = 'a later run quarantined this key again' "
                     "WHERE q.sync_id = %(sync)s AND q.replay_status IS NULL{run_filter} AND EXISTS ("
                     " SELECT 1 FROM {q} n WHERE n.sync_id = q.sync_id AND n.target_table = q.target_table"
                     " AND n.row_key = q.row_key AND (n.quarantined_at, n.quarantine_id) > "
-                    "(q.quarantined_at, q.quarantine_id))"
-                ).format(q=quarantine, run_filter=run_filter),
+                    "(q.quarantined_at, q.quarantine_id) AND {n_committed})"
+                ).format(q=quarantine, run_filter=run_filter, n_committed=_committed(target_conn, target_schema, "n")),
                 params,
             ).rowcount
-            selected = target_conn.execute(
+            rows = execute(
+                target_conn,
                 sql.SQL(
-                    "SELECT q.quarantine_id, q.target_table, q.row_key, q.row, q.batch_schema FROM {q} q "
-                    "WHERE q.sync_id = %(sync)s AND q.replay_status IS NULL{run_filter} "
+                    "SELECT q.quarantine_id, q.target_table, q.row_key, q.row, q.batch_schema, {committed} "
+                    "FROM {q} q WHERE q.sync_id = %(sync)s AND q.replay_status IS NULL{run_filter} "
                     "ORDER BY q.quarantine_id FOR UPDATE"
-                ).format(q=quarantine, run_filter=run_filter),
+                ).format(q=quarantine, run_filter=run_filter, committed=_committed(target_conn, target_schema, "q")),
                 params,
             ).fetchall()
+            selected = [r[:5] for r in rows if r[5]]
+            awaiting = len(rows) - len(selected)
+            if awaiting:
+                log.info("sync %s: %d quarantined row(s) wait for their batch to load; not replayed", sync_id, awaiting)
             pending = len(selected)
             groups: dict[tuple[str, bytes], list[tuple[int, dict[str, Any], dict[str, Any]]]] = {}
             for quarantine_id, target_table, row_key, row, blob in selected:
@@ -1670,9 +1821,12 @@ def replay_quarantined(
                 skipped_newer=tuple(skipped),
                 superseded=superseded,
                 still_pending=tuple(still),
+                awaiting_load=awaiting,
+                abandoned=abandoned,
                 seconds=round(time.monotonic() - started, 3),
             )
-            target_conn.execute(
+            execute(
+                target_conn,
                 sql.SQL(
                     "INSERT INTO {} (sync_id, run_id, manifest_id, target_table, success, rows, quarantined_rows, "
                     "summary, details) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
@@ -1695,6 +1849,8 @@ def replay_quarantined(
                             "skipped_newer": len(skipped),
                             "superseded": superseded,
                             "still_pending": len(still),
+                            "awaiting_load": awaiting,
+                            "abandoned": abandoned,
                         }
                     ),
                     Jsonb({"kind": "replay", **result.to_dict()}),
@@ -1707,7 +1863,8 @@ def replay_quarantined(
             staging.discard(uri, log)
     log.info(
         "sync %s: replayed %d of %d quarantined row(s) (%d inserted, %d updated); %d skipped (newer version in "
-        "the target), %d superseded, %d left pending",
+        "the target), %d superseded, %d left pending, %d waiting for their batch to load, %d abandoned (their "
+        "batch never loaded)",
         sync_id,
         replayed,
         pending + superseded,
@@ -1716,6 +1873,8 @@ def replay_quarantined(
         len(skipped),
         superseded,
         len(still),
+        awaiting,
+        abandoned,
     )
     return result
 
@@ -1748,7 +1907,8 @@ def _replay_group(
     if _exists(conn, batch["target_schema"], batch["target_table"]):
         match = sql.SQL(" AND ").join(sql.SQL("t.{0} = r.{0}").format(sql.Identifier(k)) for k in primary_key)
         newer = dict(
-            conn.execute(
+            execute(
+                conn,
                 sql.SQL(
                     "SELECT q.quarantine_id, t.{synced} FROM {q} q "
                     "CROSS JOIN LATERAL jsonb_populate_record(NULL::{t}, q.row_key) r "
@@ -1759,7 +1919,8 @@ def _replay_group(
             ).fetchall()
         )
     if newer:
-        conn.execute(
+        execute(
+            conn,
             sql.SQL(
                 "UPDATE {} SET replay_status = 'skipped_newer', replay_run_id = %s, "
                 "replay_note = 'the target holds a version synced after the quarantine' WHERE quarantine_id = ANY(%s)"
@@ -1869,10 +2030,13 @@ def _replay_group(
     replayed_rows = table.to_pylist()
     with conn.cursor() as cursor:
         cursor.executemany(
-            sql.SQL(
-                "UPDATE {} SET replay_status = 'replayed', replayed_at = now(), replay_run_id = %s, "
-                "replayed_row = %s WHERE quarantine_id = %s"
-            ).format(quarantine),
+            bindable(
+                sql.SQL(
+                    "UPDATE {} SET replay_status = 'replayed', replayed_at = now(), replay_run_id = %s, "
+                    "replayed_row = %s WHERE quarantine_id = %s"
+                ).format(quarantine),
+                cursor,
+            ),
             [
                 (run_id, Jsonb({k: jsonable(v) for k, v in row.items()}), by_key[_key_of(row, primary_key)])
                 for row in replayed_rows

@@ -79,7 +79,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 from psycopg import sql
 
-from airflow_sync_provider.core.audit import make_append_only
+from airflow_sync_provider.core.audit import bindable, execute, make_append_only
 from airflow_sync_provider.core.errors import (
     ConfigurationError,
     DataError,
@@ -585,7 +585,7 @@ def _delete_keys(
     before = None
     if spec.max_delete_fraction is not None:
         before = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target.ident)).fetchone()
-    deleted = int(conn.execute(statement, params).rowcount)
+    deleted = int(execute(conn, statement, params).rowcount)
     if before is not None and spec.max_delete_fraction is not None and before[0]:
         total = int(before[0])
         if deleted / total > spec.max_delete_fraction:
@@ -603,7 +603,8 @@ def _lock_state_row(conn: psycopg.Connection[Any], spec: SyncSpec) -> None:
     """Serialise with loads of this sync (they lock the same row); the row is only read."""
     if conn.execute("SELECT to_regclass(%s)", (_regclass(spec.target_schema, spec.state_table),)).fetchone() == (None,):
         return
-    conn.execute(
+    execute(
+        conn,
         sql.SQL("SELECT 1 FROM {} WHERE sync_id = %s FOR UPDATE").format(
             sql.Identifier(spec.target_schema, spec.state_table)
         ),
@@ -681,7 +682,8 @@ def record_reconciliation(
         "seconds": result.seconds,
         "details": json.dumps(dict(details or {}), default=str),
     }
-    conn.execute(
+    execute(
+        conn,
         sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
             sql.Identifier(schema, RECONCILE_TABLE),
             sql.SQL(", ").join(map(sql.Identifier, values)),
@@ -958,7 +960,7 @@ class _TargetSide:
     def _stream(self, query: sql.Composed, params: Mapping[str, Any]) -> Iterator[list[tuple[Any, ...]]]:
         with self.conn.cursor(name=f"sync_reconcile_{uuid.uuid4().hex[:12]}") as cursor:
             cursor.itersize = _FETCH_ROWS
-            cursor.execute(query, params)
+            cursor.execute(bindable(query, cursor), params)
             while rows := cursor.fetchmany(_FETCH_ROWS):
                 yield rows
 
@@ -994,7 +996,7 @@ class _TargetSide:
             bucket, row_hash = self._sql_hashes()
             inner = self._select([sql.SQL("{} AS b").format(bucket), sql.SQL("{} AS h").format(row_hash)])
             query = sql.SQL("SELECT b, count(*), sum(h::numeric) FROM ({}) x GROUP BY b").format(inner)
-            for b, count, total in self.conn.execute(query, params):
+            for b, count, total in execute(self.conn, query, params):
                 counts[int(b)], sums[int(b)] = int(count), int(total) & _MASK
             return counts, sums
         for rows in self._stream(self._select([self._column(p) for p in self.plans]), params):
@@ -1029,16 +1031,16 @@ class _TargetSide:
             return self._arrow(rows, self.plans)
         _, params = self._where()
         match = []
-        for plan in self.key_plans:
-            placeholder: sql.Composable = sql.Placeholder(f"key_{plan.name}")
+        for index, plan in enumerate(self.key_plans):  # placeholders by position: names may hold ')' or '%'
+            placeholder: sql.Composable = sql.Placeholder(f"key_{index}")
             if plan.as_text:
                 column_type = validate_pg_type(self.target.column_types.get(plan.name, "text"))
                 placeholder = sql.SQL("CAST({} AS {})").format(placeholder, sql.SQL(column_type))
             match.append(sql.SQL("{} = {}").format(sql.Identifier("t", plan.name), placeholder))
         query = self._select([self._column(p) for p in self.plans], match)
         for key in keys:
-            values = {f"key_{p.name}": v for p, v in zip(self.key_plans, key, strict=True)}
-            rows.extend(self.conn.execute(query, {**params, **values}).fetchall())
+            values = {f"key_{i}": v for i, v in enumerate(key)}
+            rows.extend(execute(self.conn, query, {**params, **values}).fetchall())
         return self._arrow(rows, self.plans)
 
 
@@ -1316,8 +1318,9 @@ def _sql_unsuitable(
         return "a server is older than PostgreSQL 12"
     if not target.exists:
         return None
-    preparer = source_conn.dialect.identifier_preparer
-    relation = preparer.format_table(source.table)
+    # Quoted by PostgreSQL's rules only: SQLAlchemy's preparer doubles '%' for its paramstyle, which
+    # is right inside a statement but not in a value bound to it.
+    relation = sql.Identifier(*(p for p in (source.table.schema, source.table.name) if p)).as_string(None)
     source_types: dict[str, str] = dict(
         source_conn.execute(
             sa.text(

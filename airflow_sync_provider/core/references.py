@@ -16,6 +16,7 @@ import psycopg
 import pyarrow as pa
 from psycopg import sql
 
+from airflow_sync_provider.core.audit import execute
 from airflow_sync_provider.core.errors import ConfigurationError, DataError
 from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.schema import validate_pg_type
@@ -83,13 +84,13 @@ def check_references(
             parent=sql.Identifier(reference.schema, reference.table),
             ref=sql.Identifier(reference.ref_column),
         )
-        wanted = [*manifest.primary_key, reference.column]
+        wanted = list(dict.fromkeys([*manifest.primary_key, reference.column]))  # the column may be a key column
         for staged in manifest.files:
             for batch in iter_staged_batches(staged.uri, _CHUNK_ROWS):
                 table = pa.Table.from_batches([batch]).select(wanted)
                 values = table.column(reference.column).to_pylist()
                 result.rows_checked += len(values)
-                missing = {row[0] for row in conn.execute(query, (list(set(values)),))}
+                missing = {row[0] for row in execute(conn, query, (list(set(values)),))}
                 if not missing:
                     continue
                 for row in table.to_pylist():
