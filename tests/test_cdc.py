@@ -214,6 +214,59 @@ def test_unchanged_toast_without_a_target_row_fails_instead_of_writing_null(cdc:
     assert state is not None and state.version == 1
 
 
+def test_a_diverged_table_is_recovered_by_re_snapshotting_it_alone(cdc: CdcEnv) -> None:
+    """The documented recovery for rule=unchanged TOAST value: re-snapshot that table; the others keep
+    streaming, a change batch staged before is refused as stale, and a transaction open across the
+    re-snapshot is applied once (hand-off per table, as for the initial snapshot)."""
+    big = "".join(f"{i:08x}" for i in range(4_000))
+    with cdc.env.source() as conn:
+        conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, version int)")
+        conn.execute("ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL")
+        conn.execute("INSERT INTO docs SELECT g, %s || g, 1 FROM generate_series(1, 20) g", (big,))
+    _seed_items(cdc, rows=100)
+    spec = CdcSpec(sync_id="recover", tables=("docs", "items"))
+    cdc.run(spec, run_id="snap")
+    with cdc.env.target() as target:
+        target.execute("DELETE FROM docs WHERE id IN (1, 2)")  # the target copy diverges
+    with cdc.env.source() as conn:
+        conn.execute("UPDATE docs SET id = 100 WHERE id = 1")
+        conn.execute("UPDATE docs SET version = 2 WHERE id = 100")  # body left out: target lacks row 1
+        conn.execute("UPDATE docs SET body = 'small' WHERE id = 3")
+        conn.execute("UPDATE items SET qty = -1 WHERE id <= 10")
+    with pytest.raises(
+        DataError, match=r"column='body'.*key=\(id=100\).*rule=unchanged TOAST value.*id=1.*resnapshot_tables"
+    ):
+        cdc.run(spec, run_id="c1")
+    engine = cdc.env.source_engine
+    with cdc.env.target() as target:
+        staged_before = changes_to_staging(
+            engine, spec, state=committed_cdc_state(target, spec), staging=cdc.env.staging, run_id="old"
+        )
+    open_txn = cdc.env.source(autocommit=False)  # open across the re-snapshot: not in its copy
+    open_txn.execute("UPDATE docs SET version = 3 WHERE id = 4")
+    open_txn.execute("INSERT INTO items (id, sku) VALUES (5000, 'during')")
+
+    manifest, result = _resnapshot(cdc, spec, ["docs"], run_id="resnap")
+    assert (manifest.kind, [t.source_table for t in manifest.tables]) == ("table_snapshot", ["public.docs"])
+    assert (result.status, result.inserted, result.updated) == ("applied", 2, 1)  # 2 and 100 back; 3 changed
+    open_txn.commit()
+    open_txn.close()
+    with cdc.env.target() as target:
+        assert load_cdc_manifest(target, staged_before).status == "stale"  # read before the re-snapshot
+    _, after = cdc.run(spec, run_id="c2")
+    assert after.tables["public.items"] == {"inserted": 1, "updated": 10, "deleted": 0}
+    assert after.tables["public.docs"] == {"inserted": 0, "updated": 1, "deleted": 0}  # only the open txn
+    cdc.assert_converged("docs", ["id"])
+    cdc.assert_converged("items", ["id"])
+    with cdc.env.source() as conn:  # the table streams on as before
+        conn.execute("UPDATE docs SET id = 200 WHERE id = 100")
+        conn.execute("UPDATE docs SET version = 9 WHERE id = 200")
+    _, later = cdc.run(spec, run_id="c3")
+    assert (later.inserted, later.deleted) == (1, 1)
+    cdc.assert_converged("docs", ["id"])
+    engine.dispose()
+
+
 def test_truncate_then_inserts_in_one_batch(cdc: CdcEnv) -> None:
     _seed_items(cdc, rows=200)
     spec = CdcSpec(sync_id="trunc", tables=("items",))
@@ -727,3 +780,135 @@ def test_unchanged_toast_through_swaps_chains_deletes_and_reinserts_in_one_batch
     with cdc.env.target() as target:
         bodies_now = dict(target.execute("SELECT id, body FROM t").fetchall())
     assert bodies_now == {1: bodies[2], 2: bodies[1], 3000: bodies[3], 5: _toast_body("new4", 16)}
+
+
+def _other_encoding_source(cdc: CdcEnv, encoding: str) -> tuple[CdcEnv, str]:
+    """A CdcEnv whose source is a new database in ``encoding`` (C locale) on the test server."""
+    from psycopg import sql
+
+    from .conftest import SyncEnv
+
+    name = f"{cdc.env.source_db}_{encoding.lower()}"
+    with cdc.env.server.connect() as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} WITH ENCODING {} LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0").format(
+                sql.Identifier(name), sql.Literal(encoding)
+            )
+        )
+    return CdcEnv(SyncEnv(cdc.env.server, name, cdc.env.target_db, cdc.env.staging)), name
+
+
+def _drop_source(cdc: CdcEnv, name: str) -> None:
+    from psycopg import sql
+
+    with cdc.env.server.connect(name) as conn:
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s", (name,)
+        )
+    with cdc.env.server.connect() as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _same_rows(cdc: CdcEnv, table: str) -> None:
+    """Source rows (read with client_encoding UTF8: text, not bytes, converted) == target rows."""
+    import psycopg
+    from psycopg import sql
+
+    query = sql.SQL("SELECT id, name, v FROM {} ORDER BY id").format(sql.Identifier(table))
+    with (
+        psycopg.connect(cdc.env.server.dsn(cdc.env.source_db) + " client_encoding=UTF8") as src,
+        cdc.env.target() as tgt,
+    ):
+        assert src.execute(query).fetchall() == tgt.execute(query).fetchall()
+
+
+def test_sql_ascii_source_streams_ascii_and_utf8_text(cdc: CdcEnv) -> None:
+    """Issue 13: psycopg returns SQL_ASCII text as bytes, so CDC refused with "wal_level=b'logical'"."""
+    ascii_cdc, name = _other_encoding_source(cdc, "SQL_ASCII")
+    try:
+        with ascii_cdc.env.source() as conn:
+            assert conn.execute("SHOW wal_level").fetchone() == (b"logical",)  # what the guard used to compare
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY, name text, v int)")
+            conn.execute(
+                "INSERT INTO t VALUES (1, 'plain', 1), (2, convert_from(%s, 'SQL_ASCII'), 1)", ("nöte €".encode(),)
+            )
+        spec = CdcSpec(sync_id="sqlascii", tables=("t",))
+        _, snapshot = ascii_cdc.run(spec, run_id="snap")
+        assert (snapshot.kind, snapshot.inserted) == ("snapshot", 2)
+        with ascii_cdc.env.source() as conn:
+            conn.execute("UPDATE t SET v = 2")
+            conn.execute("INSERT INTO t VALUES (3, convert_from(%s, 'SQL_ASCII'), 3)", ("ünï".encode(),))
+        _, changes = ascii_cdc.run(spec, run_id="c1")
+        assert (changes.inserted, changes.updated) == (1, 2)
+        _same_rows(ascii_cdc, "t")
+        with cdc.env.target() as target_conn:
+            assert dict(target_conn.execute("SELECT id, name FROM t").fetchall()) == {1: "plain", 2: "nöte €", 3: "ünï"}
+
+        # A value that is not UTF-8 (a Latin-1 é) cannot be known for what it is: fail, saying why.
+        with ascii_cdc.env.source() as conn:
+            conn.execute("INSERT INTO t VALUES (4, convert_from(%s, 'SQL_ASCII'), 4)", (b"caf\xe9",))
+        with pytest.raises(DataError, match=r"table='public.t' column='name'.*SQL_ASCII.*not valid UTF-8"):
+            ascii_cdc.run(spec, run_id="c2")
+        with ascii_cdc.env.source() as conn:  # the documented fix: convert the value at the source
+            conn.execute(
+                "UPDATE t SET name = convert_from(convert(convert_to(name, 'SQL_ASCII'), 'LATIN1', 'UTF8'), "
+                "'SQL_ASCII') WHERE id = 4"
+            )
+        with pytest.raises(DataError, match=r"SQL_ASCII"):  # the bad change is still in the stream...
+            ascii_cdc.run(spec, run_id="c3")
+        with cdc.env.target() as target_conn:  # ...so a table re-snapshot is the way past it
+            assert target_conn.execute("SELECT count(*) FROM t").fetchone() == (3,)
+        _, resnapshot = _resnapshot(ascii_cdc, spec, ["t"])
+        assert (resnapshot.kind, resnapshot.status, resnapshot.inserted) == ("table_snapshot", "applied", 1)
+        _, after = ascii_cdc.run(spec, run_id="c4")
+        assert after.status in ("no_changes", "applied") and after.inserted == after.updated == 0
+        _same_rows(ascii_cdc, "t")
+        with cdc.env.target() as target_conn:
+            assert target_conn.execute("SELECT name FROM t WHERE id = 4").fetchone() == ("café",)
+    finally:
+        _drop_source(cdc, name)
+
+
+def _resnapshot(cdc: CdcEnv, spec: CdcSpec, tables: list[str], **kwargs: Any) -> Any:
+    from airflow_sync_provider.core.cdc import resnapshot_tables
+
+    engine = cdc.env.source_engine
+    try:
+        with cdc.env.target() as target:
+            return resnapshot_tables(engine, target, spec, tables, staging=cdc.env.staging, **kwargs)
+    finally:
+        engine.dispose()
+
+
+def test_sql_ascii_snapshot_with_a_non_utf8_value_fails_saying_why(cdc: CdcEnv) -> None:
+    ascii_cdc, name = _other_encoding_source(cdc, "SQL_ASCII")
+    try:
+        with ascii_cdc.env.source() as conn:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY, name text, v int)")
+            conn.execute("INSERT INTO t VALUES (1, convert_from(%s, 'SQL_ASCII'), 1)", (b"caf\xe9",))
+        with pytest.raises(DataError, match=r"table='public.t'.*SQL_ASCII.*not valid UTF-8"):
+            ascii_cdc.run(CdcSpec(sync_id="sqlascii2", tables=("t",)), run_id="snap")
+    finally:
+        _drop_source(cdc, name)
+
+
+def test_latin1_source_is_converted_to_utf8(cdc: CdcEnv) -> None:
+    """pgoutput sends text in the reading session's client encoding: read as UTF-8, it converts."""
+    latin_cdc, name = _other_encoding_source(cdc, "LATIN1")
+    try:
+        with latin_cdc.env.source() as conn:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY, name text, v int)")
+            conn.execute("INSERT INTO t VALUES (1, 'café', 1)")
+        spec = CdcSpec(sync_id="latin1", tables=("t",))
+        latin_cdc.run(spec, run_id="snap")
+        with latin_cdc.env.source() as conn:
+            conn.execute("INSERT INTO t VALUES (2, 'naïve ÿ', 2)")
+            conn.execute("UPDATE t SET name = name || ' à' WHERE id = 1")
+        _, changes = latin_cdc.run(spec, run_id="c1")
+        assert (changes.inserted, changes.updated) == (1, 1)
+        with cdc.env.target() as target_conn:
+            assert dict(target_conn.execute("SELECT id, name FROM t").fetchall()) == {1: "café à", 2: "naïve ÿ"}
+        _same_rows(latin_cdc, "t")
+    finally:
+        _drop_source(cdc, name)

@@ -178,6 +178,7 @@ def test_cdc_target_equals_source_after_every_batch(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(5_400)  # ~400 examples of a few seconds each
 @_property(400)
 @given(
     data=st.data(),

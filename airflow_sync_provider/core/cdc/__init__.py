@@ -3,10 +3,13 @@
 ``changes_to_staging`` stages the initial snapshot (first run) or the committed changes past the
 target's position; ``load_cdc_manifest`` applies them with the position in one target transaction;
 ``confirm_applied`` then lets the slot free the WAL.  ``run_cdc_sync`` does all three.
+``resnapshot_tables`` copies some tables anew while the others keep streaming (the recovery for a
+table whose target copy cannot be trusted).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import closing
 from typing import Any
 
@@ -15,9 +18,16 @@ import sqlalchemy as sa
 
 from airflow_sync_provider.core.cdc import slot
 from airflow_sync_provider.core.cdc.apply import CdcLoadResult, load_cdc_manifest
-from airflow_sync_provider.core.cdc.extract import CdcPosition, changes_to_staging, open_source, snapshot_to_staging
+from airflow_sync_provider.core.cdc.extract import (
+    CdcPosition,
+    changes_to_staging,
+    open_source,
+    snapshot_to_staging,
+    table_snapshot_to_staging,
+)
 from airflow_sync_provider.core.cdc.manifest import CdcManifest
 from airflow_sync_provider.core.cdc.spec import CdcSpec
+from airflow_sync_provider.core.errors import SyncError
 from airflow_sync_provider.core.progress import Logger, PhaseObserver
 from airflow_sync_provider.core.staging import StagingArea
 from airflow_sync_provider.core.state import SyncState, read_state
@@ -66,6 +76,49 @@ def run_cdc_sync(
     return manifest, result
 
 
+def resnapshot_tables(
+    source: sa.Engine,
+    target: psycopg.Connection[Any],
+    spec: CdcSpec,
+    tables: Sequence[str],
+    *,
+    staging: StagingArea | None = None,
+    run_id: str = "resnapshot",
+    logger: Logger | None = None,
+    observer: PhaseObserver | None = None,
+    keep_staged: bool = False,
+    attempts: int = 3,
+) -> tuple[CdcManifest, CdcLoadResult]:
+    """Copy ``tables`` (some of the sync's) anew, replacing their target rows, without resetting the sync.
+
+    The other tables keep their rows and position; the next change batches skip, for these tables
+    only, the transactions the new copy already holds.  Use it when a load fails because a table's
+    target copy cannot be trusted (e.g. ``rule=unchanged TOAST value``: a row the source has is missing
+    in the target).  A change batch staged before it is then refused as stale; the next run reads anew.
+    Retried when a change batch commits between the copy and its load (``attempts``).
+    """
+    for _ in range(attempts):
+        manifest = table_snapshot_to_staging(
+            source,
+            spec,
+            tables,
+            state=committed_cdc_state(target, spec),
+            staging=staging or StagingArea(),
+            run_id=run_id,
+            logger=logger,
+        )
+        result = load_cdc_manifest(
+            target, manifest, run_id=run_id, logger=logger, observer=observer, keep_staged=keep_staged
+        )
+        if result.status != "stale":
+            return manifest, result
+    raise SyncError(
+        f"re-snapshot of {', '.join(tables)} was overtaken by change batches {attempts} times; pause the sync's "
+        "DAG while it runs",
+        sync_id=spec.sync_id,
+    )
+
+
 __all__ = [
     "CdcLoadResult",
     "CdcManifest",
@@ -75,6 +128,8 @@ __all__ = [
     "committed_cdc_state",
     "confirm_applied",
     "load_cdc_manifest",
+    "resnapshot_tables",
     "run_cdc_sync",
     "snapshot_to_staging",
+    "table_snapshot_to_staging",
 ]

@@ -113,19 +113,24 @@ def load_cdc_manifest(
                 }
                 checksums[table.source_table] = applied.checksum
             new_position = CdcPosition(manifest.commit_lsn, manifest.end_lsn, manifest.snapshot, manifest.snapshot_lsn)
+        elif manifest.kind == "table_snapshot":  # those tables anew; the position stays, with their hand-off
+            assert position is not None
+            for table in manifest.tables:
+                applied = apply_table_batch(conn, table, run_id, log, observer)
+                counts[table.source_table] = {
+                    "inserted": applied.inserted,
+                    "updated": applied.updated,
+                    "deleted": applied.deleted,
+                }
+                checksums[table.source_table] = applied.checksum
+            new_position = replace(position, table_snapshots={**position.table_snapshots, **manifest.table_snapshots})
         else:
             assert position is not None
             for table in manifest.tables:
                 truncates = [t for t in manifest.truncates if t.table == table.source_table]
                 if table.files or truncates:
                     counts[table.source_table] = apply_changes(conn, table, truncates, position.commit_lsn, run_id, log)
-            keep_snapshot = position.snapshot_lsn is not None and manifest.commit_lsn <= position.snapshot_lsn
-            new_position = CdcPosition(
-                manifest.commit_lsn,
-                manifest.end_lsn,
-                position.snapshot if keep_snapshot else None,
-                position.snapshot_lsn if keep_snapshot else None,
-            )
+            new_position = position.after(manifest.commit_lsn, manifest.end_lsn)
         totals = {k: sum(c[k] for c in counts.values()) for k in ("inserted", "updated", "deleted")}
         notify(observer, "merged", totals)
         new_state = replace(
@@ -210,7 +215,14 @@ def _skip_reason(
 ) -> tuple[CdcLoadStatus, str] | None:
     if last_manifest_id == manifest.manifest_id:
         return "already_applied", f"manifest {manifest.manifest_id} is already committed (state version {version})"
-    if manifest.kind == "snapshot":
+    if manifest.kind == "table_snapshot" and version != manifest.base_version:
+        # A batch committed since it was read: transactions it applied that the snapshot did not see
+        # would be lost under the copy.  Re-snapshot again.
+        return "stale", (
+            f"stale re-snapshot {manifest.manifest_id} skipped: extracted at state version {manifest.base_version}, "
+            f"but version {version} is committed; run the re-snapshot again"
+        )
+    if manifest.kind in ("snapshot", "table_snapshot"):
         if version != manifest.base_version:
             return "stale", (
                 f"stale snapshot {manifest.manifest_id} skipped: extracted at state version {manifest.base_version}, "
@@ -219,10 +231,10 @@ def _skip_reason(
         return None
     if position is None:
         return "stale", f"change batch {manifest.manifest_id} skipped: the sync has no committed snapshot"
-    if manifest.snapshot != position.snapshot:
+    if manifest.snapshot != position.snapshot or manifest.table_snapshots != position.table_snapshots:
         return "stale", (
             f"change batch {manifest.manifest_id} skipped: it was read for another initial snapshot than the "
-            "committed one; the next run reads from the committed position"
+            "committed one (or before a table was re-snapshotted); the next run reads from the committed position"
         )
     if manifest.commit_lsn <= position.commit_lsn:
         if manifest.transactions == 0 and manifest.commit_lsn == manifest.applied_lsn:
@@ -495,7 +507,7 @@ def _unknown_value(
     keys = manifest.primary_key
     row = conn.execute(
         sql.SQL(
-            "SELECT {keys}, s.{unchanged}, {origin_keys}, o.{op}, o.{moved} IS NOT NULL FROM {stage} s "
+            "SELECT {keys}, s.{unchanged}, {origin_keys} FROM {stage} s "
             "JOIN {links} l ON l.{seq} = s.{seq} JOIN {links} o ON o.{seq} = l.{chain} "
             "WHERE l.{last} AND s.{op} <> 'D' AND cardinality(s.{unchanged}) > 0 ORDER BY s.{seq} LIMIT 1"
         ).format(
@@ -503,7 +515,6 @@ def _unknown_value(
             origin_keys=sql.SQL(", ").join(sql.Identifier("o", k) for k in keys),
             unchanged=sql.Identifier(UNCHANGED_COLUMN),
             op=sql.Identifier(OP_COLUMN),
-            moved=sql.Identifier(MOVED_FROM_COLUMN),
             stage=stage,
             links=links,
             seq=sql.Identifier(SEQ_COLUMN),
@@ -523,9 +534,10 @@ def _unknown_value(
     raise DataError(
         f"an update left TOASTed value(s) out as unchanged, and they cannot be known: the row existed before "
         f"this batch, but the target does not hold it{where}, so the target has diverged from the source. "
-        "Writing NULL or a stale value would lose data, so nothing was written. Recover by re-snapshotting just "
-        "this table (airflow_sync_provider.core.cdc.resnapshot_tables with this table; the other tables keep "
-        "streaming), or make it REPLICA IDENTITY FULL at the source, so updates carry the whole old row",
+        "Writing NULL or a stale value would lose data, so nothing was written. Recover without resetting the "
+        f"sync: re-snapshot just this table, resnapshot_tables(source, target, spec, [{manifest.source_table!r}]) "
+        "from airflow_sync_provider.core.cdc (the other tables keep streaming); REPLICA IDENTITY FULL at the "
+        "source makes updates carry the whole old row, so such values never depend on the target",
         sync_id=manifest.sync_id,
         table=target.display,
         column=columns,

@@ -33,7 +33,7 @@ from airflow_sync_provider.core.cdc.manifest import (
     TruncateEvent,
 )
 from airflow_sync_provider.core.cdc.spec import CdcSpec
-from airflow_sync_provider.core.errors import SyncError
+from airflow_sync_provider.core.errors import ConfigurationError, DataError, SyncError
 from airflow_sync_provider.core.extract import extract_to_staging
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger, Progress
@@ -54,15 +54,23 @@ class CdcPosition:
     end_lsn: int
     snapshot: str | None = None
     snapshot_lsn: int | None = None
+    #: Tables re-snapshotted since: ``{"schema.table": {"snapshot": str, "snapshot_lsn": int}}``.
+    table_snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_watermark(self) -> dict[str, Any]:
-        return {
+        mark: dict[str, Any] = {
             "cdc": True,
             "commit_lsn": pgoutput.int_to_lsn(self.commit_lsn),
             "end_lsn": pgoutput.int_to_lsn(self.end_lsn),
             "snapshot": self.snapshot,
             "snapshot_lsn": pgoutput.int_to_lsn(self.snapshot_lsn) if self.snapshot_lsn is not None else None,
         }
+        if self.table_snapshots:
+            mark["table_snapshots"] = {
+                table: {"snapshot": t["snapshot"], "snapshot_lsn": pgoutput.int_to_lsn(t["snapshot_lsn"])}
+                for table, t in sorted(self.table_snapshots.items())
+            }
+        return mark
 
     @classmethod
     def from_state(cls, state: SyncState | None) -> CdcPosition | None:
@@ -75,6 +83,22 @@ class CdcPosition:
             end_lsn=pgoutput.lsn_to_int(mark["end_lsn"]),
             snapshot=mark.get("snapshot"),
             snapshot_lsn=pgoutput.lsn_to_int(snapshot_lsn) if snapshot_lsn else None,
+            table_snapshots={
+                table: {"snapshot": t["snapshot"], "snapshot_lsn": pgoutput.lsn_to_int(t["snapshot_lsn"])}
+                for table, t in (mark.get("table_snapshots") or {}).items()
+            },
+        )
+
+    def after(self, commit_lsn: int, end_lsn: int) -> CdcPosition:
+        """The position once a batch up to ``commit_lsn`` is applied: a snapshot hand-off is kept while
+        transactions up to its WAL position may still be read."""
+        keep = self.snapshot_lsn is not None and commit_lsn <= self.snapshot_lsn
+        return CdcPosition(
+            commit_lsn,
+            end_lsn,
+            self.snapshot if keep else None,
+            self.snapshot_lsn if keep else None,
+            {table: t for table, t in self.table_snapshots.items() if commit_lsn <= t["snapshot_lsn"]},
         )
 
 
@@ -108,7 +132,44 @@ def open_source(engine: sa.Engine, sync_id: str) -> psycopg.Connection[Any]:
         conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
     except psycopg.OperationalError as error:
         raise slot.connect_error(error, sync_id) from error
+    if conn.info.encoding != "utf-8":
+        # pgoutput converts names and values to the client encoding of the session that reads the slot,
+        # and everything here is staged as UTF-8: ask for UTF-8 (a LATIN1... source converts).  A
+        # SQL_ASCII database cannot convert (PostgreSQL does not know what its bytes are): its text
+        # passes through as is, so ASCII and UTF-8 text works, and a value that is not UTF-8 fails by
+        # name (see NOT_UTF8).  Without this, psycopg returns SQL_ASCII text as bytes.
+        conn.execute("SET client_encoding = 'UTF8'")
+        if conn.info.parameter_status("server_encoding") == "SQL_ASCII":
+            _utf8_connections(engine)
     return conn
+
+
+#: Why a value of a SQL_ASCII source cannot be staged (the CDC and the snapshot errors say it).
+NOT_UTF8 = (
+    "the source database's encoding is SQL_ASCII, so PostgreSQL does not know what encoding its text is in "
+    "and cannot convert it; it is passed through as is, and this value is not valid UTF-8, which the staged "
+    "batch and the target need. Convert the value at the source to UTF-8 (e.g. UPDATE ... SET col = "
+    "convert_from(convert(convert_to(col, 'SQL_ASCII'), 'LATIN1', 'UTF8'), 'SQL_ASCII') if it is Latin-1), "
+    "then re-snapshot this table "
+    "(resnapshot_tables; the changes already in the stream are skipped for it), or move the data to a "
+    "database with a real encoding"
+)
+
+
+def _utf8_connections(engine: sa.Engine) -> None:
+    """Make the engine's new connections ask for UTF-8 too (a SQL_ASCII source; see ``open_source``).
+
+    Without it SQLAlchemy cannot even connect there with psycopg (it gets the server version as
+    bytes).  Once per engine; a client encoding the engine's own settings ask for is left alone.
+    """
+    if getattr(engine, "_sync_utf8_connections", False):
+        return
+
+    def utf8(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        cparams.setdefault("client_encoding", "UTF8")
+
+    sa.event.listen(engine, "do_connect", utf8)
+    engine._sync_utf8_connections = True  # type: ignore[attr-defined]
 
 
 def _new_manifest_id() -> str:
@@ -134,10 +195,54 @@ def snapshot_to_staging(
         tables = slot.check_source(conn, spec)
         slot.ensure_publication(conn, spec, tables)
         info = slot.ensure_slot(conn, spec)
+        sql_ascii = conn.info.parameter_status("server_encoding") == "SQL_ASCII"
     assert info.confirmed_flush_lsn is not None
     log.info("sync %s: initial snapshot after %s", spec.sync_id, info.describe())
     manifest_id = _new_manifest_id()
     staging_dir = staging.batch_uri(spec.sync_id, manifest_id)
+    snapshot, snapshot_lsn, table_manifests = _copy_tables(
+        engine, spec, tables, staging_dir, run_id, log, sql_ascii=sql_ascii
+    )
+    manifest = CdcManifest(
+        sync_id=spec.sync_id,
+        run_id=run_id,
+        manifest_id=manifest_id,
+        kind="snapshot",
+        slot_name=spec.slot_name,
+        publication=spec.publication,
+        target_schema=spec.target_schema,
+        state_table=spec.state_table,
+        delete_mode=spec.delete_mode,
+        tables=tuple(table_manifests),
+        base_version=state.version if state else 0,
+        applied_lsn=0,
+        commit_lsn=info.confirmed_flush_lsn,
+        end_lsn=info.confirmed_flush_lsn,
+        snapshot=snapshot,
+        snapshot_lsn=snapshot_lsn,
+        staging_dir=staging_dir,
+        extracted_at=dt.datetime.now(dt.UTC).isoformat(),
+        extract_seconds=round(time.monotonic() - started, 3),
+        notes=(
+            f"snapshot {snapshot} at {pgoutput.int_to_lsn(snapshot_lsn)}; slot {spec.slot_name} from {info.describe()}",
+        ),
+    )
+    staging.write_manifest(manifest)
+    return manifest
+
+
+def _copy_tables(
+    engine: sa.Engine,
+    spec: CdcSpec,
+    tables: Sequence[slot.SourceTableInfo],
+    staging_dir: str,
+    run_id: str,
+    log: Logger,
+    *,
+    sql_ascii: bool,
+) -> tuple[str, int, list[Manifest]]:
+    """Copy ``tables`` in one REPEATABLE READ snapshot; returns it, the WAL position read right after
+    it, and one full-table manifest per table."""
     table_manifests: list[Manifest] = []
     with engine.connect() as connection:
         connection = connection.execution_options(isolation_level="REPEATABLE READ")
@@ -160,37 +265,95 @@ def snapshot_to_staging(
                     schema_drift=spec.schema_drift,
                     history_table=spec.history_table_of(table.qualified),
                 )
-                part = extract_to_staging(
-                    engine,
-                    table_spec,
-                    state=None,
-                    staging=StagingArea(staging_dir),
-                    run_id=run_id,
-                    logger=log,
-                    connection=connection,
-                )
+                try:
+                    part = extract_to_staging(
+                        engine,
+                        table_spec,
+                        state=None,
+                        staging=StagingArea(staging_dir),
+                        run_id=run_id,
+                        logger=log,
+                        connection=connection,
+                    )
+                except SyncError as error:
+                    if sql_ascii and 'for encoding "UTF8"' in str(error):
+                        raise DataError(NOT_UTF8, sync_id=spec.sync_id, table=table.qualified) from error
+                    raise
                 table_manifests.append(part)
+    return str(snapshot), pgoutput.lsn_to_int(str(snapshot_lsn)), table_manifests
+
+
+def table_snapshot_to_staging(
+    engine: sa.Engine,
+    spec: CdcSpec,
+    tables: Sequence[str],
+    *,
+    state: SyncState | None,
+    staging: StagingArea,
+    run_id: str,
+    logger: Logger | None = None,
+) -> CdcManifest:
+    """Copy some of the sync's tables anew while the others keep streaming from the committed position.
+
+    The recovery for one table whose target copy cannot be trusted (a value a change left out cannot
+    be known, rows edited in the target, a value the stream cannot carry): the same hand-off as the
+    initial snapshot, for those tables only.  Loaded, it replaces the tables' target rows and records
+    the snapshot per table; the next change batches skip, for those tables only, the transactions the
+    snapshot already holds (the other tables get every change as before).
+    """
+    log = logger or LOG
+    started = time.monotonic()
+    position = CdcPosition.from_state(state)
+    if position is None or state is None:
+        raise ConfigurationError(
+            "the sync has no committed snapshot yet: its first run copies every table anyway", sync_id=spec.sync_id
+        )
+    declared = {".".join(spec.source_name(t)): t for t in spec.tables}
+    wanted = [".".join(spec.source_name(t)) for t in tables]
+    unknown = [t for t in wanted if t not in declared]
+    if not wanted or unknown:
+        raise ConfigurationError(
+            f"re-snapshot needs tables of the sync ({', '.join(declared)}); got {', '.join(unknown) or 'none'}",
+            sync_id=spec.sync_id,
+        )
+    with closing(open_source(engine, spec.sync_id)) as conn:
+        infos = slot.check_source(conn, spec)
+        chosen = [t for t in infos if t.qualified in wanted]
+        # The other tables must still be published as the snapshot left them (else their changes were
+        # lost, and only re-snapshotting them too would do); the chosen ones are (re-)added.
+        slot.check_publication(conn, spec, [t for t in infos if t.qualified not in wanted])
+        slot.ensure_publication(conn, spec, chosen)
+        info = slot.slot_info(conn, spec.slot_name)
+        slot.check_slot_usable(info, spec)
+        sql_ascii = conn.info.parameter_status("server_encoding") == "SQL_ASCII"
+    manifest_id = _new_manifest_id()
+    staging_dir = staging.batch_uri(spec.sync_id, manifest_id)
+    log.info("sync %s: re-snapshot of %s at %s", spec.sync_id, ", ".join(wanted), info.describe())
+    snapshot, snapshot_lsn, table_manifests = _copy_tables(
+        engine, spec, chosen, staging_dir, run_id, log, sql_ascii=sql_ascii
+    )
     manifest = CdcManifest(
         sync_id=spec.sync_id,
         run_id=run_id,
         manifest_id=manifest_id,
-        kind="snapshot",
+        kind="table_snapshot",
         slot_name=spec.slot_name,
         publication=spec.publication,
         target_schema=spec.target_schema,
         state_table=spec.state_table,
         delete_mode=spec.delete_mode,
         tables=tuple(table_manifests),
-        base_version=state.version if state else 0,
-        applied_lsn=0,
-        commit_lsn=info.confirmed_flush_lsn,
-        end_lsn=info.confirmed_flush_lsn,
-        snapshot=snapshot,
-        snapshot_lsn=pgoutput.lsn_to_int(snapshot_lsn),
+        base_version=state.version,
+        applied_lsn=position.commit_lsn,
+        commit_lsn=position.commit_lsn,
+        end_lsn=position.end_lsn,
+        snapshot=position.snapshot,
+        snapshot_lsn=position.snapshot_lsn,
+        table_snapshots={t.qualified: {"snapshot": snapshot, "snapshot_lsn": snapshot_lsn} for t in chosen},
         staging_dir=staging_dir,
         extracted_at=dt.datetime.now(dt.UTC).isoformat(),
         extract_seconds=round(time.monotonic() - started, 3),
-        notes=(f"snapshot {snapshot} at {snapshot_lsn}; slot {spec.slot_name} from {info.describe()}",),
+        notes=(f"re-snapshot of {', '.join(wanted)}: snapshot {snapshot} at {pgoutput.int_to_lsn(snapshot_lsn)}",),
     )
     staging.write_manifest(manifest)
     return manifest
@@ -254,6 +417,7 @@ def changes_to_staging(
     with closing(open_source(engine, spec.sync_id)) as conn:
         tables = slot.check_source(conn, spec)
         slot.check_publication(conn, spec, tables)
+        sql_ascii = conn.info.parameter_status("server_encoding") == "SQL_ASCII"
         info = slot.slot_info(conn, spec.slot_name)
         slot.check_slot_usable(info, spec)
         # The target committed up to end_lsn: confirm it now (a crash after the commit may have
@@ -272,6 +436,16 @@ def changes_to_staging(
         changes = transactions = skipped = 0
         last_commit, last_end = position.commit_lsn, position.end_lsn
         skip = False
+        # Re-snapshotted tables: per table, the transactions its own snapshot already holds are skipped.
+        table_filters = {
+            t.oid: (
+                SnapshotFilter(position.table_snapshots[t.qualified]["snapshot"]),
+                int(position.table_snapshots[t.qualified]["snapshot_lsn"]),
+            )
+            for t in tables
+            if t.qualified in position.table_snapshots
+        }
+        skip_tables: set[int] = set()
         txn_lsn = 0
         txn_rows: list[tuple[int, list[Any]]] = []
         txn_truncates: list[TruncateEvent] = []
@@ -285,6 +459,12 @@ def changes_to_staging(
                     and txn_lsn <= position.snapshot_lsn
                     and snapshot_filter.visible(message.xid)
                 )
+                if table_filters:
+                    skip_tables = {
+                        oid
+                        for oid, (held, lsn) in table_filters.items()
+                        if txn_lsn <= lsn and held.visible(message.xid)
+                    }
                 txn_rows, txn_truncates = [], []
             elif isinstance(message, pgoutput.Relation):
                 oid = by_name.get((message.namespace, message.name))
@@ -312,7 +492,7 @@ def changes_to_staging(
                 )
             elif isinstance(message, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete)):
                 oid = relation_map.get(message.relation_id)
-                if oid is None or skip:
+                if oid is None or skip or oid in skip_tables:
                     continue
                 changes += 1
                 if isinstance(message, pgoutput.Insert):
@@ -345,7 +525,7 @@ def changes_to_staging(
                     continue
                 for relation_id in message.relation_ids:
                     oid = relation_map.get(relation_id)
-                    if oid is not None:
+                    if oid is not None and oid not in skip_tables:
                         seq += 1
                         changes += 1
                         txn_truncates.append(TruncateEvent(streams[oid].source.qualified, txn_lsn, seq))
@@ -372,6 +552,8 @@ def changes_to_staging(
                             sync_id=spec.sync_id,
                             table=stream.source.qualified,
                         )
+                    if sql_ascii and any(isinstance(v, pgoutput.NotUtf8) for v in row):
+                        _refuse_not_utf8(stream, row, spec)
                     stream.buffer.append(row)
                     if len(stream.buffer) >= spec.batch_rows:
                         _flush(staging, staging_dir, stream, conn, pending_types, spec)
@@ -412,6 +594,7 @@ def changes_to_staging(
         truncates=tuple(truncates),
         snapshot=position.snapshot,
         snapshot_lsn=position.snapshot_lsn,
+        table_snapshots=position.table_snapshots,
         staging_dir=staging_dir,
         extracted_at=dt.datetime.now(dt.UTC).isoformat(),
         extract_seconds=round(time.monotonic() - started, 3),
@@ -419,6 +602,23 @@ def changes_to_staging(
     )
     staging.write_manifest(manifest)
     return manifest
+
+
+def _refuse_not_utf8(stream: _TableStream, row: list[Any], spec: CdcSpec) -> None:
+    """A SQL_ASCII source's value that is not UTF-8 cannot be staged: fail naming it (see NOT_UTF8)."""
+    assert stream.relation is not None
+    names = [c.name for c in stream.relation.columns]
+    for name, value in zip(names, row, strict=False):
+        if isinstance(value, pgoutput.NotUtf8):
+            key = {k: row[names.index(k)] for k in stream.source.primary_key if k in names}
+            raise DataError(
+                f"a changed row holds {value.raw[:40]!r}, which is not valid UTF-8: {NOT_UTF8}",
+                sync_id=spec.sync_id,
+                table=stream.source.qualified,
+                column=name,
+                key=key,
+                rule="encoding",
+            )
 
 
 def _with_old_values(new: tuple[object, ...], old: tuple[object, ...]) -> tuple[object, ...]:

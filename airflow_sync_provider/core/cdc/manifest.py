@@ -14,7 +14,9 @@ from typing import Any, Literal
 from airflow_sync_provider.core.errors import ConfigurationError
 from airflow_sync_provider.core.manifest import Manifest
 
-CdcKind = Literal["snapshot", "changes"]
+#: ``snapshot``: the initial copy of every table; ``changes``: a batch from the slot; ``table_snapshot``:
+#: a new copy of some tables while the others keep streaming (see ``resnapshot_tables``).
+CdcKind = Literal["snapshot", "changes", "table_snapshot"]
 
 #: Columns every staged change file carries next to the table's own columns.
 OP_COLUMN = "_cdc_op"  # I, U, D
@@ -59,6 +61,10 @@ class CdcManifest:
     #: visible in the snapshot are already in the copy and are skipped when the stream is read.
     snapshot: str | None = None
     snapshot_lsn: int | None = None
+    #: Per source table re-snapshotted since the initial snapshot, its own hand-off facts like the two
+    #: above: ``{"schema.table": {"snapshot": ..., "snapshot_lsn": int}}``; a table_snapshot manifest
+    #: holds its new ones, a change batch the ones it was read with.
+    table_snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
     staging_dir: str = ""
     extracted_at: str = ""
     extract_seconds: float = 0.0
@@ -90,6 +96,7 @@ class CdcManifest:
         values["tables"] = tuple(Manifest.from_dict(t) for t in values["tables"])
         values["truncates"] = tuple(TruncateEvent(**t) for t in values.get("truncates", ()))
         values["notes"] = tuple(values.get("notes", ()))
+        values["table_snapshots"] = dict(values.get("table_snapshots") or {})
         return cls(**values)
 
     def summary(self) -> str:

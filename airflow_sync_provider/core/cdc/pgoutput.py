@@ -30,6 +30,18 @@ class DecodeError(ValueError):
 
 
 @dataclass(frozen=True)
+class NotUtf8:
+    """A text value that is not valid UTF-8, kept as its bytes.
+
+    Only a SQL_ASCII database sends one (it cannot convert its text, so its slot is read without
+    conversion); whoever stages the value decides whether that is an error (a change that is skipped
+    never matters).
+    """
+
+    raw: bytes
+
+
+@dataclass(frozen=True)
 class RelationColumn:
     name: str
     type_oid: int
@@ -189,7 +201,10 @@ class _Reader:
                     end = pos + length
                     if end > size:
                         raise DecodeError(f"value of {length} bytes truncated at byte {pos}")
-                    append(data[pos:end].decode())
+                    try:
+                        append(data[pos:end].decode())
+                    except UnicodeDecodeError:
+                        append(NotUtf8(data[pos:end]))
                     pos = end
                 elif kind == 110:  # 'n': NULL
                     append(None)

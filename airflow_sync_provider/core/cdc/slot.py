@@ -75,7 +75,7 @@ class SlotInfo:
 
 def check_source(conn: psycopg.Connection[Any], spec: CdcSpec) -> list[SourceTableInfo]:
     """Fail early, naming what to fix: wal_level, privileges, tables, keys and replica identity."""
-    wal_level = _scalar(conn, "SHOW wal_level")
+    wal_level = setting(conn, "wal_level")
     if wal_level != "logical":
         raise ConfigurationError(
             f"the source server has wal_level={wal_level}; CDC needs wal_level=logical "
@@ -83,7 +83,7 @@ def check_source(conn: psycopg.Connection[Any], spec: CdcSpec) -> list[SourceTab
             sync_id=spec.sync_id,
             rule="wal_level",
         )
-    version = int(_scalar(conn, "SHOW server_version_num"))
+    version = int(setting(conn, "server_version_num"))
     if version < 140000:
         raise ConfigurationError(
             f"the source runs PostgreSQL {version // 10000}; CDC needs PostgreSQL 14 or later (pgoutput messages)",
@@ -288,10 +288,17 @@ def read_changes(
         "upto_n": spec.max_changes,
         "publication": spec.publication,
     }
+    # pgoutput converts text to the session's client encoding; a SQL_ASCII database cannot convert,
+    # only check, and a value that is not UTF-8 would fail the read of the whole slot with no table or
+    # column named.  Read it as is: the decoder marks such values (pgoutput.NotUtf8) and the staging
+    # refuses one by name, unless its change is skipped anyway (e.g. for a re-snapshotted table).
+    raw_text = conn.info.parameter_status("server_encoding") == "SQL_ASCII"
     deadline = time.monotonic() + SLOT_BUSY_WAIT_SECONDS
     while True:
         try:
             with conn.transaction(), conn.cursor(name=f"cdc_{spec.slot_name}") as cursor:
+                if raw_text:  # no conversion, hence no server-side check that would stop the read
+                    conn.execute("SET LOCAL client_encoding = 'SQL_ASCII'")
                 cursor.itersize = fetch_rows
                 try:
                     cursor.execute(_PEEK, params)
@@ -362,6 +369,16 @@ def type_names(conn: psycopg.Connection[Any], pairs: set[tuple[int, int]]) -> di
 
 def connect_error(error: psycopg.OperationalError, sync_id: str) -> SourceUnavailableError:
     return SourceUnavailableError(f"cannot reach the CDC source: {error}", sync_id=sync_id)
+
+
+def setting(conn: psycopg.Connection[Any], name: str) -> str:
+    """A server setting as text, whatever the connection's client encoding.
+
+    With a ``SQL_ASCII`` client encoding psycopg returns text as ``bytes`` (it cannot know what
+    encoding the bytes are in); server settings are ASCII, so they are decoded as such here.
+    """
+    value = _scalar(conn, "SELECT current_setting(%s)", (name,))
+    return value.decode("ascii") if isinstance(value, bytes) else str(value)
 
 
 def _scalar(conn: psycopg.Connection[Any], query: str, params: Sequence[Any] = ()) -> Any:
