@@ -912,3 +912,74 @@ def test_latin1_source_is_converted_to_utf8(cdc: CdcEnv) -> None:
         _same_rows(latin_cdc, "t")
     finally:
         _drop_source(cdc, name)
+
+
+def test_staged_files_are_cut_by_bytes_within_and_across_transactions(cdc: CdcEnv) -> None:
+    """batch_bytes bounds memory: wide rows are written out every ~batch_bytes, one transaction or many."""
+    spec = _toast_table(cdc, {1: _toast_body("first", 16)})
+    spec = CdcSpec(sync_id=spec.sync_id, tables=spec.tables, batch_bytes=60_000)
+    with cdc.env.source() as conn:
+        with conn.transaction():  # one transaction of ~320 kB
+            for key in range(100, 120):
+                conn.execute("INSERT INTO t VALUES (%s, 1, %s)", (key, _toast_body(f"big{key}", 16)))
+        for key in range(200, 210):  # ten transactions of ~16 kB
+            conn.execute("INSERT INTO t VALUES (%s, 1, %s)", (key, _toast_body(f"small{key}", 16)))
+        conn.execute("UPDATE t SET v = 2 WHERE id >= 100")  # bodies left out: small messages
+    manifest, result = cdc.run(spec, run_id="c1")
+    files = [f.rows for part in manifest.tables for f in part.files]
+    assert sum(files) == 20 + 10 + 30 and len(files) >= 8  # ~500 kB of bodies in files of ~60 kB
+    assert max(files[:-1]) <= 4  # 16 kB rows, four a file (the last holds the small updates)
+    assert (result.inserted, result.updated) == (30, 0)
+    cdc.assert_converged("t", ["id"])
+
+
+def test_a_spilled_transaction_is_taken_back_when_the_batch_must_end_before_it(cdc: CdcEnv) -> None:
+    """A big transaction written out mid-way, then a column change of another table in it: the batch
+    ends before that transaction, and its files are gone from the batch."""
+    with cdc.env.source() as conn:
+        conn.execute("CREATE TABLE small (id int PRIMARY KEY, v int)")
+        conn.execute("CREATE TABLE wide (id int PRIMARY KEY, body text)")
+    spec = CdcSpec(sync_id="spill", tables=("small", "wide"), batch_bytes=50_000, schema_drift="evolve")
+    cdc.run(spec, run_id="snap")
+    with cdc.env.source() as conn:
+        conn.execute("INSERT INTO small VALUES (1, 1)")
+        with conn.transaction():
+            for key in range(20):
+                conn.execute("INSERT INTO wide VALUES (%s, %s)", (key, _toast_body(f"w{key}", 16)))
+            conn.execute("ALTER TABLE small ADD COLUMN note text")
+            conn.execute("INSERT INTO small VALUES (2, 2, 'after the change')")
+    manifest, first = cdc.run(spec, run_id="c1", keep_staged=True)
+    assert manifest.transactions == 1 and first.tables == {"public.small": {"inserted": 1, "updated": 0, "deleted": 0}}
+    wide = next(t for t in manifest.tables if t.source_table == "public.wide")
+    assert wide.files == () and wide.rows == 0
+    from pathlib import Path
+
+    folder = Path(cdc.env.staging.batch_uri(spec.sync_id, manifest.manifest_id).removeprefix("file://"))
+    assert folder.is_dir() and not list(folder.glob("*wide*"))  # files of the taken-back transaction: deleted
+    _, second = cdc.run(spec, run_id="c2")
+    assert second.tables["public.wide"]["inserted"] == 20
+    cdc.assert_converged("small", ["id"])
+    cdc.assert_converged("wide", ["id"])
+
+
+def test_a_long_step_is_never_silent() -> None:
+    """The load and the slot read log what runs at least every interval, even inside one statement."""
+    from airflow_sync_provider.core.cdc.watch import Watch
+
+    lines: list[str] = []
+
+    class Collect:
+        def info(self, msg: str, /, *args: Any) -> None:
+            lines.append(msg % args)
+
+        def warning(self, msg: str, /, *args: Any) -> None:
+            lines.append(msg % args)
+
+    with Watch(Collect(), "sync s: load", interval=0.05) as watch:
+        watch.phase("merging (public.t)")
+        time.sleep(0.32)
+    assert len(lines) >= 4
+    assert all(line.startswith("sync s: load: still merging (public.t) (") for line in lines)
+    count = len(lines)
+    time.sleep(0.15)
+    assert len(lines) == count  # stopped with the block

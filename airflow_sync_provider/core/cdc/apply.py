@@ -28,6 +28,7 @@ from airflow_sync_provider.core.cdc.manifest import (
     TruncateEvent,
 )
 from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
+from airflow_sync_provider.core.cdc.watch import Watch
 from airflow_sync_provider.core.errors import DataError, SchemaError
 from airflow_sync_provider.core.history import close_deleted, record_history
 from airflow_sync_provider.core.load import (
@@ -85,7 +86,8 @@ def load_cdc_manifest(
     prepare_load(conn, manifest.sync_id, manifest.target_schema, manifest.state_table)
     counts: dict[str, dict[str, int]] = {}
     checksums: dict[str, str] = {}
-    with conn.transaction():
+    watch = Watch(log, f"sync {manifest.sync_id}: load of CDC {manifest.kind} {manifest.manifest_id}")
+    with watch, conn.transaction():
         state = lock_state(conn, manifest.target_schema, manifest.state_table, manifest.sync_id)
         position = CdcPosition.from_state(state)
         skip = _skip_reason(manifest, state.version, state.last_manifest_id, position)
@@ -105,6 +107,7 @@ def load_cdc_manifest(
             return skipped
         if manifest.kind == "snapshot":
             for table in manifest.tables:
+                watch.phase(f"loading the copy of {table.source_table}")
                 applied = apply_table_batch(conn, table, run_id, log, observer)
                 counts[table.source_table] = {
                     "inserted": applied.inserted,
@@ -116,6 +119,7 @@ def load_cdc_manifest(
         elif manifest.kind == "table_snapshot":  # those tables anew; the position stays, with their hand-off
             assert position is not None
             for table in manifest.tables:
+                watch.phase(f"loading the copy of {table.source_table}")
                 applied = apply_table_batch(conn, table, run_id, log, observer)
                 counts[table.source_table] = {
                     "inserted": applied.inserted,
@@ -129,7 +133,9 @@ def load_cdc_manifest(
             for table in manifest.tables:
                 truncates = [t for t in manifest.truncates if t.table == table.source_table]
                 if table.files or truncates:
-                    counts[table.source_table] = apply_changes(conn, table, truncates, position.commit_lsn, run_id, log)
+                    counts[table.source_table] = apply_changes(
+                        conn, table, truncates, position.commit_lsn, run_id, log, watch
+                    )
             new_position = position.after(manifest.commit_lsn, manifest.end_lsn)
         totals = {k: sum(c[k] for c in counts.values()) for k in ("inserted", "updated", "deleted")}
         notify(observer, "merged", totals)
@@ -146,6 +152,7 @@ def load_cdc_manifest(
             rows_updated=totals["updated"],
             rows_deleted=totals["deleted"],
         )
+        watch.phase("writing the state and committing")
         write_state(conn, manifest.target_schema, manifest.state_table, new_state)
         result = CdcLoadResult(
             manifest.sync_id,
@@ -260,6 +267,7 @@ def apply_changes(
     applied_lsn: int,
     run_id: str,
     log: Logger,
+    watch: Watch | None = None,
 ) -> dict[str, int]:
     """Apply one table's staged changes inside the caller's transaction; returns the counts.
 
@@ -283,7 +291,14 @@ def apply_changes(
             "ADD COLUMN {} bigint"
         ).format(stage, *map(sql.Identifier, CHANGE_COLUMNS))
     )
+
+    def phase(name: str) -> None:
+        if watch is not None:
+            watch.phase(f"{name} ({manifest.source_table})")
+
+    phase(f"copying {manifest.rows:,} staged changes")
     copy_files(conn, manifest, target, stage, log, names=[*names, *CHANGE_COLUMNS], what="staged changes")
+    phase("ordering the changes")
     conn.execute(sql.SQL("DELETE FROM {} WHERE {} <= %s").format(stage, param_identifier(LSN_COLUMN)), (applied_lsn,))
     deleted = 0
     last_truncate = max((t.seq for t in truncates if t.lsn > applied_lsn), default=None)
@@ -301,6 +316,7 @@ def apply_changes(
     conn.execute(sql.SQL("ANALYZE {}").format(stage))
     positions = _unchanged_positions(conn, stage)
     if positions:
+        phase("resolving values left out as unchanged TOAST")
         links = _identity_links(conn, manifest, stage, label)
         _resolve_unchanged(conn, manifest, target, stage, links, positions)
         conn.execute(
@@ -315,12 +331,15 @@ def apply_changes(
             ).format(stage=stage, same=_keys(manifest, "n", "s"), seq=param_identifier(SEQ_COLUMN)),
             (),  # with parameters: _keys doubles a % in a column name
         )
+    phase("applying deletes")
     deleted += _apply_deletes(conn, manifest, target, stage, run_id)
     upserts = sql.SQL("s.{} <> 'D'").format(param_identifier(OP_COLUMN))
     if manifest.history_table:  # versions of the rows this batch leaves behind, in the same transaction
         if deleted:
             close_deleted(conn, manifest, param_identifier(target.schema, target.name), run_id)
+        phase("recording history")
         record_history(conn, manifest, stage, run_id, upserts)
+    phase("merging")
     inserted, updated = merge_stage(conn, manifest, target, stage, run_id, where=upserts)
     return {"inserted": inserted, "updated": updated, "deleted": deleted}
 

@@ -33,13 +33,14 @@ from airflow_sync_provider.core.cdc.manifest import (
     TruncateEvent,
 )
 from airflow_sync_provider.core.cdc.spec import CdcSpec
+from airflow_sync_provider.core.cdc.watch import Watch
 from airflow_sync_provider.core.errors import ConfigurationError, DataError, SyncError
 from airflow_sync_provider.core.extract import extract_to_staging
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger, Progress
 from airflow_sync_provider.core.schema import validate_pg_type
 from airflow_sync_provider.core.spec import SyncSpec
-from airflow_sync_provider.core.staging import StagingArea
+from airflow_sync_provider.core.staging import StagingArea, filesystem_for
 from airflow_sync_provider.core.state import SyncState
 
 #: Key of the CDC position inside the state row's ``watermark`` JSON.
@@ -371,6 +372,7 @@ class _TableStream:
     columns: tuple[ManifestColumn, ...] = ()
     files: list[StagedFile] = field(default_factory=list)
     buffer: list[list[Any]] = field(default_factory=list)
+    buffer_bytes: int = 0
     rows: int = 0
 
     def schema(self) -> pa.Schema:
@@ -383,6 +385,60 @@ class _TableStream:
             pa.field(MOVED_FROM_COLUMN, pa.int64()),
         ]
         return pa.schema(fields)
+
+
+_ROW_TAGS = frozenset(b"IUD")
+
+
+@dataclass
+class _Txn:
+    """The transaction being read: its changes are in the tables' buffers (and, for a big one, files).
+
+    ``marks`` remembers, per table it touched, where its rows begin (files written, buffer rows), so
+    ``undo`` can take them back when the batch must end before this transaction.
+    """
+
+    changes: int = 0
+    bytes: int = 0  # buffered, not yet written out
+    total_bytes: int = 0
+    truncates: list[TruncateEvent] = field(default_factory=list)
+    marks: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    def add(self, stream: _TableStream, row: list[Any], size: int) -> None:
+        if stream.source.oid not in self.marks:
+            self.marks[stream.source.oid] = (len(stream.files), len(stream.buffer))
+        stream.buffer.append(row)
+        stream.buffer_bytes += size
+        self.bytes += size
+        self.total_bytes += size
+
+    def streams(self, streams: dict[int, _TableStream]) -> list[_TableStream]:
+        return [streams[oid] for oid in self.marks]
+
+    def spill(self, streams: dict[int, _TableStream], flush: Any) -> None:
+        """Write out every buffer: the rows of earlier transactions and this one's in separate files."""
+        for oid, (files, start) in list(self.marks.items()):
+            stream = streams[oid]
+            if start:  # earlier transactions' rows first, on their own
+                mine = stream.buffer[start:]
+                del stream.buffer[start:]
+                flush(stream)
+                stream.buffer = mine
+            self.marks[oid] = (len(stream.files) if start else files, 0)
+            flush(stream)
+        self.bytes = 0
+
+    def undo(self, streams: dict[int, _TableStream]) -> None:
+        """Take this transaction's rows back out of the buffers and the staged files."""
+        for oid, (files, start) in self.marks.items():
+            stream = streams[oid]
+            for staged in stream.files[files:]:
+                fs, path = filesystem_for(staged.uri)
+                fs.delete_file(path)
+                stream.rows -= staged.rows
+            del stream.files[files:]
+            del stream.buffer[start:]
+        self.marks.clear()
 
 
 def _pending_rows(values: Sequence[object], op: str, lsn: int, seq: int, moved_from: int | None = None) -> list[Any]:
@@ -434,6 +490,7 @@ def changes_to_staging(
         progress = Progress(f"sync {spec.sync_id}: read changes from slot {spec.slot_name}", log)
         seq = 0
         changes = transactions = skipped = 0
+        read_bytes = 0  # of the changes staged so far (their pgoutput messages)
         last_commit, last_end = position.commit_lsn, position.end_lsn
         skip = False
         # Re-snapshotted tables: per table, the transactions its own snapshot already holds are skipped.
@@ -447,104 +504,25 @@ def changes_to_staging(
         }
         skip_tables: set[int] = set()
         txn_lsn = 0
-        txn_rows: list[tuple[int, list[Any]]] = []
-        txn_truncates: list[TruncateEvent] = []
-        for _xid, data in slot.read_changes(conn, spec, upto):
-            message = pgoutput.decode(data)
-            if isinstance(message, pgoutput.Begin):
-                txn_lsn = message.final_lsn
-                skip = txn_lsn <= position.commit_lsn or bool(
-                    snapshot_filter
-                    and position.snapshot_lsn is not None
-                    and txn_lsn <= position.snapshot_lsn
-                    and snapshot_filter.visible(message.xid)
-                )
-                if table_filters:
-                    skip_tables = {
-                        oid
-                        for oid, (held, lsn) in table_filters.items()
-                        if txn_lsn <= lsn and held.visible(message.xid)
-                    }
-                txn_rows, txn_truncates = [], []
-            elif isinstance(message, pgoutput.Relation):
-                oid = by_name.get((message.namespace, message.name))
-                if oid is None:
-                    continue
-                relation_map[message.relation_id] = oid
-                stream = streams[oid]
-                if stream.relation is not None and _relation_shape(stream.relation) != _relation_shape(message):
-                    if stream.rows or stream.buffer:
-                        # The table's columns changed mid-batch: end the batch before this transaction,
-                        # so every staged file has one shape; the next run starts with the new one.
-                        notes.append(
-                            f"columns of {stream.source.qualified} changed at {pgoutput.int_to_lsn(txn_lsn)}; "
-                            "the batch ends before that transaction"
-                        )
-                        break
-                    stream.columns = ()
-                stream.relation = message
-                pending_types.update(
-                    {
-                        (c.type_oid, c.type_modifier): ""
-                        for c in message.columns
-                        if (c.type_oid, c.type_modifier) not in pending_types
-                    }
-                )
-            elif isinstance(message, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete)):
-                oid = relation_map.get(message.relation_id)
-                if oid is None or skip or oid in skip_tables:
-                    continue
-                changes += 1
-                if isinstance(message, pgoutput.Insert):
-                    seq += 1
-                    txn_rows.append((oid, _pending_rows(message.new, "I", txn_lsn, seq)))
-                elif isinstance(message, pgoutput.Update):
-                    moved_from = None
-                    new = message.new
-                    if message.old_kind == "O" and message.old is not None:
-                        new = _with_old_values(new, message.old)
-                    if message.old_kind == "K" and message.old is not None:
-                        seq += 1  # the key changed: delete the old key, then upsert the new one
-                        moved_from = seq
-                        txn_rows.append((oid, _pending_rows(message.old, "D", txn_lsn, seq)))
-                    elif (
-                        message.old_kind == "O"
-                        and message.old is not None
-                        and _key_changed(streams[oid], message.old, message.new)
-                    ):
-                        seq += 1
-                        moved_from = seq
-                        txn_rows.append((oid, _pending_rows(message.old, "D", txn_lsn, seq)))
-                    seq += 1
-                    txn_rows.append((oid, _pending_rows(new, "U", txn_lsn, seq, moved_from)))
-                else:
-                    seq += 1
-                    txn_rows.append((oid, _pending_rows(message.old, "D", txn_lsn, seq)))
-            elif isinstance(message, pgoutput.Truncate):
-                if skip:
-                    continue
-                for relation_id in message.relation_ids:
-                    oid = relation_map.get(relation_id)
-                    if oid is not None and oid not in skip_tables:
-                        seq += 1
-                        changes += 1
-                        txn_truncates.append(TruncateEvent(streams[oid].source.qualified, txn_lsn, seq))
-            elif isinstance(message, pgoutput.LogicalMessage):
-                in_heartbeat = in_heartbeat or (
-                    message.prefix == slot.HEARTBEAT_PREFIX and message.content == heartbeat.encode()
-                )
-            elif isinstance(message, pgoutput.Commit):
-                if in_heartbeat:  # everything committed before this transaction has been read
-                    reached, in_heartbeat, heartbeat_end = True, False, message.end_lsn
-                    continue
-                last_commit, last_end = message.commit_lsn, message.end_lsn
-                if skip:
-                    skipped += 1
-                    continue
-                if not txn_rows and not txn_truncates:
-                    continue  # only other tables' rows or logical messages
-                transactions += 1
-                for oid, row in txn_rows:
+        # Rows go to their table's buffer as they arrive; a buffer is written out at a commit once it
+        # holds batch_rows rows or batch_bytes bytes, and within a transaction bigger than batch_bytes
+        # (see _Txn), so memory is bounded by bytes whatever the row width or transaction size.
+        txn = _Txn()
+        reader = slot.read_changes(conn, spec, upto)
+        # The server decodes the whole range before the first row arrives: say so while it runs.
+        watch = Watch(log, f"sync {spec.sync_id}: read of slot {spec.slot_name}")
+        watch.phase("reading changes (the server decodes the range first)")
+        with watch:
+            for _xid, data in reader:
+                tag = data[0]
+                if tag in _ROW_TAGS:
+                    if skip:
+                        continue
+                    message = pgoutput.decode(data)
+                    assert isinstance(message, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete))
+                    oid = relation_map.get(message.relation_id)
+                    if oid is None or oid in skip_tables:
+                        continue
                     stream = streams[oid]
                     if stream.relation is None:
                         raise SyncError(
@@ -552,13 +530,118 @@ def changes_to_staging(
                             sync_id=spec.sync_id,
                             table=stream.source.qualified,
                         )
-                    if sql_ascii and any(isinstance(v, pgoutput.NotUtf8) for v in row):
-                        _refuse_not_utf8(stream, row, spec)
-                    stream.buffer.append(row)
-                    if len(stream.buffer) >= spec.batch_rows:
-                        _flush(staging, staging_dir, stream, conn, pending_types, spec)
-                truncates.extend(txn_truncates)
-                progress.add(len(txn_rows))
+                    txn.changes += 1
+                    size = len(data)
+                    if isinstance(message, pgoutput.Insert):
+                        seq += 1
+                        rows = [_pending_rows(message.new, "I", txn_lsn, seq)]
+                    elif isinstance(message, pgoutput.Update):
+                        moved_from = None
+                        new = message.new
+                        rows = []
+                        if message.old_kind == "O" and message.old is not None:
+                            new = _with_old_values(new, message.old)
+                        if message.old_kind == "K" and message.old is not None:
+                            seq += 1  # the key changed: delete the old key, then upsert the new one
+                            moved_from = seq
+                            rows.append(_pending_rows(message.old, "D", txn_lsn, seq))
+                        elif (
+                            message.old_kind == "O"
+                            and message.old is not None
+                            and _key_changed(stream, message.old, message.new)
+                        ):
+                            seq += 1
+                            moved_from = seq
+                            rows.append(_pending_rows(message.old, "D", txn_lsn, seq))
+                        seq += 1
+                        rows.append(_pending_rows(new, "U", txn_lsn, seq, moved_from))
+                    else:
+                        seq += 1
+                        rows = [_pending_rows(message.old, "D", txn_lsn, seq)]
+                    for row in rows:
+                        if sql_ascii and any(isinstance(v, pgoutput.NotUtf8) for v in row):
+                            _refuse_not_utf8(stream, row, spec)
+                        txn.add(stream, row, size)
+                    if txn.bytes > spec.batch_bytes:  # a big transaction: write out what it holds so far
+                        txn.spill(streams, lambda s: _flush(staging, staging_dir, s, conn, pending_types, spec))
+                    continue
+                message = pgoutput.decode(data)
+                if isinstance(message, pgoutput.Begin):
+                    txn_lsn = message.final_lsn
+                    skip = txn_lsn <= position.commit_lsn or bool(
+                        snapshot_filter
+                        and position.snapshot_lsn is not None
+                        and txn_lsn <= position.snapshot_lsn
+                        and snapshot_filter.visible(message.xid)
+                    )
+                    if table_filters:
+                        skip_tables = {
+                            oid
+                            for oid, (held, lsn) in table_filters.items()
+                            if txn_lsn <= lsn and held.visible(message.xid)
+                        }
+                    txn = _Txn()
+                elif isinstance(message, pgoutput.Relation):
+                    oid = by_name.get((message.namespace, message.name))
+                    if oid is None:
+                        continue
+                    relation_map[message.relation_id] = oid
+                    stream = streams[oid]
+                    if stream.relation is not None and _relation_shape(stream.relation) != _relation_shape(message):
+                        if stream.rows or stream.buffer:
+                            # The table's columns changed mid-batch: end the batch before this transaction,
+                            # so every staged file has one shape; the next run starts with the new one.
+                            notes.append(
+                                f"columns of {stream.source.qualified} changed at {pgoutput.int_to_lsn(txn_lsn)}; "
+                                "the batch ends before that transaction"
+                            )
+                            txn.undo(streams)
+                            break
+                        stream.columns = ()
+                    stream.relation = message
+                    pending_types.update(
+                        {
+                            (c.type_oid, c.type_modifier): ""
+                            for c in message.columns
+                            if (c.type_oid, c.type_modifier) not in pending_types
+                        }
+                    )
+                elif isinstance(message, pgoutput.Truncate):
+                    if skip:
+                        continue
+                    for relation_id in message.relation_ids:
+                        oid = relation_map.get(relation_id)
+                        if oid is not None and oid not in skip_tables:
+                            seq += 1
+                            txn.changes += 1
+                            txn.truncates.append(TruncateEvent(streams[oid].source.qualified, txn_lsn, seq))
+                elif isinstance(message, pgoutput.LogicalMessage):
+                    in_heartbeat = in_heartbeat or (
+                        message.prefix == slot.HEARTBEAT_PREFIX and message.content == heartbeat.encode()
+                    )
+                elif isinstance(message, pgoutput.Commit):
+                    if in_heartbeat:  # everything committed before this transaction has been read
+                        reached, in_heartbeat, heartbeat_end = True, False, message.end_lsn
+                        continue
+                    last_commit, last_end = message.commit_lsn, message.end_lsn
+                    if skip:
+                        skipped += 1
+                        continue
+                    if not txn.changes:
+                        continue  # only other tables' rows or logical messages
+                    transactions += 1
+                    changes += txn.changes
+                    read_bytes += txn.total_bytes
+                    truncates.extend(txn.truncates)
+                    for stream in txn.streams(streams):
+                        if len(stream.buffer) >= spec.batch_rows or stream.buffer_bytes >= spec.batch_bytes:
+                            _flush(staging, staging_dir, stream, conn, pending_types, spec)
+                    progress.add(txn.changes)
+                    txn = _Txn()
+                    if spec.max_batch_bytes is not None and read_bytes >= spec.max_batch_bytes:
+                        notes.append(f"the batch ends at {read_bytes:,} bytes of changes (max_batch_bytes)")
+                        break
+        reader.close()  # ends the read's transaction (also after a break)
         for stream in streams.values():
             if stream.buffer:
                 _flush(staging, staging_dir, stream, conn, pending_types, spec)
@@ -698,6 +781,7 @@ def _flush(
     stream.files.append(StagedFile(uri=name, rows=batch.num_rows))
     stream.rows += batch.num_rows
     stream.buffer.clear()
+    stream.buffer_bytes = 0
 
 
 def _table_manifest(

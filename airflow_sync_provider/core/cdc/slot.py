@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,12 +275,18 @@ def check_slot_usable(info: SlotInfo, spec: CdcSpec) -> None:
 
 
 def read_changes(
-    conn: psycopg.Connection[Any], spec: CdcSpec, upto_lsn: int, fetch_rows: int = 5_000
-) -> Iterator[tuple[int, bytes]]:
+    conn: psycopg.Connection[Any],
+    spec: CdcSpec,
+    upto_lsn: int,
+    fetch_rows: int = 5_000,
+    fetch_bytes: int = 8 * 1024 * 1024,
+) -> Generator[tuple[int, bytes], None, None]:
     """Yield ``(xid, pgoutput message)`` of the complete transactions committed before ``upto_lsn``.
 
-    Streams through a server-side cursor, so memory stays bounded however much is pending; the
-    slot is not consumed (``peek``): it moves only when :func:`advance_slot` is called.
+    Streams through a server-side cursor, so memory stays bounded however much is pending: each
+    fetch asks for as many messages as the last ones' size says fit in ``fetch_bytes`` (at most
+    ``fetch_rows``; 1 MB rows come a few at a time, narrow ones thousands).  The slot is not
+    consumed (``peek``): it moves only when :func:`advance_slot` is called.
     """
     params = {
         "slot": spec.slot_name,
@@ -296,10 +302,9 @@ def read_changes(
     deadline = time.monotonic() + SLOT_BUSY_WAIT_SECONDS
     while True:
         try:
-            with conn.transaction(), conn.cursor(name=f"cdc_{spec.slot_name}") as cursor:
+            with conn.transaction(), conn.cursor(name=f"cdc_{spec.slot_name}", binary=True) as cursor:
                 if raw_text:  # no conversion, hence no server-side check that would stop the read
                     conn.execute("SET LOCAL client_encoding = 'SQL_ASCII'")
-                cursor.itersize = fetch_rows
                 try:
                     cursor.execute(_PEEK, params)
                 except psycopg.errors.UndefinedObject as error:
@@ -308,8 +313,14 @@ def read_changes(
                         sync_id=spec.sync_id,
                         rule="slot missing",
                     ) from error
-                for xid, data in cursor:
-                    yield int(xid), data
+                size = min(8, fetch_rows)  # then as many as fit in fetch_bytes
+                while rows := cursor.fetchmany(size):
+                    count, fetched = len(rows), 0
+                    for xid, data in rows:
+                        fetched += len(data)
+                        yield int(xid), data
+                    del rows
+                    size = max(1, min(fetch_rows, fetch_bytes * count // max(fetched, 1)))
             return
         except psycopg.errors.ObjectInUse:
             # A sensor or trigger peeking at the slot holds it for a moment: wait, don't fail the sync.

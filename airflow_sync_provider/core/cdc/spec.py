@@ -19,8 +19,9 @@ class CdcSpec:
     ``tables`` are source tables (``"table"`` or ``"schema.table"``); each lands in ``target_schema``
     under its own name.  One replication slot and one publication serve the whole sync, so changes
     to several tables are applied in commit order and a multi-table transaction lands in one target
-    transaction.  ``max_changes`` bounds one run (a run always ends at a transaction boundary);
-    ``batch_rows`` bounds each staged file (memory).  ``max_retained_wal_bytes`` fails the run (with
+    transaction.  ``max_changes`` and ``max_batch_bytes`` bound one run (a run always ends at a
+    transaction boundary); ``batch_rows`` and ``batch_bytes`` bound each staged file (memory).
+    ``max_retained_wal_bytes`` fails the run (with
     the slot's figures) when the slot holds more WAL than that, e.g. after the DAG was paused.
     """
 
@@ -32,6 +33,11 @@ class CdcSpec:
     delete_mode: DeleteMode = "hard"
     max_changes: int = 1_000_000
     batch_rows: int = 50_000
+    #: Bytes of changes (pgoutput messages) per staged file: with batch_rows, what bounds memory
+    #: (a 1 MB-per-row table reaches this long before batch_rows).
+    batch_bytes: int = 16 * 1024 * 1024
+    #: A run ends at the first transaction boundary past this many bytes of changes (None: no limit).
+    max_batch_bytes: int | None = 2 * 1024 * 1024 * 1024
     max_retained_wal_bytes: int | None = None
     state_table: str = "_sync_state"
     #: What a load does when a table's columns changed at the source (see :mod:`..drift`):
@@ -63,8 +69,10 @@ class CdcSpec:
             fail(f"schema_drift must be one of {', '.join(SCHEMA_DRIFT_POLICIES)}, not {self.schema_drift!r}")
         if self.delete_mode not in ("hard", "soft"):
             fail(f"delete_mode must be 'hard' or 'soft' for CDC, not {self.delete_mode!r}")
-        if self.max_changes < 1 or self.batch_rows < 1:
-            fail("max_changes and batch_rows must be positive")
+        if self.max_changes < 1 or self.batch_rows < 1 or self.batch_bytes < 1:
+            fail("max_changes, batch_rows and batch_bytes must be positive")
+        if self.max_batch_bytes is not None and self.max_batch_bytes < 1:
+            fail("max_batch_bytes must be positive (or None)")
 
     def source_name(self, table: str) -> tuple[str, str]:
         """``(schema, table)`` of a declared source table."""
