@@ -88,8 +88,12 @@ def run_sync(
     logger: Logger | None = None,
     observer: PhaseObserver | None = None,
     window: tuple[Any, Any] | None = None,
+    keep_staged: bool = False,
 ) -> tuple[Manifest, LoadResult]:
-    """Extract, (transform) and load one batch; ``window`` makes it a backfill of that cursor range."""
+    """Extract, (transform) and load one batch; ``window`` makes it a backfill of that cursor range.
+
+    ``keep_staged`` keeps the staged files after the load (they are removed by default).
+    """
     manifest = extract_for(
         source,
         target,
@@ -100,5 +104,5 @@ def run_sync(
         logger=logger,
         window=window,
     )
-    result = load_manifest(target, manifest, run_id=run_id, logger=logger, observer=observer)
+    result = load_manifest(target, manifest, run_id=run_id, logger=logger, observer=observer, keep_staged=keep_staged)
     return manifest, result
