@@ -19,8 +19,15 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from airflow_sync_provider.core import SyncSpec, run_sync
-from airflow_sync_provider.core.errors import DataError, SchemaError, SourceUnavailableError, SyncError
+from airflow_sync_provider.core import SyncSpec, extract_for, load_manifest, run_sync
+from airflow_sync_provider.core.errors import (
+    DataError,
+    SchemaError,
+    SourceUnavailableError,
+    SyncError,
+    TargetUnavailableError,
+    UnavailableError,
+)
 from airflow_sync_provider.core.load import LoadResult
 
 from .conftest import SyncEnv, source_columns, table_checksum
@@ -332,6 +339,28 @@ def test_unreachable_source(env: SyncEnv, driver: str) -> None:
     ):
         run_sync(engine, target, SPEC, staging=env.staging, run_id="bad")
     assert _snapshot(env) == before
+
+
+def test_target_lost_during_the_load(env: SyncEnv) -> None:
+    """A target connection terminated before the load is a TargetUnavailableError (retryable, and
+    not a *source* error); the retry applies the batch."""
+    _seed(env)
+    before = _first_sync(env)
+    _good_changes(env)
+    engine = env.source_engine
+    try:
+        with env.target() as target:
+            manifest = extract_for(engine, target, SPEC, staging=env.staging, run_id="lost")
+            with env.target() as killer:
+                killer.execute("SELECT pg_terminate_backend(%s)", (target.info.backend_pid,))
+            lost_message = r"^\[sync='orders' table='public\.orders'\] the target connection was lost"
+            with pytest.raises(TargetUnavailableError, match=lost_message) as lost:
+                load_manifest(target, manifest, run_id="lost")
+    finally:
+        engine.dispose()
+    assert isinstance(lost.value, UnavailableError) and not isinstance(lost.value, SourceUnavailableError)
+    assert _snapshot(env) == before
+    _assert_recovers(env)
 
 
 def _failing_on_batch(number: int) -> Callable[[pd.DataFrame], pd.DataFrame]:

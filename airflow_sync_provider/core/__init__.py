@@ -6,6 +6,8 @@ from airflow_sync_provider.core.errors import (
     SchemaError,
     SourceUnavailableError,
     SyncError,
+    TargetUnavailableError,
+    UnavailableError,
     UnsafeOperationError,
 )
 from airflow_sync_provider.core.extract import BatchTransform, extract_to_staging
@@ -28,6 +30,8 @@ __all__ = [
     "SyncError",
     "SyncSpec",
     "SyncState",
+    "TargetUnavailableError",
+    "UnavailableError",
     "UnsafeOperationError",
     "extract_for",
     "extract_to_staging",

@@ -65,12 +65,20 @@ class SyncError(Exception):
         return self._render()
 
 
-def database_error(error: BaseException, doing: str, *, sync_id: str | None, table: str | None) -> SyncError:
+def database_error(
+    error: BaseException,
+    doing: str,
+    *,
+    sync_id: str | None,
+    table: str | None,
+    unavailable: type[UnavailableError] | None = None,
+) -> SyncError:
     """A driver error raised while ``doing`` something, as the :class:`SyncError` a person acts on.
 
-    A lost, refused or shut-down connection is a :class:`SourceUnavailableError` (a retry can
-    succeed, so operators let Airflow retry it); any other failed statement is a plain
-    :class:`SyncError` (it would fail the same way again).
+    A lost, refused or shut-down connection is an :class:`UnavailableError` (a retry can succeed,
+    so operators let Airflow retry it): ``unavailable``, by default :class:`SourceUnavailableError`
+    (pass :class:`TargetUnavailableError` for an error of the target's connection).  Any other
+    failed statement is a plain :class:`SyncError` (it would fail the same way again).
     """
     import psycopg
     from sqlalchemy import exc as sa_exc
@@ -81,7 +89,7 @@ def database_error(error: BaseException, doing: str, *, sync_id: str | None, tab
         or isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError))
         or isinstance(cause, (psycopg.OperationalError, psycopg.InterfaceError))
     )
-    kind = SourceUnavailableError if lost else SyncError
+    kind: type[SyncError] = (unavailable or SourceUnavailableError) if lost else SyncError
     return kind(f"{doing} failed: {first_line(cause)}", sync_id=sync_id, table=table)
 
 
@@ -89,8 +97,20 @@ class ConfigurationError(SyncError):
     """The sync is declared wrongly (bad option, missing cursor column for incremental mode...)."""
 
 
-class SourceUnavailableError(SyncError):
-    """The source or target could not be reached (missing connection, refused, auth failed)."""
+class UnavailableError(SyncError):
+    """A database could not be reached or its connection was lost: a retry can succeed.
+
+    Operators let Airflow retry these (every other :class:`SyncError` fails the task at once).
+    Catch this base class for both sides; the subclasses say which side failed.
+    """
+
+
+class SourceUnavailableError(UnavailableError):
+    """The source could not be reached (missing connection, refused, auth failed) or was lost mid-read."""
+
+
+class TargetUnavailableError(UnavailableError):
+    """The target could not be reached (missing connection, refused, auth failed) or was lost mid-load."""
 
 
 class SchemaError(SyncError):

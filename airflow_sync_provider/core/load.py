@@ -28,8 +28,8 @@ from airflow_sync_provider.core.audit import AuditEntry, append_entry, ensure_au
 from airflow_sync_provider.core.errors import (
     DataError,
     SchemaError,
-    SourceUnavailableError,
     SyncError,
+    TargetUnavailableError,
     UnsafeOperationError,
     first_line,
 )
@@ -110,7 +110,7 @@ def load_manifest(
 ) -> LoadResult:
     """Apply a staged batch and its watermark to the target in one transaction.
 
-    A lost target connection (killed, server restart) raises :class:`SourceUnavailableError` (a
+    A lost target connection (killed, server restart) raises :class:`TargetUnavailableError` (a
     retryable error naming the sync and table): the transaction did not commit, or its commit was
     not confirmed, and a retry applies the batch exactly once either way (a committed manifest is
     recognised as already applied).
@@ -118,7 +118,7 @@ def load_manifest(
     try:
         return _load_manifest(conn, manifest, run_id, logger, observer, keep_staged)
     except psycopg.OperationalError as error:
-        raise SourceUnavailableError(
+        raise TargetUnavailableError(
             f"the target connection was lost during the load of manifest {manifest.manifest_id} "
             f"({first_line(error)}); nothing was committed, or the commit was not confirmed: retry the load, "
             "it applies the batch exactly once",
