@@ -54,7 +54,7 @@ def get_provider_info() -> dict[str, Any]:
         "connection-types": [
             {
                 "connection-type": "sync_sqlalchemy",
-                "hook-class-name": "airflow_sync_provider.hooks.source.SqlSourceHook",
+                "hook-class-name": "airflow_sync_provider.hooks.source.SyncSourceHook",
                 "hook-name": "SQLAlchemy source (Database Sync)",
                 "ui-field-behaviour": {
                     "hidden-fields": [],

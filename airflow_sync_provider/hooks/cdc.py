@@ -12,12 +12,13 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from psycopg.conninfo import make_conninfo
 
 from airflow_sync_provider.core.cdc import CdcSpec
 from airflow_sync_provider.core.cdc import slot as cdc_slot
 from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
 from airflow_sync_provider.core.errors import ConfigurationError
-from airflow_sync_provider.hooks.source import SqlSourceHook
+from airflow_sync_provider.hooks.source import SyncSourceHook
 
 #: ``tables`` placeholder for a spec that only names a slot and a publication (sensors, triggers).
 ANY_TABLES = ("*",)
@@ -35,7 +36,7 @@ def slot_spec(sync_id: str = "", slot_name: str = "", publication: str = "") -> 
     )
 
 
-class PostgresCdcHook(SqlSourceHook):
+class PostgresCdcHook(SyncSourceHook):
     """The CDC source: a psycopg connection, the slot's lag and pending changes, slot set-up and removal."""
 
     conn_type = "postgres"
@@ -50,8 +51,22 @@ class PostgresCdcHook(SqlSourceHook):
         return url
 
     def get_conninfo(self) -> str:
-        """A libpq connection URI (password included: never log it) for psycopg, sync or async."""
-        return self.get_sqlalchemy_url().set(drivername="postgresql").render_as_string(hide_password=False)
+        """A libpq connection string (password included: never log it) for psycopg, sync or async.
+
+        Built from the source URL's parts and query, plus the connection extras the PostgreSQL
+        provider passes to the driver (``sslmode``, ``sslrootcert``, ``options``...).
+        """
+        url = self.get_sqlalchemy_url()
+        query = {k: v if isinstance(v, str) else ",".join(v) for k, v in url.query.items()}
+        return make_conninfo(
+            "",
+            host=url.host,
+            port=url.port,
+            user=url.username,
+            password=url.password,
+            dbname=url.database,
+            **{**query, **self.get_connect_args()},
+        )
 
     def get_cdc_connection(self, sync_id: str | None = None) -> psycopg.Connection[Any]:
         """A psycopg connection in autocommit mode; the caller closes it."""
