@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -53,7 +54,7 @@ def test_provider_is_registered_under_its_distribution_name() -> None:
 
     manager = ProvidersManager()
     assert "airflow-sync-provider" in manager.providers
-    assert manager.hooks["sync_sqlalchemy"].hook_class_name == "airflow_sync_provider.hooks.source.SqlSourceHook"
+    assert manager.hooks["sync_sqlalchemy"].hook_class_name == "airflow_sync_provider.hooks.source.SyncSourceHook"
 
 
 @pytest.mark.parametrize(
@@ -69,21 +70,124 @@ def test_provider_is_registered_under_its_distribution_name() -> None:
     ],
 )
 def test_source_hook_builds_sqlalchemy_urls(monkeypatch: pytest.MonkeyPatch, uri: str, expected: str) -> None:
-    from airflow_sync_provider.hooks.source import SqlSourceHook
+    from airflow_sync_provider.hooks.source import SyncSourceHook
 
     monkeypatch.setenv("AIRFLOW_CONN_SRC", uri)
-    url = SqlSourceHook(source_conn_id="src").get_sqlalchemy_url()
+    url = SyncSourceHook(source_conn_id="src").get_sqlalchemy_url()
     assert str(url) == expected  # the password is masked when the URL is rendered
     if "secret" in uri:
         assert url.password == "secret"
 
 
 def test_source_hook_refuses_unknown_connection_types(monkeypatch: pytest.MonkeyPatch) -> None:
-    from airflow_sync_provider.hooks.source import SqlSourceHook
+    from airflow_sync_provider.hooks.source import SyncSourceHook
 
     monkeypatch.setenv("AIRFLOW_CONN_SRC", json.dumps({"conn_type": "ftp", "host": "x"}))
     with pytest.raises(ConfigurationError, match="sqlalchemy_drivername"):
-        SqlSourceHook(source_conn_id="src").get_sqlalchemy_url()
+        SyncSourceHook(source_conn_id="src").get_sqlalchemy_url()
+
+
+def test_source_hook_old_name_is_a_deprecated_alias() -> None:
+    from airflow.exceptions import AirflowProviderDeprecationWarning
+
+    from airflow_sync_provider.hooks import source
+
+    with pytest.warns(AirflowProviderDeprecationWarning, match="use airflow_sync_provider.hooks.source.SyncSourceHook"):
+        from airflow_sync_provider.hooks.source import SqlSourceHook
+    assert SqlSourceHook is source.SyncSourceHook
+    with pytest.raises(AttributeError):
+        source.NoSuchHook  # noqa: B018
+
+
+def _postgres_connection(env: SyncEnv, **extra: str) -> str:
+    return json.dumps(
+        {
+            "conn_type": "postgres",
+            "host": "127.0.0.1",
+            "port": env.server.port,
+            "login": "postgres",
+            "schema": env.source_db,
+            "extra": extra,
+        }
+    )
+
+
+def test_source_hook_delegates_to_the_postgres_provider_hook(env: SyncEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``postgres`` source gets its engine from PostgresHook, with the connection's extras:
+    ``options`` and ``sslmode`` reach the driver (the SQLAlchemy engine and the CDC conninfo)."""
+    import psycopg
+    import sqlalchemy as sa
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    from airflow_sync_provider.hooks.cdc import PostgresCdcHook
+    from airflow_sync_provider.hooks.source import SyncSourceHook
+
+    options = "-c application_name=sync_extra_check -c statement_timeout=4321"
+    monkeypatch.setenv("AIRFLOW_CONN_SRC_PG", _postgres_connection(env, sslmode="disable", options=options))
+    hook = SyncSourceHook(source_conn_id="src_pg")
+    assert isinstance(hook.get_provider_hook(), PostgresHook)
+    assert hook.get_connect_args() == {"sslmode": "disable", "options": options}
+    engine = hook.get_engine()
+    try:
+        assert engine.dialect.driver == "psycopg"
+        with engine.connect() as conn:
+            settings = conn.execute(
+                sa.text("SELECT current_setting('application_name'), current_setting('statement_timeout')")
+            ).one()
+            parameters = conn.connection.driver_connection.info.get_parameters()  # type: ignore[union-attr]
+    finally:
+        engine.dispose()
+    assert tuple(settings) == ("sync_extra_check", "4321ms")
+    assert parameters["sslmode"] == "disable"
+
+    with psycopg.connect(PostgresCdcHook(source_conn_id="src_pg").get_conninfo()) as conn:
+        row = conn.execute("SELECT current_setting('application_name')").fetchone()
+        assert row == ("sync_extra_check",) and conn.info.get_parameters()["sslmode"] == "disable"
+
+    # The test server has no SSL: an extra demanding it must fail the connection, so it is not dropped.
+    monkeypatch.setenv("AIRFLOW_CONN_SRC_SSL", _postgres_connection(env, sslmode="require"))
+    engine = SyncSourceHook(source_conn_id="src_ssl").get_engine()
+    try:
+        with pytest.raises(sa.exc.OperationalError, match="SSL"), engine.connect():
+            pass
+    finally:
+        engine.dispose()
+
+
+def test_source_hook_falls_back_to_its_driver_map_without_a_provider_hook(
+    connections: SyncEnv, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``sqlite`` has no provider installed here: the engine comes from the built-in driver map,
+    and the one-task operator syncs from it."""
+    import sqlite3
+
+    from airflow_sync_provider.hooks.source import SyncSourceHook
+    from airflow_sync_provider.operators.sync import SyncTableOperator
+
+    database = tmp_path / "shop.db"
+    with sqlite3.connect(database) as lite:
+        lite.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, updated_at TEXT)")
+        lite.executemany(
+            "INSERT INTO items VALUES (?, ?, ?)", [(i, f"item {i}", f"2026-01-01 00:00:{i:02d}") for i in range(1, 41)]
+        )
+    monkeypatch.setenv("AIRFLOW_CONN_LITE", json.dumps({"conn_type": "sqlite", "host": str(database)}))
+    hook = SyncSourceHook(source_conn_id="lite")
+    assert hook.get_provider_hook() is None and hook.get_connect_args() == {}
+    assert str(hook.get_sqlalchemy_url()) == f"sqlite:///{database}"
+
+    output = SyncTableOperator(
+        task_id="sync",
+        source_conn_id="lite",
+        target_conn_id="sync_target",
+        source_table="items",
+        cursor_column="updated_at",
+        keep_staged=True,
+    ).execute({"run_id": "manual__lite"})  # type: ignore[arg-type]
+    assert (output["load"]["status"], output["load"]["inserted"]) == ("applied", 40)
+    with connections.target() as conn:
+        assert conn.execute("SELECT count(*), max(name) FROM items").fetchone() == (40, "item 9")
+    staged = Path(connections.staging.base_uri.removeprefix("file://")) / "items"
+    assert any(staged.rglob("*.parquet"))  # keep_staged reached the load
 
 
 def _equal(env: SyncEnv, target_table: str = "orders") -> None:
@@ -270,3 +374,62 @@ def test_operators_pass_schema_drift_and_history_to_the_spec() -> None:
     operator.schema_drift = "ignore"
     with pytest.raises(ConfigurationError, match="schema_drift must be one of"):
         operator.build_spec()
+
+
+def test_operator_arguments_are_explicit_and_match_the_specs() -> None:
+    """Every SyncSpec/CdcSpec field is an explicit, typed, keyword-only argument of each operator
+    that declares a sync, with the spec's default and a ``:param`` line (IDEs, docs, type checkers)."""
+    import dataclasses
+    import inspect
+
+    from airflow_sync_provider.core import SyncSpec
+    from airflow_sync_provider.core.cdc import CdcSpec
+    from airflow_sync_provider.operators.cdc import CdcExtractOperator, CdcLoadOperator, CdcSyncOperator
+    from airflow_sync_provider.operators.quality import (
+        DataQualityGateOperator,
+        ReferentialIntegrityGateOperator,
+        ReplayQuarantinedRowsOperator,
+    )
+    from airflow_sync_provider.operators.reconcile import ReconcileOperator
+    from airflow_sync_provider.operators.sync import (
+        ExtractToStagingOperator,
+        LoadStagedToPostgresOperator,
+        SyncTableOperator,
+    )
+    from airflow_sync_provider.sensors.cdc import CdcChangesSensor
+
+    # Where the operator's default differs from the spec's: None means "the spec decides".
+    own_defaults = {"sync_id": None, "target_table": None, "tables": inspect.Parameter.empty}
+    declaring = {
+        SyncSpec: (ExtractToStagingOperator, SyncTableOperator, ReconcileOperator),
+        CdcSpec: (CdcExtractOperator, CdcSyncOperator),
+    }
+    for spec, operators in declaring.items():
+        for operator in operators:
+            parameters = inspect.signature(operator.__init__).parameters
+            for field in dataclasses.fields(spec):
+                if field.name == "extra":
+                    continue
+                parameter = parameters[field.name]
+                assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, (operator.__name__, field.name)
+                expected = own_defaults.get(field.name, field.default)
+                if field.name == "source_table":
+                    expected = inspect.Parameter.empty
+                assert parameter.default == expected, (operator.__name__, field.name)
+    every = [
+        *declaring[SyncSpec],
+        *declaring[CdcSpec],
+        LoadStagedToPostgresOperator,
+        CdcLoadOperator,
+        DataQualityGateOperator,
+        ReplayQuarantinedRowsOperator,
+        ReferentialIntegrityGateOperator,
+        CdcChangesSensor,
+    ]
+    for operator in every:
+        parameters = inspect.signature(operator.__init__).parameters
+        names = [n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        assert [p.kind for p in parameters.values()][-1] is inspect.Parameter.VAR_KEYWORD, operator.__name__
+        assert all(parameters[n].annotation is not inspect.Parameter.empty for n in names), operator.__name__
+        documented = set(re.findall(r":param (\w+):", operator.__doc__ or ""))
+        assert set(names) <= documented, (operator.__name__, set(names) - documented)

@@ -8,15 +8,13 @@ LSN range) and the load result, never rows.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from contextlib import closing
-from typing import Any
+from typing import Any, Protocol
 
 from airflow.sdk import BaseOperator, Context
-from airflow.sdk.exceptions import AirflowNotFoundException
 
-from airflow_sync_provider.core import ConfigurationError, SourceUnavailableError, StagingArea, SyncError
+from airflow_sync_provider.core import ConfigurationError, StagingArea, SyncError
 from airflow_sync_provider.core.cdc import (
     CdcManifest,
     CdcPosition,
@@ -30,13 +28,9 @@ from airflow_sync_provider.core.cdc import (
 from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
 from airflow_sync_provider.core.spec import DEFAULT_SCHEMA_DRIFT
 from airflow_sync_provider.hooks.cdc import PostgresCdcHook
-from airflow_sync_provider.operators.sync import (
-    _fail,
-    _source_engine,
-    _target_connection,
-    default_staging_uri,
-    manifest_dict,
-)
+from airflow_sync_provider.hooks.source import source_connection_defined, source_engine
+from airflow_sync_provider.hooks.target import target_connection
+from airflow_sync_provider.operators.common import as_task_error, default_staging_uri, xcom_dict
 
 CDC_TEMPLATE_FIELDS: tuple[str, ...] = (
     "sync_id",
@@ -57,8 +51,8 @@ def _table_list(tables: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(tables)
 
 
-class _CdcSpecMixin:
-    """Keyword arguments that declare a CDC sync (see :class:`~airflow_sync_provider.core.cdc.CdcSpec`)."""
+class CdcDeclaration(Protocol):
+    """The arguments of an operator that declares a CDC sync (see :class:`CdcSpec`)."""
 
     sync_id: str | None
     tables: Sequence[str] | str
@@ -73,66 +67,39 @@ class _CdcSpecMixin:
     schema_drift: str
     history: bool
 
-    def _init_spec(
-        self,
-        *,
-        tables: Sequence[str] | str,
-        sync_id: str | None = None,
-        target_schema: str = "public",
-        slot_name: str = "",
-        publication: str = "",
-        delete_mode: str = "hard",
-        max_changes: int = 1_000_000,
-        batch_rows: int = 50_000,
-        max_retained_wal_bytes: int | None = None,
-        state_table: str = "_sync_state",
-        schema_drift: str = DEFAULT_SCHEMA_DRIFT,
-        history: bool = False,
-    ) -> None:
-        self.tables = tables
-        self.sync_id = sync_id
-        self.target_schema = target_schema
-        self.slot_name = slot_name
-        self.publication = publication
-        self.delete_mode = delete_mode
-        self.max_changes = max_changes
-        self.batch_rows = batch_rows
-        self.max_retained_wal_bytes = max_retained_wal_bytes
-        self.state_table = state_table
-        self.schema_drift = schema_drift
-        self.history = history
 
-    def build_spec(self) -> CdcSpec:
-        tables = _table_list(self.tables)
-        sync_id = self.sync_id
-        if not sync_id:
-            if len(tables) != 1:
-                raise ConfigurationError(f"a CDC sync of {len(tables)} tables needs an explicit sync_id")
-            sync_id = tables[0].rpartition(".")[2]
-        return CdcSpec(
-            sync_id=sync_id,
-            tables=tables,
-            target_schema=self.target_schema,
-            slot_name=self.slot_name or "",
-            publication=self.publication or "",
-            delete_mode=self.delete_mode,  # type: ignore[arg-type]
-            max_changes=int(self.max_changes),
-            batch_rows=int(self.batch_rows),
-            max_retained_wal_bytes=self.max_retained_wal_bytes,
-            state_table=self.state_table,
-            schema_drift=self.schema_drift,  # type: ignore[arg-type]
-            history=bool(self.history),
-        )
+def build_cdc_spec(declaration: CdcDeclaration) -> CdcSpec:
+    """The validated :class:`CdcSpec` of an operator's (rendered) CDC declaration.
+
+    ``tables`` may be one comma-separated string (a rendered template); ``sync_id`` defaults to the
+    name of the only table.  Raises :class:`ConfigurationError` for a declaration it refuses.
+    """
+    tables = _table_list(declaration.tables)
+    sync_id = declaration.sync_id
+    if not sync_id:
+        if len(tables) != 1:
+            raise ConfigurationError(f"a CDC sync of {len(tables)} tables needs an explicit sync_id")
+        sync_id = tables[0].rpartition(".")[2]
+    return CdcSpec(
+        sync_id=sync_id,
+        tables=tables,
+        target_schema=declaration.target_schema,
+        slot_name=declaration.slot_name or "",
+        publication=declaration.publication or "",
+        delete_mode=declaration.delete_mode,  # type: ignore[arg-type]
+        max_changes=int(declaration.max_changes),
+        batch_rows=int(declaration.batch_rows),
+        max_retained_wal_bytes=declaration.max_retained_wal_bytes,
+        state_table=declaration.state_table,
+        schema_drift=declaration.schema_drift,  # type: ignore[arg-type]
+        history=bool(declaration.history),
+    )
 
 
 def log_slot_lag(log: Any, conn_id: str, spec: CdcSpec) -> dict[str, Any]:
     """Log (and return) how much WAL the slot retains and where it is confirmed, without peeking."""
-    try:
+    with source_connection_defined(conn_id, spec.sync_id):
         lag = PostgresCdcHook(source_conn_id=conn_id).slot_lag(spec, check_pending=False)
-    except AirflowNotFoundException:
-        raise SourceUnavailableError(
-            f"Airflow connection {conn_id!r} (source) is not defined", sync_id=spec.sync_id
-        ) from None
     log.info("sync %s: %s", spec.sync_id, lag["description"])
     return lag
 
@@ -141,9 +108,8 @@ def parse_cdc_manifest(value: Any) -> CdcManifest:
     """Accept the manifest as XCom gives it: a dict (XComArg), JSON text, or a rendered dict repr."""
     if isinstance(value, CdcManifest):
         return value
-    value = manifest_dict(value, "a CDC extract task")
     try:
-        return CdcManifest.from_dict(value)
+        return CdcManifest.from_dict(xcom_dict(value, producer="a CDC extract task"))
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigurationError(f"manifest is not a CDC manifest: {error}") from error
 
@@ -170,12 +136,32 @@ def manifest_summary(manifest: CdcManifest) -> dict[str, Any]:
     return summary
 
 
-class CdcExtractOperator(_CdcSpecMixin, BaseOperator):
+class CdcExtractOperator(BaseOperator):
     """Stage the next CDC batch: the initial snapshot on the first run, then the pending changes.
 
     Reads the committed position from the target's state table, so it needs ``target_conn_id`` too.
     Returns the manifest (a small dict) as XCom; pass it to :class:`CdcLoadOperator`.  The slot is not
-    consumed here: it moves only after the target has committed the batch.
+    consumed here: it moves only after the target has committed the batch.  The declaration
+    (``tables`` ... ``history``) is that of :class:`~airflow_sync_provider.core.cdc.CdcSpec`.
+
+    :param source_conn_id: Airflow ``postgres`` connection of the source (PostgreSQL 14+,
+        ``wal_level=logical``, a user with ``REPLICATION``). (templated)
+    :param target_conn_id: Airflow ``postgres`` connection of the target; it holds the position. (templated)
+    :param tables: source tables (``"table"`` or ``"schema.table"``), or one comma-separated string. (templated)
+    :param sync_id: names the sync (and by default its slot and publication); default the name of
+        the only table. (templated)
+    :param target_schema: schema the tables land in (under their own names). (templated)
+    :param slot_name: replication slot; default ``sync_<sync_id>``. (templated)
+    :param publication: publication; default ``sync_<sync_id>``. (templated)
+    :param delete_mode: ``"hard"`` (delete) or ``"soft"`` (set ``_sync_deleted_at``).
+    :param max_changes: at most this many changes per run (a run ends at a transaction boundary).
+    :param batch_rows: rows per staged file (bounds memory).
+    :param max_retained_wal_bytes: fail when the slot retains more WAL than this (e.g. a paused DAG).
+    :param state_table: the state table (in ``target_schema``).
+    :param schema_drift: when a table's columns changed at the source: ``"freeze"`` (fail) or ``"evolve"``.
+    :param history: keep an SCD type 2 history of every table in ``<table>_history``.
+    :param staging_uri: where batches are staged; default ``[sync] staging_uri``, else
+        ``$SYNC_STAGING_DIR``, else a local cache folder. (templated)
     """
 
     template_fields: Sequence[str] = CDC_TEMPLATE_FIELDS
@@ -188,21 +174,45 @@ class CdcExtractOperator(_CdcSpecMixin, BaseOperator):
         target_conn_id: str,
         tables: Sequence[str] | str,
         sync_id: str | None = None,
+        target_schema: str = "public",
+        slot_name: str = "",
+        publication: str = "",
+        delete_mode: str = "hard",
+        max_changes: int = 1_000_000,
+        batch_rows: int = 50_000,
+        max_retained_wal_bytes: int | None = None,
+        state_table: str = "_sync_state",
+        schema_drift: str = DEFAULT_SCHEMA_DRIFT,
+        history: bool = False,
         staging_uri: str | None = None,
         **kwargs: Any,
     ) -> None:
-        spec_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _CDC_SPEC_ARGUMENTS}
         super().__init__(**kwargs)
-        self._init_spec(tables=tables, sync_id=sync_id, **spec_kwargs)
         self.source_conn_id = source_conn_id
         self.target_conn_id = target_conn_id
+        self.tables = tables
+        self.sync_id = sync_id
+        self.target_schema = target_schema
+        self.slot_name = slot_name
+        self.publication = publication
+        self.delete_mode = delete_mode
+        self.max_changes = max_changes
+        self.batch_rows = batch_rows
+        self.max_retained_wal_bytes = max_retained_wal_bytes
+        self.state_table = state_table
+        self.schema_drift = schema_drift
+        self.history = history
         self.staging_uri = staging_uri
+
+    def build_spec(self) -> CdcSpec:
+        """The :class:`CdcSpec` of the (rendered) arguments; raises ``ConfigurationError``."""
+        return build_cdc_spec(self)
 
     def _spec(self) -> CdcSpec:
         try:
             return self.build_spec()
         except SyncError as error:
-            raise _fail(error.with_context(sync_id=self.sync_id)) from error
+            raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
 
     def execute(self, context: Context) -> dict[str, Any]:
         spec = self._spec()
@@ -210,14 +220,13 @@ class CdcExtractOperator(_CdcSpecMixin, BaseOperator):
             log_slot_lag(self.log, self.source_conn_id, spec)
             manifest = self._extract(spec, context["run_id"])
         except SyncError as error:
-            raise _fail(error.with_context(sync_id=spec.sync_id)) from error
+            raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
         self.log.info("%s", manifest.summary())
         return manifest.to_dict()
 
     def _extract(self, spec: CdcSpec, run_id: str) -> CdcManifest:
-        engine = _source_engine(self.source_conn_id, spec.sync_id)
-        try:
-            with closing(_target_connection(self.target_conn_id, spec.sync_id)) as target:
+        with source_engine(self.source_conn_id, sync_id=spec.sync_id) as engine:
+            with closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target:
                 state = committed_cdc_state(target, spec)
             return changes_to_staging(
                 engine,
@@ -227,8 +236,6 @@ class CdcExtractOperator(_CdcSpecMixin, BaseOperator):
                 run_id=run_id,
                 logger=self.log,
             )
-        finally:
-            engine.dispose()
 
 
 class CdcLoadOperator(BaseOperator):
@@ -238,6 +245,11 @@ class CdcLoadOperator(BaseOperator):
     slot is confirmed right after the commit, so the source frees the WAL at once; without it the
     next extract confirms it.  A batch that was already committed (retry) or overtaken is a no-op.
     Returns the load result, plus ``confirmed_lsn`` when the slot was confirmed.
+
+    :param manifest: the CDC extract task's XCom (a dict, or its JSON or repr). (templated)
+    :param target_conn_id: Airflow ``postgres`` connection of the target. (templated)
+    :param source_conn_id: the source connection, to confirm the slot right after the commit. (templated)
+    :param keep_staged: keep the staged files after the load (they are removed by default).
     """
 
     template_fields: Sequence[str] = ("manifest", "target_conn_id", "source_conn_id")
@@ -262,12 +274,12 @@ class CdcLoadOperator(BaseOperator):
         try:
             manifest = parse_cdc_manifest(self.manifest)
         except SyncError as error:
-            raise _fail(error) from error
+            raise as_task_error(error) from error
         spec = manifest_spec(manifest)
         try:
             if self.source_conn_id:
                 log_slot_lag(self.log, self.source_conn_id, spec)
-            with closing(_target_connection(self.target_conn_id, spec.sync_id)) as target:
+            with closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target:
                 result = load_cdc_manifest(
                     target, manifest, run_id=context["run_id"], logger=self.log, keep_staged=self.keep_staged
                 )
@@ -280,56 +292,115 @@ class CdcLoadOperator(BaseOperator):
             if position is not None and self.source_conn_id:
                 output["confirmed_lsn"] = self._confirm(spec, position.end_lsn)
         except SyncError as error:
-            raise _fail(error.with_context(sync_id=spec.sync_id)) from error
+            raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
         return output
 
     def _confirm(self, spec: CdcSpec, end_lsn: int) -> str:
         assert self.source_conn_id
-        engine = _source_engine(self.source_conn_id, spec.sync_id)
-        try:
+        with source_engine(self.source_conn_id, sync_id=spec.sync_id) as engine:
             confirmed = confirm_applied(engine, spec, end_lsn)
-        finally:
-            engine.dispose()
         self.log.info("sync %s: slot %s confirmed up to %s", spec.sync_id, spec.slot_name, int_to_lsn(confirmed))
         return int_to_lsn(confirmed)
 
 
-class CdcSyncOperator(CdcExtractOperator):
+class CdcSyncOperator(BaseOperator):
     """Stage, apply and confirm one CDC batch in a single task: the simple case.
 
-    Returns ``{"manifest": <manifest summary>, "load": <load result>}``.
+    Runs :func:`~airflow_sync_provider.core.cdc.run_cdc_sync`.  Returns ``{"manifest": <manifest
+    summary>, "load": <load result>}``.  The declaration (``tables`` ... ``history``) is that of
+    :class:`~airflow_sync_provider.core.cdc.CdcSpec`.
+
+    :param source_conn_id: Airflow ``postgres`` connection of the source (PostgreSQL 14+,
+        ``wal_level=logical``, a user with ``REPLICATION``). (templated)
+    :param target_conn_id: Airflow ``postgres`` connection of the target; it holds the position. (templated)
+    :param tables: source tables (``"table"`` or ``"schema.table"``), or one comma-separated string. (templated)
+    :param sync_id: names the sync (and by default its slot and publication); default the name of
+        the only table. (templated)
+    :param target_schema: schema the tables land in (under their own names). (templated)
+    :param slot_name: replication slot; default ``sync_<sync_id>``. (templated)
+    :param publication: publication; default ``sync_<sync_id>``. (templated)
+    :param delete_mode: ``"hard"`` (delete) or ``"soft"`` (set ``_sync_deleted_at``).
+    :param max_changes: at most this many changes per run (a run ends at a transaction boundary).
+    :param batch_rows: rows per staged file (bounds memory).
+    :param max_retained_wal_bytes: fail when the slot retains more WAL than this (e.g. a paused DAG).
+    :param state_table: the state table (in ``target_schema``).
+    :param schema_drift: when a table's columns changed at the source: ``"freeze"`` (fail) or ``"evolve"``.
+    :param history: keep an SCD type 2 history of every table in ``<table>_history``.
+    :param staging_uri: where batches are staged; default ``[sync] staging_uri``, else
+        ``$SYNC_STAGING_DIR``, else a local cache folder. (templated)
     """
 
+    template_fields: Sequence[str] = CDC_TEMPLATE_FIELDS
     ui_color = "#fcf0dc"
+
+    def __init__(
+        self,
+        *,
+        source_conn_id: str,
+        target_conn_id: str,
+        tables: Sequence[str] | str,
+        sync_id: str | None = None,
+        target_schema: str = "public",
+        slot_name: str = "",
+        publication: str = "",
+        delete_mode: str = "hard",
+        max_changes: int = 1_000_000,
+        batch_rows: int = 50_000,
+        max_retained_wal_bytes: int | None = None,
+        state_table: str = "_sync_state",
+        schema_drift: str = DEFAULT_SCHEMA_DRIFT,
+        history: bool = False,
+        staging_uri: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.source_conn_id = source_conn_id
+        self.target_conn_id = target_conn_id
+        self.tables = tables
+        self.sync_id = sync_id
+        self.target_schema = target_schema
+        self.slot_name = slot_name
+        self.publication = publication
+        self.delete_mode = delete_mode
+        self.max_changes = max_changes
+        self.batch_rows = batch_rows
+        self.max_retained_wal_bytes = max_retained_wal_bytes
+        self.state_table = state_table
+        self.schema_drift = schema_drift
+        self.history = history
+        self.staging_uri = staging_uri
+
+    def build_spec(self) -> CdcSpec:
+        """The :class:`CdcSpec` of the (rendered) arguments; raises ``ConfigurationError``."""
+        return build_cdc_spec(self)
+
+    def _spec(self) -> CdcSpec:
+        try:
+            return self.build_spec()
+        except SyncError as error:
+            raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
 
     def execute(self, context: Context) -> dict[str, Any]:
         spec = self._spec()
         try:
             log_slot_lag(self.log, self.source_conn_id, spec)
-            engine = _source_engine(self.source_conn_id, spec.sync_id)
-            try:
-                with closing(_target_connection(self.target_conn_id, spec.sync_id)) as target:
-                    manifest, result = run_cdc_sync(
-                        engine,
-                        target,
-                        spec,
-                        staging=StagingArea(self.staging_uri or default_staging_uri()),
-                        run_id=context["run_id"],
-                        logger=self.log,
-                    )
-            finally:
-                engine.dispose()
+            with (
+                source_engine(self.source_conn_id, sync_id=spec.sync_id) as engine,
+                closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target,
+            ):
+                manifest, result = run_cdc_sync(
+                    engine,
+                    target,
+                    spec,
+                    staging=StagingArea(self.staging_uri or default_staging_uri()),
+                    run_id=context["run_id"],
+                    logger=self.log,
+                )
         except SyncError as error:
-            raise _fail(error.with_context(sync_id=spec.sync_id)) from error
+            raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
         self.log.info("%s", manifest.summary())
         return {"manifest": manifest_summary(manifest), "load": result.to_dict()}
 
-
-_CDC_SPEC_ARGUMENTS = frozenset(inspect.signature(_CdcSpecMixin._init_spec).parameters) - {
-    "self",
-    "tables",
-    "sync_id",
-}
 
 __all__: Sequence[str] = (
     "CdcExtractOperator",

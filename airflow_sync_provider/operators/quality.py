@@ -14,9 +14,9 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 
 from airflow_sync_provider.core import ConfigurationError, StagingArea, SyncError
-from airflow_sync_provider.operators.sync import (
-    _fail,
-    _target_connection,
+from airflow_sync_provider.hooks.target import target_connection
+from airflow_sync_provider.operators.common import (
+    as_task_error,
     default_staging_uri,
     parse_manifest,
     resolve_transform,
@@ -44,7 +44,9 @@ class DataQualityGateOperator(BaseOperator):
     :class:`~airflow_sync_provider.operators.sync.LoadStagedToPostgresOperator`, and pass its
     output to the load: ``load = LoadStagedToPostgresOperator(manifest=gate.output, ...)``.
 
-    :param manifest: the extract task's XCom (``extract.output``).
+    :param manifest: the extract task's XCom (``extract.output``). (templated)
+    :param target_conn_id: Airflow ``postgres`` connection of the target: the results are recorded
+        there, and quarantined rows go to its ``_sync_quarantine``. (templated)
     :param expectations: GX expectation objects (a list) or a ``gx.ExpectationSuite``.
     :param suite_path: or a GX suite JSON file (templated).
     :param severities: ``{"<expectation type>[:<column>]": "error" | "warn"}``; otherwise
@@ -53,6 +55,8 @@ class DataQualityGateOperator(BaseOperator):
         ``_sync_quarantine`` and load the rest (the watermark still moves).
     :param max_quarantine_fraction: fail (quarantine and load nothing) above this share of rows.
     :param chunk_rows: rows per GX batch for row-level expectations (bounds memory).
+    :param staging_uri: where the batch is staged; default as for the sync operators. (templated)
+    :param write_report: write an HTML report next to the staged batch.
     """
 
     template_fields: Sequence[str] = ("manifest", "target_conn_id", "suite_path", "staging_uri")
@@ -88,10 +92,13 @@ class DataQualityGateOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from airflow_sync_provider.core.quality import validate_manifest
 
-        manifest = parse_manifest(self.manifest)
+        try:
+            manifest = parse_manifest(self.manifest)
+        except SyncError as error:
+            raise as_task_error(error) from error
         try:
             suite = _suite_argument(self.expectations, self.suite_path)
-            with closing(_target_connection(self.target_conn_id, manifest.sync_id)) as target:
+            with closing(target_connection(self.target_conn_id, sync_id=manifest.sync_id)) as target:
                 result = validate_manifest(
                     manifest,
                     suite,
@@ -109,7 +116,7 @@ class DataQualityGateOperator(BaseOperator):
             failed = getattr(error, "result", None)
             if failed is not None:
                 _push(context, "quality", failed.summary())
-            raise _fail(error.with_context(sync_id=manifest.sync_id)) from error
+            raise as_task_error(error.with_context(sync_id=manifest.sync_id)) from error
         _push(context, "quality", result.summary())
         return result.manifest.to_dict()
 
@@ -117,11 +124,17 @@ class DataQualityGateOperator(BaseOperator):
 class ReplayQuarantinedRowsOperator(BaseOperator):
     """Merge a sync's pending quarantined rows into the target once they are fixed.
 
+    :param sync_id: the sync whose quarantined rows are replayed. (templated)
+    :param target_conn_id: Airflow ``postgres`` connection of the target. (templated)
     :param fix: a ``DataFrame -> DataFrame`` callable (or ``"module:function"``) applied to the rows
         first; rows it drops stay in quarantine.
-    :param expectations: / :param suite_path: optional suite to re-validate the fixed rows with
-        (row-level expectations; rows still failing an ``error`` one stay in quarantine).
+    :param expectations: optional GX expectations to re-validate the fixed rows with (row-level
+        expectations; rows still failing an ``error`` one stay in quarantine).
+    :param suite_path: or a GX suite JSON file. (templated)
+    :param severities: as for :class:`DataQualityGateOperator`.
     :param quarantined_in_run: only the rows this run quarantined (templated); default all pending.
+    :param target_schema: schema of the target table and of ``_sync_quarantine``.
+    :param staging_uri: where the fixed rows are staged; default as for the sync operators.
 
     Returns the replay counts (XCom); rows a later sync already updated are skipped and reported.
     """
@@ -161,7 +174,7 @@ class ReplayQuarantinedRowsOperator(BaseOperator):
             suite = None
             if self.expectations is not None or self.suite_path:
                 suite = _suite_argument(self.expectations, self.suite_path)
-            with closing(_target_connection(self.target_conn_id, self.sync_id)) as target:
+            with closing(target_connection(self.target_conn_id, sync_id=self.sync_id)) as target:
                 result = replay_quarantined(
                     target,
                     self.sync_id,
@@ -175,7 +188,7 @@ class ReplayQuarantinedRowsOperator(BaseOperator):
                     logger=self.log,
                 )
         except SyncError as error:
-            raise _fail(error.with_context(sync_id=self.sync_id)) from error
+            raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
         return result.to_dict()
 
 
@@ -185,6 +198,8 @@ class ReferentialIntegrityGateOperator(BaseOperator):
     Sits between extract (or a quality gate) and load like :class:`DataQualityGateOperator` and
     passes the manifest on unchanged: ``load = LoadStagedToPostgresOperator(manifest=refs.output)``.
 
+    :param manifest: the extract (or gate) task's XCom. (templated)
+    :param target_conn_id: Airflow ``postgres`` connection of the target. (templated)
     :param references: ``{"<batch column>": "<schema>.<table>.<column>"}`` in the target, e.g.
         ``{"customer_id": "lending.customers.customer_id"}``.
     """
@@ -201,13 +216,16 @@ class ReferentialIntegrityGateOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from airflow_sync_provider.core.references import Reference, check_references
 
-        manifest = parse_manifest(self.manifest)
+        try:
+            manifest = parse_manifest(self.manifest)
+        except SyncError as error:
+            raise as_task_error(error) from error
         try:
             references = [Reference.parse(column, target) for column, target in self.references.items()]
-            with closing(_target_connection(self.target_conn_id, manifest.sync_id)) as target:
+            with closing(target_connection(self.target_conn_id, sync_id=manifest.sync_id)) as target:
                 results = check_references(target, manifest, references)
         except SyncError as error:
-            raise _fail(error.with_context(sync_id=manifest.sync_id)) from error
+            raise as_task_error(error.with_context(sync_id=manifest.sync_id)) from error
         for result in results:
             self.log.info(
                 "referential integrity %s: %d rows checked, all found", result.reference.describe(), result.rows_checked

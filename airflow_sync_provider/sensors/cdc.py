@@ -8,12 +8,13 @@ from typing import Any, TypeVar
 
 from airflow.configuration import conf
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
-from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
+from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_sync_provider.core import ConfigurationError, SourceUnavailableError, SyncError
+from airflow_sync_provider.core import ConfigurationError, SyncError
 from airflow_sync_provider.core.cdc import CdcSpec
 from airflow_sync_provider.hooks.cdc import PostgresCdcHook, missing_publication_message, slot_spec
-from airflow_sync_provider.operators.sync import _fail
+from airflow_sync_provider.hooks.source import source_connection_defined
+from airflow_sync_provider.operators.common import as_task_error
 from airflow_sync_provider.triggers.cdc import CdcChangesTrigger
 
 _T = TypeVar("_T")
@@ -31,6 +32,8 @@ class CdcChangesSensor(BaseSensorOperator):
     :param sync_id: the CDC sync; names the slot and publication unless they are given.
     :param slot_name: replication slot (default: the sync's).
     :param publication: publication (default: the sync's).
+    :param deferrable: wait in the triggerer instead of a worker slot; default
+        ``[operators] default_deferrable``.
 
     XCom: ``{"status": "changes" | "no_slot", "slot": ..., ...}``.
     """
@@ -59,24 +62,21 @@ class CdcChangesSensor(BaseSensorOperator):
         try:
             return slot_spec(self.sync_id, self.slot_name, self.publication)
         except SyncError as error:
-            raise _fail(error) from error
+            raise as_task_error(error) from error
 
     def _with_hook(self, spec: CdcSpec, call: Callable[[PostgresCdcHook], _T]) -> _T:
         try:
-            return call(PostgresCdcHook(source_conn_id=self.source_conn_id))
-        except AirflowNotFoundException:
-            raise SourceUnavailableError(
-                f"Airflow connection {self.source_conn_id!r} (source) is not defined", sync_id=spec.sync_id
-            ) from None
+            with source_connection_defined(self.source_conn_id, spec.sync_id):
+                return call(PostgresCdcHook(source_conn_id=self.source_conn_id))
         except SyncError as error:
-            raise _fail(error.with_context(sync_id=spec.sync_id)) from error
+            raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
 
     def poke(self, context: Context) -> PokeReturnValue:
         spec = self._spec()
         lag = self._with_hook(spec, lambda hook: hook.slot_lag(spec))
         self.log.info("sync %s: %s; pending data changes: %s", spec.sync_id, lag["description"], lag["pending"])
         if lag["exists"] and not lag["publication_exists"]:
-            raise _fail(ConfigurationError(missing_publication_message(spec.publication), sync_id=spec.sync_id))
+            raise as_task_error(ConfigurationError(missing_publication_message(spec.publication), sync_id=spec.sync_id))
         status = "no_slot" if not lag["exists"] else "changes" if lag["pending"] else None
         if status is None:
             return PokeReturnValue(is_done=False)

@@ -1,0 +1,158 @@
+"""What the operators share: how a ``SyncError`` fails a task, XCom manifests, the staging default,
+transforms by path, and the sync declaration (the ``SyncSpec`` arguments) of the table operators.
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import importlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from airflow.sdk.exceptions import AirflowFailException
+
+from airflow_sync_provider.core import ConfigurationError, Manifest, SyncError, SyncSpec, UnavailableError
+from airflow_sync_provider.core.extract import BatchTransform
+
+#: Template fields of the sync declaration (every operator declaring a :class:`SyncSpec`).
+SPEC_TEMPLATE_FIELDS: tuple[str, ...] = (
+    "sync_id",
+    "source_table",
+    "target_table",
+    "source_schema",
+    "target_schema",
+    "cursor_column",
+    "source_conn_id",
+    "target_conn_id",
+    "staging_uri",
+)
+
+
+def as_task_error(error: SyncError) -> Exception:
+    """The exception a task raises for ``error``.
+
+    An :class:`UnavailableError` (a database unreachable or lost) as it is, so Airflow retries the
+    task; any other :class:`SyncError` (bad config or bad data fails the same way on every retry)
+    as ``AirflowFailException``: fail fast, keep the message.
+    """
+    if isinstance(error, UnavailableError):
+        return error
+    return AirflowFailException(str(error))
+
+
+def default_staging_uri() -> str | None:
+    """``[sync] staging_uri`` from the Airflow config, else ``SYNC_STAGING_DIR``, else the engine default."""
+    from airflow.configuration import conf
+
+    return conf.get("sync", "staging_uri", fallback=None) or os.environ.get("SYNC_STAGING_DIR") or None
+
+
+def resolve_transform(transform: BatchTransform | str | None) -> BatchTransform | None:
+    """Accept a callable or a ``"package.module:function"`` path (handy in templated or YAML DAGs)."""
+    if transform is None or callable(transform):
+        return transform
+    module_name, _, attribute = transform.partition(":")
+    if not attribute:
+        raise ConfigurationError(f"transform {transform!r} must look like 'package.module:function'")
+    function = getattr(importlib.import_module(module_name), attribute)
+    if not callable(function):
+        raise ConfigurationError(f"transform {transform!r} is not callable")
+    return function
+
+
+def xcom_dict(value: Any, *, argument: str = "manifest", producer: str = "an extract task") -> dict[str, Any]:
+    """A dict as a templated argument receives it from XCom: a dict (``XComArg``), JSON text, or
+    the repr of a dict that Jinja rendered.  ``argument`` and ``producer`` name them in errors."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            try:
+                value = ast.literal_eval(value)  # a Jinja-rendered Python dict
+            except (ValueError, SyntaxError):
+                raise ConfigurationError(f"{argument} is neither JSON nor a dict") from None
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"{argument} must be a dict from {producer}'s XCom, got {type(value).__name__}")
+    return dict(value)
+
+
+def parse_manifest(value: Any) -> Manifest:
+    """The table-sync manifest an extract (or gate) task returned, as XCom gives it."""
+    if isinstance(value, Manifest):
+        return value
+    try:
+        return Manifest.from_dict(xcom_dict(value))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigurationError(f"manifest is not a table-sync manifest: {error!r}") from error
+
+
+class SyncDeclaration(Protocol):
+    """The arguments of an operator that declares a table sync (see :class:`SyncSpec`).
+
+    Operators keep them as attributes (templated ones are rendered before ``execute``) and build
+    the spec in ``execute`` with :func:`build_sync_spec`.
+    """
+
+    sync_id: str
+    source_table: str
+    target_table: str | None
+    source_schema: str | None
+    target_schema: str
+    mode: str
+    cursor_column: str | None
+    primary_key: Sequence[str]
+    columns: Sequence[str]
+    delete_mode: str
+    detect_deletes: bool | None
+    batch_rows: int
+    lag: dt.timedelta
+    lookback: dt.timedelta | int | None
+    guard_open_transactions: bool
+    state_table: str
+    max_delete_fraction: float | None
+    history_table: str | None
+    schema_drift: str
+
+
+def build_sync_spec(declaration: SyncDeclaration) -> SyncSpec:
+    """The validated :class:`SyncSpec` of an operator's (rendered) sync declaration.
+
+    Empty strings (what Jinja renders for nothing) count as not given.  Raises
+    :class:`ConfigurationError` for a declaration ``SyncSpec`` refuses.
+    """
+    return SyncSpec(
+        sync_id=declaration.sync_id,
+        source_table=declaration.source_table,
+        target_table=declaration.target_table or "",
+        source_schema=declaration.source_schema or None,
+        target_schema=declaration.target_schema,
+        mode=declaration.mode,  # type: ignore[arg-type]
+        cursor_column=declaration.cursor_column or None,
+        primary_key=tuple(declaration.primary_key),
+        columns=tuple(declaration.columns),
+        delete_mode=declaration.delete_mode,  # type: ignore[arg-type]
+        detect_deletes=declaration.detect_deletes,
+        batch_rows=declaration.batch_rows,
+        lag=declaration.lag,
+        lookback=declaration.lookback,
+        guard_open_transactions=declaration.guard_open_transactions,
+        state_table=declaration.state_table,
+        max_delete_fraction=declaration.max_delete_fraction,
+        history_table=declaration.history_table or None,
+        schema_drift=declaration.schema_drift,  # type: ignore[arg-type]
+    )
+
+
+__all__ = [
+    "SPEC_TEMPLATE_FIELDS",
+    "SyncDeclaration",
+    "as_task_error",
+    "build_sync_spec",
+    "default_staging_uri",
+    "parse_manifest",
+    "resolve_transform",
+    "xcom_dict",
+]
