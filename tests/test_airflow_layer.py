@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from airflow_sync_provider.core.errors import ConfigurationError, SourceUnavailableError
+from airflow_sync_provider.core.errors import ConfigurationError, SourceUnavailableError, TargetUnavailableError
 
 from .conftest import SyncEnv, source_columns, table_checksum
 
@@ -274,7 +274,15 @@ def test_templated_fields_render(connections: SyncEnv) -> None:
     _equal(connections, "orders_copy")
 
 
-def test_missing_connection_is_named(connections: SyncEnv) -> None:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_missing_connection_is_named(connections: SyncEnv, monkeypatch: pytest.MonkeyPatch) -> None:
     from airflow_sync_provider.operators.sync import SyncTableOperator
 
     operator = SyncTableOperator(
@@ -287,6 +295,15 @@ def test_missing_connection_is_named(connections: SyncEnv) -> None:
     with pytest.raises(SourceUnavailableError, match="no_such_connection"):
         operator.execute({"run_id": "manual__4"})  # type: ignore[arg-type]
     assert connections.state("orders") is None
+
+    # The target side says it is the target; both are UnavailableErrors, which Airflow retries.
+    operator.source_conn_id, operator.target_conn_id = "sync_source", "no_such_target"
+    with pytest.raises(TargetUnavailableError, match=r"no_such_target.*\(target\) is not defined"):
+        operator.execute({"run_id": "manual__4"})  # type: ignore[arg-type]
+    monkeypatch.setenv("AIRFLOW_CONN_CLOSED_TARGET", f"postgres://postgres@127.0.0.1:{_free_port()}/nowhere")
+    operator.target_conn_id = "closed_target"
+    with pytest.raises(TargetUnavailableError, match="cannot reach the target database of connection 'closed_target'"):
+        operator.execute({"run_id": "manual__4"})  # type: ignore[arg-type]
 
 
 def test_bad_declaration_fails_without_retry(connections: SyncEnv) -> None:
