@@ -62,6 +62,8 @@ class CdcDeclaration(Protocol):
     delete_mode: str
     max_changes: int
     batch_rows: int
+    batch_bytes: int
+    max_batch_bytes: int | None
     max_retained_wal_bytes: int | None
     state_table: str
     schema_drift: str
@@ -89,6 +91,8 @@ def build_cdc_spec(declaration: CdcDeclaration) -> CdcSpec:
         delete_mode=declaration.delete_mode,  # type: ignore[arg-type]
         max_changes=int(declaration.max_changes),
         batch_rows=int(declaration.batch_rows),
+        batch_bytes=int(declaration.batch_bytes),
+        max_batch_bytes=None if declaration.max_batch_bytes is None else int(declaration.max_batch_bytes),
         max_retained_wal_bytes=declaration.max_retained_wal_bytes,
         state_table=declaration.state_table,
         schema_drift=declaration.schema_drift,  # type: ignore[arg-type]
@@ -156,6 +160,9 @@ class CdcExtractOperator(BaseOperator):
     :param delete_mode: ``"hard"`` (delete) or ``"soft"`` (set ``_sync_deleted_at``).
     :param max_changes: at most this many changes per run (a run ends at a transaction boundary).
     :param batch_rows: rows per staged file (bounds memory).
+    :param batch_bytes: bytes of changes per staged file (bounds memory for wide rows).
+    :param max_batch_bytes: a run ends at the first transaction boundary past this many bytes of
+        changes; ``None``: no limit.
     :param max_retained_wal_bytes: fail when the slot retains more WAL than this (e.g. a paused DAG).
     :param state_table: the state table (in ``target_schema``).
     :param schema_drift: when a table's columns changed at the source: ``"freeze"`` (fail) or ``"evolve"``.
@@ -180,6 +187,8 @@ class CdcExtractOperator(BaseOperator):
         delete_mode: str = "hard",
         max_changes: int = 1_000_000,
         batch_rows: int = 50_000,
+        batch_bytes: int = 16 * 1024 * 1024,
+        max_batch_bytes: int | None = 2 * 1024 * 1024 * 1024,
         max_retained_wal_bytes: int | None = None,
         state_table: str = "_sync_state",
         schema_drift: str = DEFAULT_SCHEMA_DRIFT,
@@ -198,6 +207,8 @@ class CdcExtractOperator(BaseOperator):
         self.delete_mode = delete_mode
         self.max_changes = max_changes
         self.batch_rows = batch_rows
+        self.batch_bytes = batch_bytes
+        self.max_batch_bytes = max_batch_bytes
         self.max_retained_wal_bytes = max_retained_wal_bytes
         self.state_table = state_table
         self.schema_drift = schema_drift
@@ -322,6 +333,9 @@ class CdcSyncOperator(BaseOperator):
     :param delete_mode: ``"hard"`` (delete) or ``"soft"`` (set ``_sync_deleted_at``).
     :param max_changes: at most this many changes per run (a run ends at a transaction boundary).
     :param batch_rows: rows per staged file (bounds memory).
+    :param batch_bytes: bytes of changes per staged file (bounds memory for wide rows).
+    :param max_batch_bytes: a run ends at the first transaction boundary past this many bytes of
+        changes; ``None``: no limit.
     :param max_retained_wal_bytes: fail when the slot retains more WAL than this (e.g. a paused DAG).
     :param state_table: the state table (in ``target_schema``).
     :param schema_drift: when a table's columns changed at the source: ``"freeze"`` (fail) or ``"evolve"``.
@@ -346,6 +360,8 @@ class CdcSyncOperator(BaseOperator):
         delete_mode: str = "hard",
         max_changes: int = 1_000_000,
         batch_rows: int = 50_000,
+        batch_bytes: int = 16 * 1024 * 1024,
+        max_batch_bytes: int | None = 2 * 1024 * 1024 * 1024,
         max_retained_wal_bytes: int | None = None,
         state_table: str = "_sync_state",
         schema_drift: str = DEFAULT_SCHEMA_DRIFT,
@@ -364,6 +380,8 @@ class CdcSyncOperator(BaseOperator):
         self.delete_mode = delete_mode
         self.max_changes = max_changes
         self.batch_rows = batch_rows
+        self.batch_bytes = batch_bytes
+        self.max_batch_bytes = max_batch_bytes
         self.max_retained_wal_bytes = max_retained_wal_bytes
         self.state_table = state_table
         self.schema_drift = schema_drift
