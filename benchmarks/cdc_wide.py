@@ -12,8 +12,11 @@ Scenarios (issue 13):
   is under 500 MB of RSS for the sync process.
 - ``narrow bulk`` / ``narrow 1/txn``: the same updates of a 7-column table in a few big
   transactions, and one per transaction; target: 1/txn within 70% of bulk's changes/s.
-- ``wide bulk`` / ``wide 1/txn``: updates of a small column of rows with ~1 MB TOASTed bodies (the
-  body is left out as unchanged), with key changes mixed in, both shapes.
+- ``wide bulk`` / ``wide 1/txn``: issue 13's mix over rows with ~1 MB TOASTed bodies (updates of a
+  small column, the body left out as unchanged; key changes; multi-row transactions; deletes and
+  re-inserts with new 1 MB bodies), both shapes.
+
+The throughput shapes run side by side for several rounds in rotating order; medians are reported.
 
 The longest stretch without a log line during each sync is reported (progress every <= 10 s).
 """
@@ -87,7 +90,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
             import pstats
 
             profiler.disable()
-            pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
         extracted = time.monotonic()
         extract_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result = load_cdc_manifest(target, manifest, run_id="bench", logger=logger)
@@ -194,13 +197,33 @@ def _bulk(statement: str, count: int, per_txn: int) -> str:
     )
 
 
+def _wide_change(table: str, rows: int) -> str:
+    """One iteration ``i`` of the wide workload (issue 13's mix), over rows with 1 MB TOASTed bodies:
+    mostly an update of a small column (the body is left out as unchanged), every 10th a key change
+    away and back, every 10th (offset 2) three rows in one transaction, every 50th a delete and a
+    re-insert of the key with a new 1 MB body."""
+    key = f"(i % {rows}) + 1"
+    return (
+        f"IF i % 10 = 0 THEN UPDATE {table} SET id = id + 1000000 WHERE id = {key}; "
+        f"UPDATE {table} SET id = id - 1000000, v = v + 1 WHERE id = {key} + 1000000; "
+        f"ELSIF i % 50 = 1 THEN DELETE FROM {table} WHERE id = {key}; "
+        f"INSERT INTO {table} VALUES ({key}, i, 're', repeat(md5(i::text), 32768)); "
+        f"ELSIF i % 10 = 2 THEN UPDATE {table} SET v = v + 1 WHERE id IN ({key}, ({key} % {rows}) + 1, "
+        f"(({key} + 1) % {rows}) + 1); "
+        f"ELSE UPDATE {table} SET v = v + 1 WHERE id = {key}; END IF"
+    )
+
+
 def run(args: argparse.Namespace) -> Path:
+    import statistics
+
     from airflow_sync_provider.local_postgres import local_postgres
 
     quick = args.quick
+    rounds = args.rounds or (2 if quick else 3)
     mem_rows = 100 if quick else 1_000  # x 1 MB
     narrow = 5_000 if quick else 50_000
-    wide_rows = 200 if quick else 2_000
+    wide_rows = 100 if quick else 500
     wide_changes = 2_000 if quick else 20_000
     workdir = Path(tempfile.mkdtemp(prefix="cdc-wide-"))
     with local_postgres(workdir / "pg") as server:
@@ -211,39 +234,58 @@ def run(args: argparse.Namespace) -> Path:
         bench.sql(_per_txn("INSERT INTO mem VALUES (i + 1, 0, 'x', repeat(md5(i::text), 32768))", mem_rows))
         bench.sync(f"memory: {mem_rows} x 1 MB inserts, 1/txn", "mem")
 
-        for shape in ("bulk", "1/txn"):
-            table = "narrow_" + ("bulk" if shape == "bulk" else "txn")
-            bench.table(table, narrow, 0)
-            bench.sync("snapshot", table)
-            update = f"UPDATE {table} SET v = v + 1 WHERE id = i"
-            bench.sql(_bulk(update, narrow, 5_000) if shape == "bulk" else _per_txn(update, narrow))
-            bench.sync(f"narrow {shape}: {narrow:,} updates", table)
-
-        for shape in ("bulk", "1/txn"):
-            table = "wide_" + ("bulk" if shape == "bulk" else "txn")
-            bench.table(table, wide_rows, 1_024)
-            bench.sync("snapshot", table)
-            # mostly small-column updates (the 1 MB body is left out as unchanged), every 10th a key change
-            change = (
-                f"IF i % 10 = 0 THEN UPDATE {table} SET id = id + 1000000 WHERE id = (i % {wide_rows}) + 1; "
-                f"UPDATE {table} SET id = id - 1000000 WHERE id = (i % {wide_rows}) + 1000001; "
-                f"ELSE UPDATE {table} SET v = v + 1 WHERE id = (i % {wide_rows}) + 1; END IF"
-            )
-            per = wide_changes // 10
-            bench.sql(_bulk(change, wide_changes, per) if shape == "bulk" else _per_txn(change, wide_changes))
-            bench.sync(f"wide {shape}: {wide_changes:,} changes, 1 MB bodies", table)
+        # throughput: the same changes in a few big transactions and one per transaction, side by side,
+        # rounds in rotating order
+        shapes: list[tuple[str, str, str]] = []  # (scenario, table, statement to run)
+        for kind in ("narrow", "wide"):
+            for shape in ("bulk", "1/txn"):
+                table = f"{kind}_{'bulk' if shape == 'bulk' else 'txn'}"
+                if kind == "narrow":
+                    bench.table(table, narrow, 0)
+                    change, count, name = f"UPDATE {table} SET v = v + 1 WHERE id = i", narrow, f"{narrow:,} updates"
+                else:
+                    bench.table(table, wide_rows, 1_024)
+                    change, count = _wide_change(table, wide_rows), wide_changes
+                    name = f"{wide_changes:,} iterations, 1 MB bodies"
+                bench.sync("snapshot", table)
+                statement = _bulk(change, count, max(count // 10, 1)) if shape == "bulk" else _per_txn(change, count)
+                shapes.append((f"{kind} {shape}: {name}", table, statement))
+        for number in range(rounds):
+            for scenario, table, statement in shapes[number % len(shapes) :] + shapes[: number % len(shapes)]:
+                bench.sql(statement)
+                bench.sync(scenario, table)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"cdc-wide-{'quick' if quick else 'full'}-{stamp}"
-    out.with_suffix(".json").write_text(json.dumps(bench.results, indent=2) + "\n")
+    summary: dict[str, dict[str, Any]] = {}
+    for r in bench.results:
+        summary.setdefault(r["scenario"], {"samples": []})["samples"].append(r)
+    for entry in summary.values():
+        samples = entry["samples"]
+        entry.update(
+            {
+                key: round(statistics.median(s[key] for s in samples), 2)
+                for key in ("extract_s", "load_s", "changes_per_s", "peak_rss_mb", "longest_silence_in_load_s")
+            }
+        )
+        entry.update({key: samples[0][key] for key in ("changes", "transactions", "staged_files")})
+    ratios = {}
+    for kind in ("narrow", "wide"):
+        bulk = next(v for k, v in summary.items() if k.startswith(f"{kind} bulk"))
+        per_txn = next(v for k, v in summary.items() if k.startswith(f"{kind} 1/txn"))
+        ratios[kind] = round(per_txn["changes_per_s"] / bulk["changes_per_s"], 2)
+    out.with_suffix(".json").write_text(json.dumps({"summary": summary, "ratios": ratios}, indent=2) + "\n")
     lines = [
+        f"Medians of {rounds} rounds (the memory run once); 1/txn vs bulk changes/s: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in ratios.items()),
+        "",
         "| scenario | changes | txns | files | extract s | load s | changes/s | peak RSS MB | longest load silence s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in bench.results:
+    for scenario, r in summary.items():
         lines.append(
-            f"| {r['scenario']} | {r['changes']:,} | {r['transactions']:,} | {r['staged_files']} | {r['extract_s']} | "
-            f"{r['load_s']} | {r['changes_per_s']:,} | {r['peak_rss_mb']} | {r['longest_silence_in_load_s']} |"
+            f"| {scenario} | {r['changes']:,} | {r['transactions']:,} | {r['staged_files']} | {r['extract_s']} | "
+            f"{r['load_s']} | {r['changes_per_s']:,.0f} | {r['peak_rss_mb']} | {r['longest_silence_in_load_s']} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -254,6 +296,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small scale (~100 MB batch)")
     parser.add_argument("--verbose", action="store_true", help="show the syncs' log lines")
+    parser.add_argument("--rounds", type=int, help="rounds of the throughput shapes (default 3; quick 2)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

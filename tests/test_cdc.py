@@ -983,3 +983,18 @@ def test_a_long_step_is_never_silent() -> None:
     count = len(lines)
     time.sleep(0.15)
     assert len(lines) == count  # stopped with the block
+
+
+def test_begin_and_commit_fields_read_what_decode_reads() -> None:
+    import struct
+
+    from airflow_sync_provider.core.cdc import pgoutput
+
+    begin = b"B" + struct.pack(">QqI", 0x16_B374D848, 123_456, 4_000_000_001)
+    commit = b"C" + struct.pack(">bQQq", 0, 0x16_B374D848, 0x16_B374D900, 123_456)
+    decoded_begin, decoded_commit = pgoutput.decode(begin), pgoutput.decode(commit)
+    assert isinstance(decoded_begin, pgoutput.Begin) and isinstance(decoded_commit, pgoutput.Commit)
+    assert pgoutput.begin_fields(begin) == (decoded_begin.final_lsn, decoded_begin.xid)
+    assert pgoutput.commit_fields(commit) == (decoded_commit.commit_lsn, decoded_commit.end_lsn)
+    with pytest.raises(pgoutput.DecodeError):
+        pgoutput.begin_fields(begin[:9])

@@ -513,7 +513,7 @@ def changes_to_staging(
         watch = Watch(log, f"sync {spec.sync_id}: read of slot {spec.slot_name}")
         watch.phase("reading changes (the server decodes the range first)")
         with watch:
-            for _xid, data in reader:
+            for data in reader:
                 tag = data[0]
                 if tag in _ROW_TAGS:
                     if skip:
@@ -565,23 +565,46 @@ def changes_to_staging(
                     if txn.bytes > spec.batch_bytes:  # a big transaction: write out what it holds so far
                         txn.spill(streams, lambda s: _flush(staging, staging_dir, s, conn, pending_types, spec))
                     continue
-                message = pgoutput.decode(data)
-                if isinstance(message, pgoutput.Begin):
-                    txn_lsn = message.final_lsn
+                if tag == 66:  # Begin: one per transaction, so read without building a message object
+                    txn_lsn, xid = pgoutput.begin_fields(data)
                     skip = txn_lsn <= position.commit_lsn or bool(
                         snapshot_filter
                         and position.snapshot_lsn is not None
                         and txn_lsn <= position.snapshot_lsn
-                        and snapshot_filter.visible(message.xid)
+                        and snapshot_filter.visible(xid)
                     )
                     if table_filters:
                         skip_tables = {
-                            oid
-                            for oid, (held, lsn) in table_filters.items()
-                            if txn_lsn <= lsn and held.visible(message.xid)
+                            oid for oid, (held, lsn) in table_filters.items() if txn_lsn <= lsn and held.visible(xid)
                         }
+                    continue
+                if tag == 67:  # Commit: likewise
+                    commit_lsn, end_lsn = pgoutput.commit_fields(data)
+                    if in_heartbeat:  # everything committed before this transaction has been read
+                        reached, in_heartbeat, heartbeat_end = True, False, end_lsn
+                        continue
+                    last_commit, last_end = commit_lsn, end_lsn
+                    if skip:
+                        skipped += 1
+                        continue
+                    if not txn.changes:
+                        continue  # only other tables' rows or logical messages
+                    transactions += 1
+                    changes += txn.changes
+                    read_bytes += txn.total_bytes
+                    truncates.extend(txn.truncates)
+                    for oid in txn.marks:
+                        stream = streams[oid]
+                        if len(stream.buffer) >= spec.batch_rows or stream.buffer_bytes >= spec.batch_bytes:
+                            _flush(staging, staging_dir, stream, conn, pending_types, spec)
+                    progress.add(txn.changes)
                     txn = _Txn()
-                elif isinstance(message, pgoutput.Relation):
+                    if spec.max_batch_bytes is not None and read_bytes >= spec.max_batch_bytes:
+                        notes.append(f"the batch ends at {read_bytes:,} bytes of changes (max_batch_bytes)")
+                        break
+                    continue
+                message = pgoutput.decode(data)
+                if isinstance(message, pgoutput.Relation):
                     oid = by_name.get((message.namespace, message.name))
                     if oid is None:
                         continue
@@ -619,28 +642,6 @@ def changes_to_staging(
                     in_heartbeat = in_heartbeat or (
                         message.prefix == slot.HEARTBEAT_PREFIX and message.content == heartbeat.encode()
                     )
-                elif isinstance(message, pgoutput.Commit):
-                    if in_heartbeat:  # everything committed before this transaction has been read
-                        reached, in_heartbeat, heartbeat_end = True, False, message.end_lsn
-                        continue
-                    last_commit, last_end = message.commit_lsn, message.end_lsn
-                    if skip:
-                        skipped += 1
-                        continue
-                    if not txn.changes:
-                        continue  # only other tables' rows or logical messages
-                    transactions += 1
-                    changes += txn.changes
-                    read_bytes += txn.total_bytes
-                    truncates.extend(txn.truncates)
-                    for stream in txn.streams(streams):
-                        if len(stream.buffer) >= spec.batch_rows or stream.buffer_bytes >= spec.batch_bytes:
-                            _flush(staging, staging_dir, stream, conn, pending_types, spec)
-                    progress.add(txn.changes)
-                    txn = _Txn()
-                    if spec.max_batch_bytes is not None and read_bytes >= spec.max_batch_bytes:
-                        notes.append(f"the batch ends at {read_bytes:,} bytes of changes (max_batch_bytes)")
-                        break
         reader.close()  # ends the read's transaction (also after a break)
         for stream in streams.values():
             if stream.buffer:

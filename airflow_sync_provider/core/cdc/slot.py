@@ -27,7 +27,7 @@ from airflow_sync_provider.core.errors import (
 )
 
 _PEEK = (
-    "SELECT xid::text::bigint, data FROM pg_logical_slot_peek_binary_changes("
+    "SELECT data FROM pg_logical_slot_peek_binary_changes("
     "%(slot)s, %(upto_lsn)s::pg_lsn, %(upto_n)s, 'proto_version', '1', 'publication_names', %(publication)s, "
     "'messages', 'true')"
 )
@@ -280,8 +280,8 @@ def read_changes(
     upto_lsn: int,
     fetch_rows: int = 5_000,
     fetch_bytes: int = 8 * 1024 * 1024,
-) -> Generator[tuple[int, bytes], None, None]:
-    """Yield ``(xid, pgoutput message)`` of the complete transactions committed before ``upto_lsn``.
+) -> Generator[bytes, None, None]:
+    """Yield the pgoutput messages of the complete transactions committed before ``upto_lsn``.
 
     Streams through a server-side cursor, so memory stays bounded however much is pending: each
     fetch asks for as many messages as the last ones' size says fit in ``fetch_bytes`` (at most
@@ -316,9 +316,9 @@ def read_changes(
                 size = min(8, fetch_rows)  # then as many as fit in fetch_bytes
                 while rows := cursor.fetchmany(size):
                     count, fetched = len(rows), 0
-                    for xid, data in rows:
+                    for (data,) in rows:
                         fetched += len(data)
-                        yield int(xid), data
+                        yield data
                     del rows
                     size = max(1, min(fetch_rows, fetch_bytes * count // max(fetched, 1)))
             return
