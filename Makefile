@@ -16,17 +16,17 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m airflow_sync_provider.demo $(DEMO_ARGS)
+	$(PY) -m sync_dev.demo $(DEMO_ARGS)
 
 # The reference DAGs in the Airflow UI (airflow standalone) against embedded case-study databases.
 #   make ui                  - UI on http://localhost:8080
 #   make ui UI_PORT=8081     - on another port (or SYNC_UI_PORT=8081 in the environment)
 ui: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m airflow_sync_provider.casestudies.standalone $(if $(UI_PORT),--ui-port $(UI_PORT))
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m sync_dev.standalone $(if $(UI_PORT),--ui-port $(UI_PORT))
 
 lint: install
-	$(VENV)/bin/ruff check airflow_sync_provider dags tests benchmarks
-	$(VENV)/bin/ruff format --check airflow_sync_provider dags tests benchmarks
+	$(VENV)/bin/ruff check airflow_sync_provider sync_dev dags tests benchmarks
+	$(VENV)/bin/ruff format --check airflow_sync_provider sync_dev dags tests benchmarks
 	$(VENV)/bin/mypy
 
 pytest: install

@@ -217,7 +217,7 @@ def _wide_change(table: str, rows: int) -> str:
 def run(args: argparse.Namespace) -> Path:
     import statistics
 
-    from airflow_sync_provider.local_postgres import local_postgres
+    from sync_dev.local_postgres import local_postgres
 
     quick = args.quick
     rounds = args.rounds or (2 if quick else 3)

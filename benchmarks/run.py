@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airflow_sync_provider.local_postgres import LocalPostgres, local_postgres
 from benchmarks import report
+from sync_dev.local_postgres import LocalPostgres, local_postgres
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -36,7 +36,14 @@ import pandas as pd
 from airflow.sdk import DAG, TaskGroup, Variable, chain
 
 from airflow_sync_provider.assets import table_asset
-from airflow_sync_provider.casestudies.bank import (
+from airflow_sync_provider.operators.quality import DataQualityGateOperator, ReferentialIntegrityGateOperator
+from airflow_sync_provider.operators.reconcile import ReconcileOperator
+from airflow_sync_provider.operators.sync import (
+    ExtractToStagingOperator,
+    LoadStagedToPostgresOperator,
+    SyncTableOperator,
+)
+from case_studies.bank import (
     HISTORY_TABLE,
     LOAN_EXPECTATIONS,
     PASSTHROUGH,
@@ -44,13 +51,6 @@ from airflow_sync_provider.casestudies.bank import (
     TARGET_SCHEMAS,
     customer_expectations,
     masking_for,
-)
-from airflow_sync_provider.operators.quality import DataQualityGateOperator, ReferentialIntegrityGateOperator
-from airflow_sync_provider.operators.reconcile import ReconcileOperator
-from airflow_sync_provider.operators.sync import (
-    ExtractToStagingOperator,
-    LoadStagedToPostgresOperator,
-    SyncTableOperator,
 )
 
 try:  # Airflow 3.1+: the SDK re-exports the timetables

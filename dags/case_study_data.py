@@ -15,7 +15,7 @@ from typing import Any
 
 from airflow.sdk import DAG, BaseHook, Param, task
 
-from airflow_sync_provider.casestudies.databases import BANK_SOURCE, INVENTORY_SOURCES
+from case_studies.databases import BANK_SOURCE, INVENTORY_SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ with DAG(
 
     @task
     def inventory_sources(**context: Any) -> dict[str, Any]:
-        from airflow_sync_provider.casestudies import inventory
-        from airflow_sync_provider.casestudies.databases import is_seeded
+        from case_studies import inventory
+        from case_studies.databases import is_seeded
 
         params = context["params"]
         uris = {conn_id: _uri(conn_id) for conn_id in INVENTORY_SOURCES}
@@ -55,8 +55,8 @@ with DAG(
 
     @task
     def bank_source(**context: Any) -> dict[str, Any]:
-        from airflow_sync_provider.casestudies import bank
-        from airflow_sync_provider.casestudies.databases import is_seeded
+        from case_studies import bank
+        from case_studies.databases import is_seeded
 
         params = context["params"]
         uri = _uri(BANK_SOURCE)

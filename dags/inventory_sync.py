@@ -33,7 +33,6 @@ from typing import Any
 from airflow.sdk import DAG, Asset, AssetWatcher, BaseHook, chain, task
 
 from airflow_sync_provider.assets import table_asset
-from airflow_sync_provider.casestudies.inventory import ATP_EXPECTATIONS, STORES, WAREHOUSES, compute_atp
 from airflow_sync_provider.operators.cdc import CdcSyncOperator
 from airflow_sync_provider.operators.quality import DataQualityGateOperator
 from airflow_sync_provider.operators.sync import (
@@ -42,6 +41,7 @@ from airflow_sync_provider.operators.sync import (
     SyncTableOperator,
 )
 from airflow_sync_provider.triggers.cdc import CdcChangesEventTrigger
+from case_studies.inventory import ATP_EXPECTATIONS, STORES, WAREHOUSES, compute_atp
 
 CENTRAL = "inventory_central"
 
@@ -66,8 +66,8 @@ def inventory_dag(dag_id: str, schedule: Any, description: str) -> DAG:
 
         @task
         def prepare_central() -> None:
-            from airflow_sync_provider.casestudies.inventory import prepare_central as ddl
             from airflow_sync_provider.hooks.target import SyncTargetHook
+            from case_studies.inventory import prepare_central as ddl
 
             with SyncTargetHook(postgres_conn_id=CENTRAL).get_sync_connection() as conn:
                 conn.autocommit = True
@@ -148,8 +148,8 @@ def inventory_dag(dag_id: str, schedule: Any, description: str) -> DAG:
             """The invariant across systems, and how fresh the stores' numbers are."""
             from airflow.sdk.exceptions import AirflowFailException
 
-            from airflow_sync_provider.casestudies.inventory import check_no_oversell as check
-            from airflow_sync_provider.casestudies.inventory import stock_freshness
+            from case_studies.inventory import check_no_oversell as check
+            from case_studies.inventory import stock_freshness
 
             uris = _uris([CENTRAL, *STORES])
             result = check(uris)

@@ -28,10 +28,10 @@ from airflow_sync_provider.core.cdc import slot as cdc_slot
 from airflow_sync_provider.core.cdc.extract import open_source
 from airflow_sync_provider.core.load import LoadResult
 from airflow_sync_provider.core.manifest import Manifest
-from airflow_sync_provider.local_postgres import LocalPostgres, local_postgres
+from sync_dev.local_postgres import LocalPostgres, local_postgres
 
 if TYPE_CHECKING:
-    from airflow_sync_provider.casestudies.runner import AirflowSandbox
+    from sync_dev.airflow_sandbox import AirflowSandbox
 
 _counter = itertools.count()
 
@@ -229,8 +229,8 @@ def case_study_systems(
 ) -> Iterator[tuple[AirflowSandbox, dict[str, str]]]:
     """The case studies' databases (plus ``extra_databases``) on the test server and a migrated Airflow
     sandbox whose connections point at them; drops the databases and their CDC slots afterwards."""
-    from airflow_sync_provider.casestudies import databases
-    from airflow_sync_provider.casestudies.runner import AirflowSandbox
+    from case_studies import databases
+    from sync_dev.airflow_sandbox import AirflowSandbox
 
     with server.connect() as admin:
         databases.create_databases(admin, prefix)

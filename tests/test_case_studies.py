@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from airflow_sync_provider.casestudies import bank, databases, inventory
-from airflow_sync_provider.casestudies.databases import connect
-from airflow_sync_provider.casestudies.runner import AirflowSandbox, DagRunOutcome
-from airflow_sync_provider.local_postgres import LocalPostgres
+from case_studies import bank, databases, inventory
+from case_studies.databases import connect
+from sync_dev.airflow_sandbox import AirflowSandbox, DagRunOutcome
+from sync_dev.local_postgres import LocalPostgres
 
 from .conftest import case_study_systems
 
@@ -152,15 +152,19 @@ def test_bank_dag_masks_keeps_history_reconciles_and_backfills(systems: tuple[Ai
 
 
 def test_case_study_dags_parse_without_a_database_and_declare_their_assets(monkeypatch: pytest.MonkeyPatch) -> None:
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow.dag_processing.dagbag import BundleDagBag
 
-    from airflow_sync_provider.casestudies.runner import DAGS_FOLDER
+    from sync_dev import DAGS_FOLDER
 
     for system in databases.ALL_SYSTEMS:  # connections that point nowhere: parsing must not try them
         monkeypatch.setenv(f"AIRFLOW_CONN_{system.upper()}", "postgres://nobody@127.0.0.1:1/nowhere")
     monkeypatch.delenv("AIRFLOW_VAR_SYNC_TOKEN_KEY", raising=False)  # read when a batch is masked, not at parse
-    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    bag = BundleDagBag(dag_folder=str(DAGS_FOLDER), bundle_path=DAGS_FOLDER)  # as the dag-processor parses
     assert bag.import_errors == {}
+    # the DAGs' helper package is imported by them, never parsed as DAG files (dags/.airflowignore)
+    parsed = {Path(file).relative_to(DAGS_FOLDER).as_posix() for file in bag.file_last_changed}
+    assert {"bank_customer_sync.py", "case_study_data.py", "inventory_sync.py"} <= parsed
+    assert not [file for file in parsed if file.startswith("case_studies/")]
     inventory_dag, bank_dag = bag.dags["inventory_sync"], bag.dags["bank_customer_sync"]
     # the bank's schedule has real hourly intervals, so `airflow backfill create` windows are real
     assert type(bank_dag.timetable).__name__ == "CronDataIntervalTimetable"

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from airflow_sync_provider.casestudies.databases import ALL_SYSTEMS
+from case_studies.databases import ALL_SYSTEMS
 
 REPO = Path(__file__).resolve().parents[1]
 AIRFLOW_SERVICES = (
@@ -58,6 +58,9 @@ def test_every_airflow_container_has_the_provider_and_the_dags() -> None:
         assert "./dags:/opt/airflow/dags:ro" in service["volumes"], name
         assert any(v.endswith(":/opt/airflow/staging") for v in service["volumes"]), name
     assert "airflow providers list | grep airflow-sync-provider" in services["airflow-init"]["command"][-1]
+    # the image gets the provider only; the DAGs' helper package comes with the dags/ mount
+    assert (REPO / "dags" / "case_studies" / "__init__.py").is_file()
+    assert "case_studies" not in dockerfile
 
 
 def test_case_study_databases_have_logical_wal_and_registered_connections() -> None:

@@ -40,7 +40,7 @@ from airflow_sync_provider.core.cdc import (
 from airflow_sync_provider.core.errors import SchemaError, SourceUnavailableError
 from airflow_sync_provider.core.state import read_state
 from airflow_sync_provider.core.values import decode_row
-from airflow_sync_provider.local_postgres import LocalPostgres, local_postgres
+from sync_dev.local_postgres import LocalPostgres, local_postgres
 
 from .conftest import CdcEnv, SyncEnv, record_fault_trial, source_columns, table_checksum
 

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from psycopg import sql
 
-from airflow_sync_provider.casestudies import bank, inventory
-from airflow_sync_provider.casestudies.databases import connect
-from airflow_sync_provider.casestudies.runner import AirflowSandbox, DagRunOutcome
-from airflow_sync_provider.local_postgres import LocalPostgres
+from case_studies import bank, inventory
+from case_studies.databases import connect
+from sync_dev.airflow_sandbox import AirflowSandbox, DagRunOutcome
+from sync_dev.local_postgres import LocalPostgres
 
 from .conftest import case_study_systems
 

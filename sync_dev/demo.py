@@ -29,7 +29,7 @@ from psycopg import sql
 
 from airflow_sync_provider.core import LoadResult, StagingArea, SyncSpec, run_sync
 from airflow_sync_provider.core.cdc import CdcSpec, run_cdc_sync
-from airflow_sync_provider.local_postgres import LocalPostgres, local_postgres
+from sync_dev.local_postgres import LocalPostgres, local_postgres
 
 
 def _checksum(
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     with local_postgres() as server:
         print(f"embedded PostgreSQL on 127.0.0.1:{server.port} (binaries: {server.bindir})")
         if args.only in ("all", "case-studies", "inventory", "bank"):
-            from airflow_sync_provider.casestudies.demo import run_case_studies
+            from sync_dev.case_study_demo import run_case_studies
 
             ok = run_case_studies(
                 server,

@@ -28,7 +28,7 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from airflow_sync_provider.casestudies.databases import connect, copy_rows
+from case_studies.databases import connect, copy_rows
 
 WAREHOUSES = ("warehouse_a", "warehouse_b")
 STORES = ("store_web", "store_app")

@@ -28,8 +28,8 @@ from typing import Any
 import pandas as pd
 from psycopg import sql
 
-from airflow_sync_provider.casestudies.databases import connect, copy_rows
 from airflow_sync_provider.core.masking import TOKEN_PATTERN, drop, masking_transform, tokenize, year_only
+from case_studies.databases import connect, copy_rows
 
 SOURCE = "core_banking"
 #: target conn id -> schema

@@ -1,9 +1,10 @@
 """Run the reference DAGs for real (``dag.test()``) against a throw-away Airflow home.
 
 The demo and the end-to-end tests use it: a SQLite metadata database in a temporary
-``AIRFLOW_HOME``, the repository's ``dags/`` folder, connections and variables as
-``AIRFLOW_CONN_*`` / ``AIRFLOW_VAR_*`` environment variables.  Each run is a subprocess, so the
-DAG files are parsed the way the dag-processor parses them and each run starts clean.
+``AIRFLOW_HOME``, the repository's ``dags/`` folder (on ``sys.path``, as Airflow puts it),
+connections and variables as ``AIRFLOW_CONN_*`` / ``AIRFLOW_VAR_*`` environment variables.  Each
+run is a subprocess, so the DAG files are parsed the way the dag-processor parses them and each
+run starts clean.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DAGS_FOLDER = Path(__file__).resolve().parents[2] / "dags"
+from sync_dev import DAGS_FOLDER
 
+# BundleDagBag, as the dag-processor and the task runner parse: it puts the DAG folder on sys.path,
+# which is how the DAG files find their helper package, dags/case_studies.
 _RUN_SCRIPT = """
-import datetime as dt, json, sys
-from airflow.dag_processing.dagbag import DagBag
-bag = DagBag(dag_folder=sys.argv[1])
+import datetime as dt, json, pathlib, sys
+from airflow.dag_processing.dagbag import BundleDagBag
+bag = BundleDagBag(dag_folder=sys.argv[1], bundle_path=pathlib.Path(sys.argv[1]))
 if bag.import_errors:
     errors = {k: str(v) for k, v in bag.import_errors.items()}
     print("RESULT=" + json.dumps({"state": "import_error", "tasks": {}, "errors": errors}))

@@ -1,6 +1,6 @@
 """The reference DAGs in the Airflow UI (``airflow standalone``) against embedded case-study databases.
 
-    python -m airflow_sync_provider.casestudies.standalone          # or: make ui
+    python -m sync_dev.standalone          # or: make ui
 
 Starts (or restarts) an embedded PostgreSQL whose data persists in ``--data`` (default
 ``~/.cache/airflow_sync_provider/casestudies``), creates the case-study databases the first time
@@ -27,9 +27,9 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from airflow_sync_provider.casestudies import bank, databases, inventory
-from airflow_sync_provider.casestudies.runner import DAGS_FOLDER
-from airflow_sync_provider.local_postgres import free_port, init_server
+from case_studies import bank, databases, inventory
+from sync_dev import DAGS_FOLDER
+from sync_dev.local_postgres import free_port, init_server
 
 DEFAULT_DATA = Path.home() / ".cache" / "airflow_sync_provider" / "casestudies"
 DEFAULT_UI_PORT = 8080
