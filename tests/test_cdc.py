@@ -998,3 +998,16 @@ def test_begin_and_commit_fields_read_what_decode_reads() -> None:
     assert pgoutput.commit_fields(commit) == (decoded_commit.commit_lsn, decoded_commit.end_lsn)
     with pytest.raises(pgoutput.DecodeError):
         pgoutput.begin_fields(begin[:9])
+
+
+def test_the_snapshot_of_a_wide_table_is_paged_by_bytes(cdc: CdcEnv) -> None:
+    with cdc.env.source() as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v int, body text)")
+        for key in range(1, 31):
+            conn.execute("INSERT INTO t VALUES (%s, 0, %s)", (key, _toast_body(f"s{key}", 16)))
+    spec = CdcSpec(sync_id="widesnap", tables=("t",), batch_bytes=100_000)
+    manifest, result = cdc.run(spec, run_id="snap", keep_staged=True)
+    assert (manifest.kind, result.inserted) == ("snapshot", 30)
+    files = [f.rows for f in manifest.tables[0].files]
+    assert len(files) >= 5 and max(files) <= 4  # ~16 kB rows, pages of ~100 kB / 2
+    cdc.assert_converged("t", ["id"])

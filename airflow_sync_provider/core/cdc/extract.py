@@ -252,6 +252,15 @@ def _copy_tables(
                 sa.text("SELECT pg_current_snapshot()::text, pg_current_wal_lsn()::text")
             ).one()
             for table in tables:
+                rows_per_page = _rows_per_page(connection, table, spec)
+                if rows_per_page < spec.batch_rows:
+                    log.info(
+                        "sync %s: %s has wide rows: pages of %d rows (batch_bytes=%d)",
+                        spec.sync_id,
+                        table.qualified,
+                        rows_per_page,
+                        spec.batch_bytes,
+                    )
                 table_spec = SyncSpec(
                     sync_id=spec.sync_id,
                     source_table=table.name,
@@ -261,7 +270,7 @@ def _copy_tables(
                     mode="full",
                     primary_key=table.primary_key,
                     delete_mode=spec.delete_mode,
-                    batch_rows=spec.batch_rows,
+                    batch_rows=rows_per_page,
                     state_table=spec.state_table,
                     schema_drift=spec.schema_drift,
                     history_table=spec.history_table_of(table.qualified),
@@ -282,6 +291,20 @@ def _copy_tables(
                     raise
                 table_manifests.append(part)
     return str(snapshot), pgoutput.lsn_to_int(str(snapshot_lsn)), table_manifests
+
+
+def _rows_per_page(connection: sa.Connection, table: slot.SourceTableInfo, spec: CdcSpec) -> int:
+    """Rows per page of a snapshot copy so a page holds about ``batch_bytes`` (memory is bounded by
+    bytes, not only by ``batch_rows``): the text width of a sample of the table's rows, doubled."""
+    rows: sa.Select[Any] = (
+        sa.select(sa.literal_column("*")).select_from(sa.table(table.name, schema=table.schema)).limit(20)
+    )
+    text = sa.cast(sa.literal_column("t"), sa.Text)  # the whole row as text (t: the subquery's alias)
+    sample = sa.select(sa.func.coalesce(sa.func.max(sa.func.octet_length(text)), 0)).select_from(rows.subquery("t"))
+    width = int(connection.execute(sample).scalar_one() or 0)
+    if width <= 0:
+        return spec.batch_rows
+    return max(1, min(spec.batch_rows, spec.batch_bytes // (2 * width)))
 
 
 def table_snapshot_to_staging(
@@ -390,7 +413,7 @@ class _TableStream:
 _ROW_TAGS = frozenset(b"IUD")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Txn:
     """The transaction being read: its changes are in the tables' buffers (and, for a big one, files).
 
@@ -412,8 +435,13 @@ class _Txn:
         self.bytes += size
         self.total_bytes += size
 
-    def streams(self, streams: dict[int, _TableStream]) -> list[_TableStream]:
-        return [streams[oid] for oid in self.marks]
+    def reset(self) -> None:
+        """Ready for the next transaction (one per commit: cheaper than a new object)."""
+        self.changes = self.bytes = self.total_bytes = 0
+        if self.truncates:
+            self.truncates = []
+        if self.marks:
+            self.marks = {}
 
     def spill(self, streams: dict[int, _TableStream], flush: Any) -> None:
         """Write out every buffer: the rows of earlier transactions and this one's in separate files."""
@@ -598,7 +626,7 @@ def changes_to_staging(
                         if len(stream.buffer) >= spec.batch_rows or stream.buffer_bytes >= spec.batch_bytes:
                             _flush(staging, staging_dir, stream, conn, pending_types, spec)
                     progress.add(txn.changes)
-                    txn = _Txn()
+                    txn.reset()
                     if spec.max_batch_bytes is not None and read_bytes >= spec.max_batch_bytes:
                         notes.append(f"the batch ends at {read_bytes:,} bytes of changes (max_batch_bytes)")
                         break

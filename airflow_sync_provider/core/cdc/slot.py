@@ -278,14 +278,15 @@ def read_changes(
     conn: psycopg.Connection[Any],
     spec: CdcSpec,
     upto_lsn: int,
-    fetch_rows: int = 5_000,
+    fetch_rows: int = 2_000,
     fetch_bytes: int = 8 * 1024 * 1024,
 ) -> Generator[bytes, None, None]:
     """Yield the pgoutput messages of the complete transactions committed before ``upto_lsn``.
 
     Streams through a server-side cursor, so memory stays bounded however much is pending: each
     fetch asks for as many messages as the last ones' size says fit in ``fetch_bytes`` (at most
-    ``fetch_rows``; 1 MB rows come a few at a time, narrow ones thousands).  The slot is not
+    ``fetch_rows``, which bounds a fetch whose messages turn out wider than the last ones: 1 MB rows
+    come a few at a time, narrow ones thousands).  The slot is not
     consumed (``peek``): it moves only when :func:`advance_slot` is called.
     """
     params = {
