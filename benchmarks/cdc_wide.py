@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> Path:
     mem_rows = 100 if quick else 1_000  # x 1 MB
     narrow = 5_000 if quick else 50_000
     wide_rows = 100 if quick else 500
-    wide_changes = 2_000 if quick else 20_000
+    wide_changes = 2_000 if quick else 40_000
     workdir = Path(tempfile.mkdtemp(prefix="cdc-wide-"))
     with local_postgres(workdir / "pg") as server:
         bench = Bench(server, workdir, args.verbose)

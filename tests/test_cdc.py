@@ -1011,3 +1011,22 @@ def test_the_snapshot_of_a_wide_table_is_paged_by_bytes(cdc: CdcEnv) -> None:
     files = [f.rows for f in manifest.tables[0].files]
     assert len(files) >= 5 and max(files) <= 4  # ~16 kB rows, pages of ~100 kB / 2
     cdc.assert_converged("t", ["id"])
+
+
+def test_identity_following_with_hostile_names(cdc: CdcEnv) -> None:
+    """The identity links and the value resolution quote every name (a % in a name, parameters bound)."""
+    with cdc.env.source() as conn:
+        conn.execute('CREATE TABLE "we%ird ""t""" ("i%d" int PRIMARY KEY, "v %s" int, "bo%(x)sdy" text)')
+        conn.execute('ALTER TABLE "we%ird ""t""" ALTER COLUMN "bo%(x)sdy" SET STORAGE EXTERNAL')
+        for key in (1, 3):
+            conn.execute('INSERT INTO "we%%ird ""t""" VALUES (%s, 0, %s)', (key, _toast_body(f"h{key}", 8)))
+    spec = CdcSpec(sync_id="hostile_toast", tables=('we%ird "t"',))
+    cdc.run(spec, run_id="snap")
+    with cdc.env.source() as conn:
+        conn.execute('UPDATE "we%ird ""t""" SET "i%d" = 201 WHERE "i%d" = 1')  # no parameters: % as is
+        conn.execute('UPDATE "we%ird ""t""" SET "i%d" = 1 WHERE "i%d" = 3')
+        conn.execute('UPDATE "we%ird ""t""" SET "v %s" = 6 WHERE "i%d" = 1')
+        conn.execute('DELETE FROM "we%ird ""t""" WHERE "i%d" = 201')
+    _, result = cdc.run(spec, run_id="c1")
+    assert (result.status, result.deleted) == ("applied", 1)
+    cdc.assert_converged('we%ird "t"', ["i%d"])

@@ -1,9 +1,21 @@
-"""Apply a staged CDC batch (or the initial snapshot) to PostgreSQL in one transaction with its LSN.
+"""Apply a staged CDC batch (or a snapshot) to PostgreSQL in one transaction with its LSN.
 
 Per table: COPY the changes into a temp stage, drop those at or below the committed LSN (a replay
-after a crash is a no-op), apply the last truncate, fill unchanged TOAST values (never NULL them),
-keep the last change per key, delete, then merge the rest with the ordinary set-based merge.  The
-state row (new commit LSN) is written in the same transaction; the slot is confirmed afterwards.
+after a crash is a no-op), apply the last truncate, fill the values updates left out as unchanged
+TOAST (never NULL them), keep the last change per key, delete, then merge the rest with the ordinary
+set-based merge.  The state row (new commit LSN) is written in the same transaction; the slot is
+confirmed afterwards.
+
+Unchanged TOAST values follow the row, not the key (issue 13).  An update that leaves a TOASTed
+value out means "the value this row had", and within one batch a row can change key (``1 -> 201``)
+while another row takes its old key (``3 -> 1``).  So each change is placed on its row's identity
+chain in commit order: a key's changes split into segments at its deletes, a key change links the
+segment its delete half ends to the segment its upsert half begins, and chains of links are followed
+set-based (``_identity_links``).  A left-out value is the one the same identity last carried in the
+batch; if it carried none, the identity existed before the batch and the value is the target row at
+the key the identity had then, read before anything is written.  Nothing else can be known (the
+target lost that row): the load fails before writing, naming the table, key and column, and the
+recovery is to re-snapshot that table alone (``resnapshot_tables``).
 """
 
 from __future__ import annotations
