@@ -13,8 +13,10 @@ Two halves:
   read once with ``pg_logical_slot_peek_binary_changes`` and the options extract reads with, and
   asserted field by field (and re-encoded from the spec: every byte of every message accounted for).
 
-Tests marked ``xfail(strict=True)`` are decoder defects found while writing these tests (the decoder
-belongs to core/cdc, not to this file): each reason says what happens instead.
+The malformed-input tests pin decoder defects these tests found (a truncated message's error named no
+message type; negative lengths and counts read backwards or as empty, once an IndexError; an
+out-of-range commit time raised OverflowError; a non-UTF-8 name raised UnicodeDecodeError; bytes
+after the last field were ignored): every one of them is now a DecodeError naming the message type.
 """
 
 from __future__ import annotations
@@ -429,12 +431,6 @@ def test_malformed_messages_fail_clearly(data: bytes, match: str) -> None:
         decode(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="IndexError escapes decode(): a negative value length in an Update's old tuple leaves _Reader.pos "
-    "negative (see test_negative_lengths_and_counts_are_rejected), then _Reader.byte() indexes out of range "
-    "(5 of these 3,000 mutations)",
-)
 def test_mutated_row_messages_decode_or_raise_decode_error() -> None:
     """The hot path (I/U/D) under random corruption: a result or DecodeError, nothing else escapes."""
     rng = random.Random(14)
@@ -452,12 +448,6 @@ def test_mutated_row_messages_decode_or_raise_decode_error() -> None:
             decode(bytes(data))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="decode(): a truncated message fails with a generic 'message truncated at byte N' (or "
-    "'unterminated string at byte N', 'value of N bytes truncated ...') that names neither the message "
-    "type nor the relation",
-)
 @pytest.mark.parametrize("name", sorted(LITERALS))
 def test_truncation_error_names_the_message_type(name: str) -> None:
     data = LITERALS[name]
@@ -469,14 +459,6 @@ def test_truncation_error_names_the_message_type(name: str) -> None:
         assert wanted.search(str(caught.value)), f"{name}[:{length}]: {caught.value}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Int32 lengths and Int16/Int32 counts are read signed and never checked: a negative 't'/'b' value "
-    "length moves _Reader.tuple_data's position backwards (it re-reads earlier bytes: a silent ('x', ''), or "
-    "a misleading 'unknown tuple column kind'; in an Update's old tuple the position goes negative and "
-    "_Reader.byte() raises IndexError), a negative LogicalMessage length gives b'' (_Reader.raw), and "
-    "negative tuple/column/relation counts decode as empty",
-)
 @pytest.mark.parametrize(
     "data",
     [
@@ -505,11 +487,6 @@ def test_negative_lengths_and_counts_are_rejected(data: bytes) -> None:
         decode(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_Reader.timestamp(): a commit time beyond datetime's range raises OverflowError "
-    "('date value out of range'), not DecodeError",
-)
 @pytest.mark.parametrize(
     "data", [BEGIN[:9] + b"\x7f" + bytes(7) + BEGIN[17:], COMMIT[:18] + b"\x7f" + bytes(7)], ids=["begin", "commit"]
 )
@@ -518,13 +495,6 @@ def test_out_of_range_commit_time_raises_decode_error(data: bytes) -> None:
         decode(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_Reader.string(): a name that is not UTF-8 raises UnicodeDecodeError out of decode(), naming "
-    "no message or relation.  Reachable: slot.read_changes reads a SQL_ASCII database without conversion "
-    "(so values become NotUtf8), but a column, table or schema named in Latin-1 there fails the Relation "
-    "message (the first case is a real capture)",
-)
 @pytest.mark.parametrize(
     "data",
     [
@@ -540,11 +510,6 @@ def test_names_that_are_not_utf8_decode_or_raise_decode_error(data: bytes) -> No
         decode(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="decode() ignores bytes after the last field (every protocol-1 message has a fixed layout, so they "
-    "mean a misread or a corrupt message); the captures below show real messages never carry any",
-)
 @pytest.mark.parametrize("name", ["begin", "relation", "insert", "update_key", "truncate", "message"])
 def test_trailing_bytes_are_rejected(name: str) -> None:
     with pytest.raises(DecodeError):

@@ -162,18 +162,39 @@ class _Reader:
     def uint64(self) -> int:
         return self._take(_UINT64)
 
+    def count(self, fmt: struct.Struct) -> int:
+        """A count of columns or relations: never negative."""
+        at, value = self.pos, self._take(fmt)
+        if value < 0:
+            raise DecodeError(f"negative count {value} at byte {at}")
+        return value
+
     def timestamp(self) -> dt.datetime:
-        return _PG_EPOCH + dt.timedelta(microseconds=self._take(_INT64))
+        at, micros = self.pos, self._take(_INT64)
+        try:
+            return _PG_EPOCH + dt.timedelta(microseconds=micros)
+        except OverflowError:
+            raise DecodeError(
+                f"commit time of {micros} microseconds after 2000-01-01 at byte {at} is out of range"
+            ) from None
 
     def string(self) -> str:
         end = self.data.find(b"\0", self.pos)
         if end < 0:
             raise DecodeError(f"unterminated string at byte {self.pos}")
-        value = self.data[self.pos : end].decode()
+        try:
+            value = self.data[self.pos : end].decode()
+        except UnicodeDecodeError:
+            raise DecodeError(
+                f"name {self.data[self.pos : end]!r} at byte {self.pos} is not UTF-8 (a SQL_ASCII source sends names "
+                "unconverted: rename the schema, table or column with ASCII or UTF-8 characters)"
+            ) from None
         self.pos = end + 1
         return value
 
     def raw(self, length: int) -> bytes:
+        if length < 0:
+            raise DecodeError(f"negative length {length} at byte {self.pos}")
         if self.pos + length > len(self.data):
             raise DecodeError(f"value of {length} bytes truncated at byte {self.pos}")
         value = self.data[self.pos : self.pos + length]
@@ -191,6 +212,8 @@ class _Reader:
         append = values.append
         try:
             (count,) = _INT16.unpack_from(data, pos)
+            if count < 0:
+                raise DecodeError(f"negative column count {count} at byte {pos}")
             pos += 2
             for _ in range(count):
                 kind = data[pos]
@@ -199,7 +222,7 @@ class _Reader:
                     (length,) = _INT32.unpack_from(data, pos)
                     pos += 4
                     end = pos + length
-                    if end > size:
+                    if end > size or length < 0:
                         raise DecodeError(f"value of {length} bytes truncated at byte {pos}")
                     try:
                         append(data[pos:end].decode())
@@ -214,7 +237,7 @@ class _Reader:
                     (length,) = _INT32.unpack_from(data, pos)
                     pos += 4
                     end = pos + length
-                    if end > size:
+                    if end > size or length < 0:
                         raise DecodeError(f"value of {length} bytes truncated at byte {pos}")
                     append(data[pos:end])
                     pos = end
@@ -226,10 +249,44 @@ class _Reader:
         return tuple(values)
 
 
+#: What each message type is called in errors.
+MESSAGE_TYPES = {
+    "B": "Begin",
+    "C": "Commit",
+    "R": "Relation",
+    "Y": "Type",
+    "I": "Insert",
+    "U": "Update",
+    "D": "Delete",
+    "T": "Truncate",
+    "O": "Origin",
+    "M": "logical Message",
+}
+
+
 def decode(data: bytes | memoryview) -> Message:
-    """Decode one pgoutput message (one row of ``pg_logical_slot_*_binary_changes``)."""
+    """Decode one pgoutput message (one row of ``pg_logical_slot_*_binary_changes``).
+
+    Anything that is not a whole, valid protocol-1 message (truncated, corrupt lengths or counts,
+    bytes after the last field) raises :class:`DecodeError` naming the message type.
+    """
     reader = _Reader(data)
     tag = reader.byte()
+    if tag not in MESSAGE_TYPES:
+        raise DecodeError(f"unknown pgoutput message type {tag!r}")
+    try:
+        message = _decode(reader, tag)
+    except DecodeError as error:
+        raise DecodeError(f"{MESSAGE_TYPES[tag]} message ({tag!r}, {len(reader.data)} bytes): {error}") from None
+    if reader.pos != len(reader.data):
+        raise DecodeError(
+            f"{MESSAGE_TYPES[tag]} message ({tag!r}): {len(reader.data) - reader.pos} unexpected byte(s) "
+            f"after its last field at byte {reader.pos}"
+        )
+    return message
+
+
+def _decode(reader: _Reader, tag: str) -> Message:
     if tag in ("I", "U", "D"):  # row changes: by far the most messages
         reader.pos = 5
         try:
@@ -264,14 +321,14 @@ def decode(data: bytes | memoryview) -> Message:
         relation_id, namespace, name = reader.uint32(), reader.string(), reader.string()
         identity = reader.byte()
         columns = []
-        for _ in range(reader.int16()):
+        for _ in range(reader.count(_INT16)):
             flags = reader.int8()
             columns.append(RelationColumn(reader.string(), reader.uint32(), reader.int32(), bool(flags & 1)))
         return Relation(relation_id, namespace, name, identity, tuple(columns))
     if tag == "Y":
         return TypeInfo(reader.uint32(), reader.string(), reader.string())
     if tag == "T":
-        count = reader.int32()
+        count = reader.count(_INT32)
         options = reader.int8()
         ids = tuple(reader.uint32() for _ in range(count))
         return Truncate(ids, cascade=bool(options & 1), restart_identity=bool(options & 2))
@@ -281,7 +338,7 @@ def decode(data: bytes | memoryview) -> Message:
         transactional = bool(reader.int8())
         lsn, prefix = reader.uint64(), reader.string()
         return LogicalMessage(transactional, lsn, prefix, reader.raw(reader.int32()))
-    raise DecodeError(f"unknown pgoutput message type {tag!r}")
+    raise AssertionError(tag)  # decode() admits only the types above
 
 
 _BEGIN = struct.Struct(">QqI")  # final LSN, commit time, xid
