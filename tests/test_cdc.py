@@ -1030,3 +1030,31 @@ def test_identity_following_with_hostile_names(cdc: CdcEnv) -> None:
     _, result = cdc.run(spec, run_id="c1")
     assert (result.status, result.deleted) == ("applied", 1)
     cdc.assert_converged('we%ird "t"', ["i%d"])
+
+
+def test_a_column_change_between_two_changes_of_one_transaction_fails_instead_of_stalling(cdc: CdcEnv) -> None:
+    """INSERT; ALTER TABLE; INSERT in one transaction cannot be staged in one shape.  Ending the batch
+    before it (as for a change between transactions) would leave every run empty for ever; it fails,
+    naming the recovery: re-snapshot that table."""
+    _seed_items(cdc, rows=10)
+    with cdc.env.source() as conn:
+        conn.execute("CREATE TABLE other (id int PRIMARY KEY, v int)")
+    spec = CdcSpec(sync_id="midtxn", tables=("items", "other"), schema_drift="evolve")
+    cdc.run(spec, run_id="snap")
+    with cdc.env.source() as conn:
+        conn.execute("INSERT INTO other VALUES (1, 1)")  # a transaction before it: applied
+        with conn.transaction():
+            conn.execute("INSERT INTO items (id, sku) VALUES (100, 'before the change')")
+            conn.execute("ALTER TABLE items ADD COLUMN color text")
+            conn.execute("INSERT INTO items (id, sku, color) VALUES (101, 'after', 'red')")
+            conn.execute("INSERT INTO other VALUES (2, 2)")
+    _, first = cdc.run(spec, run_id="c1")  # ends before that transaction
+    assert first.tables == {"public.other": {"inserted": 1, "updated": 0, "deleted": 0}}
+    with pytest.raises(SchemaError, match=r"table='public.items'.*between two of its row changes.*resnapshot_tables"):
+        cdc.run(spec, run_id="c2")
+    _, resnapshot = _resnapshot(cdc, spec, ["items"])
+    assert resnapshot.inserted == 2
+    _, after = cdc.run(spec, run_id="c3")
+    assert after.tables == {"public.other": {"inserted": 1, "updated": 0, "deleted": 0}}  # items: skipped
+    cdc.assert_converged("items", ["id"])
+    cdc.assert_converged("other", ["id"])

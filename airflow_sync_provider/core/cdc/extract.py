@@ -34,7 +34,7 @@ from airflow_sync_provider.core.cdc.manifest import (
 )
 from airflow_sync_provider.core.cdc.spec import CdcSpec
 from airflow_sync_provider.core.cdc.watch import Watch
-from airflow_sync_provider.core.errors import ConfigurationError, DataError, SyncError
+from airflow_sync_provider.core.errors import ConfigurationError, DataError, SchemaError, SyncError
 from airflow_sync_provider.core.extract import extract_to_staging
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger, Progress
@@ -642,6 +642,16 @@ def changes_to_staging(
                         if stream.rows or stream.buffer:
                             # The table's columns changed mid-batch: end the batch before this transaction,
                             # so every staged file has one shape; the next run starts with the new one.
+                            if not transactions:  # it is the first: ending before it would stall for ever
+                                raise SchemaError(
+                                    f"the transaction committed at {pgoutput.int_to_lsn(txn_lsn)} changes this "
+                                    "table's columns between two of its row changes, so its changes cannot be "
+                                    "staged in one shape. Re-snapshot just this table (resnapshot_tables; the "
+                                    "stream then skips that transaction for it, the other tables keep streaming)",
+                                    sync_id=spec.sync_id,
+                                    table=stream.source.qualified,
+                                    rule="schema change inside a transaction",
+                                )
                             notes.append(
                                 f"columns of {stream.source.qualified} changed at {pgoutput.int_to_lsn(txn_lsn)}; "
                                 "the batch ends before that transaction"
