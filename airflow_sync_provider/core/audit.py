@@ -16,46 +16,14 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.abc import AdaptContext
 from psycopg.rows import dict_row
 
+from airflow_sync_provider.core.sqltext import bindable, insert_row
 from airflow_sync_provider.core.state import table_exists
 
 AUDIT_TABLE = "_sync_audit"
 QUALITY_TABLE = "_sync_quality_results"
 RECONCILE_TABLE = "_sync_reconciliations"
-
-
-def bindable(query: sql.Composable, context: AdaptContext | None = None) -> sql.Composed:
-    """``query`` made safe to run *with parameters*, whatever its identifiers and literals contain.
-
-    psycopg looks for ``%`` placeholders in the whole text of a query run with parameters, the
-    quoted identifiers included, and does not escape ``%`` in them: a column ``a%c`` fails with
-    "only '%s', '%b', '%t' are allowed as placeholders", ``id %s`` with "positional and named
-    placeholders cannot be mixed", ``n %(x)s`` with a missing parameter.  Here every
-    :class:`~psycopg.sql.Identifier` and :class:`~psycopg.sql.Literal` of the composed query is
-    rendered with ``%`` doubled (the parser turns ``%%`` back into ``%``); the ``sql.SQL`` text
-    and the placeholders are left as written, so parts already rendered by
-    :func:`~.state.param_identifier` stay right.  Running every parameterised statement through
-    :func:`execute` (or this, for ``executemany`` and server-side cursors) makes the bug
-    impossible for any name, instead of relying on each identifier being wrapped by hand.
-    """
-    return sql.Composed([_escaped(query, context)])
-
-
-def _escaped(part: sql.Composable, context: AdaptContext | None) -> sql.Composable:
-    if isinstance(part, sql.Composed):
-        return sql.Composed([_escaped(inner, context) for inner in part])
-    if isinstance(part, sql.Identifier | sql.Literal):
-        return sql.SQL(part.as_string(context).replace("%", "%%"))
-    return part
-
-
-def execute(
-    conn: psycopg.Connection[Any] | psycopg.Cursor[Any], query: sql.Composable, params: Any
-) -> psycopg.Cursor[Any]:
-    """``conn.execute(query, params)`` with the query made :func:`bindable` first."""
-    return conn.execute(bindable(query, conn), params)
 
 
 @dataclass(frozen=True)
@@ -144,16 +112,7 @@ def append_entry(conn: psycopg.Connection[Any], schema: str, entry: AuditEntry) 
         "range_high": json.dumps(entry.range_high),
         "details": json.dumps(entry.details, default=str),
     }
-    columns = list(values)
-    execute(
-        conn,
-        sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-            sql.Identifier(schema, AUDIT_TABLE),
-            sql.SQL(", ").join(map(sql.Identifier, columns)),
-            sql.SQL(", ").join(sql.Placeholder(c) for c in columns),
-        ),
-        values,
-    )
+    insert_row(conn, sql.Identifier(schema, AUDIT_TABLE), values)
 
 
 def stage_checksum(conn: psycopg.Connection[Any], stage: sql.Composable, columns: list[str]) -> str:

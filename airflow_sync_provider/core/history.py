@@ -26,12 +26,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from airflow_sync_provider.core.audit import execute
 from airflow_sync_provider.core.errors import SchemaError
 from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.progress import LOG
 from airflow_sync_provider.core.schema import validate_pg_type
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN
+from airflow_sync_provider.core.sqltext import execute
 
 VALID_FROM = "_valid_from"
 VALID_TO = "_valid_to"
@@ -120,7 +120,7 @@ def record_history(
     """Inside the load transaction: close changed current versions and open new ones from ``stage``.
 
     ``where`` filters the stage rows (alias ``s``) like the merge's.  Returns (opened, closed).
-    These statements run with parameters, so they go through :func:`~.audit.execute` (a ``%`` in
+    These statements run with parameters, so they go through :func:`~.sqltext.execute` (a ``%`` in
     any name must not read as a placeholder).
     """
     from airflow_sync_provider.core.load import _comparable

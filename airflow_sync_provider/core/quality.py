@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from airflow_sync_provider.core.audit import AUDIT_TABLE, QUALITY_TABLE, bindable, execute, make_append_only
+from airflow_sync_provider.core.audit import AUDIT_TABLE, QUALITY_TABLE, make_append_only
 from airflow_sync_provider.core.errors import (
     ConfigurationError,
     DataError,
@@ -73,6 +73,7 @@ from airflow_sync_provider.core.load import apply_table_batch
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger
 from airflow_sync_provider.core.spec import SYNCED_AT_COLUMN
+from airflow_sync_provider.core.sqltext import bindable, execute
 from airflow_sync_provider.core.staging import StagingArea, filesystem_for, staged_schema
 from airflow_sync_provider.core.state import table_exists
 

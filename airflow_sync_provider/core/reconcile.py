@@ -79,7 +79,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 from psycopg import sql
 
-from airflow_sync_provider.core.audit import bindable, execute, make_append_only
+from airflow_sync_provider.core.audit import RECONCILE_TABLE, make_append_only
 from airflow_sync_provider.core.errors import (
     ConfigurationError,
     DataError,
@@ -94,10 +94,9 @@ from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, Staged
 from airflow_sync_provider.core.progress import LOG, Logger
 from airflow_sync_provider.core.schema import ColumnPlan, validate_pg_type
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SyncSpec
+from airflow_sync_provider.core.sqltext import bindable, execute, insert_row
 from airflow_sync_provider.core.staging import StagingArea, iter_staged_batches
 from airflow_sync_provider.core.values import decode_value, encode_value
-
-RECONCILE_TABLE = "_sync_reconciliations"
 
 Method = Literal["auto", "sql", "python"]
 DifferenceKind = Literal["missing_in_target", "extra_in_target", "different"]
@@ -682,15 +681,7 @@ def record_reconciliation(
         "seconds": result.seconds,
         "details": json.dumps(dict(details or {}), default=str),
     }
-    execute(
-        conn,
-        sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-            sql.Identifier(schema, RECONCILE_TABLE),
-            sql.SQL(", ").join(map(sql.Identifier, values)),
-            sql.SQL(", ").join(sql.Placeholder(c) for c in values),
-        ),
-        values,
-    )
+    insert_row(conn, sql.Identifier(schema, RECONCILE_TABLE), values)
 
 
 # --------------------------------------------------------------------------- canonical fingerprints

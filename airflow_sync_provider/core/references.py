@@ -16,10 +16,10 @@ import psycopg
 import pyarrow as pa
 from psycopg import sql
 
-from airflow_sync_provider.core.audit import execute
 from airflow_sync_provider.core.errors import ConfigurationError, DataError
 from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.schema import validate_pg_type
+from airflow_sync_provider.core.sqltext import execute
 from airflow_sync_provider.core.staging import iter_staged_batches
 
 _CHUNK_ROWS = 50_000
