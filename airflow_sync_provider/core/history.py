@@ -32,6 +32,7 @@ from airflow_sync_provider.core.progress import LOG
 from airflow_sync_provider.core.schema import validate_pg_type
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN
 from airflow_sync_provider.core.sqltext import execute
+from airflow_sync_provider.core.target import TargetTable, comparable, target_table
 
 VALID_FROM = "_valid_from"
 VALID_TO = "_valid_to"
@@ -50,23 +51,15 @@ HISTORY_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _history_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Any:
-    """The history table as the load module describes target tables (imported late: load imports us)."""
-    from airflow_sync_provider.core.load import TargetTable, _target_columns
-
-    schema, name = manifest.target_schema, manifest.history_table or ""
-    return TargetTable(schema, name, _target_columns(conn, schema, name) or {})
-
-
-def ensure_history_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Any:
+def ensure_history_table(conn: psycopg.Connection[Any], manifest: Manifest) -> TargetTable:
     """Create the history table (from the manifest's columns) if missing, or check it has them.
 
-    Returns it as the load module's ``TargetTable`` (its column types decide how values compare).
+    Returns it as a :class:`~.target.TargetTable` (its column types decide how values compare).
     """
     assert manifest.history_table
     schema, name = manifest.target_schema, manifest.history_table
     ident = sql.Identifier(schema, name)
-    table = _history_table(conn, manifest)
+    table = target_table(conn, schema, name)
     existing = table.column_types
     if existing:
         needed = [c.name for c in manifest.columns] + [c for c, _ in HISTORY_COLUMNS]
@@ -94,7 +87,7 @@ def ensure_history_table(conn: psycopg.Connection[Any], manifest: Manifest) -> A
         )
     )
     LOG.info("sync %s: created SCD2 history table %s.%s", manifest.sync_id, schema, name)
-    return _history_table(conn, manifest)
+    return target_table(conn, schema, name)
 
 
 def _index_name(table: str) -> str:
@@ -123,8 +116,6 @@ def record_history(
     These statements run with parameters, so they go through :func:`~.sqltext.execute` (a ``%`` in
     any name must not read as a placeholder).
     """
-    from airflow_sync_provider.core.load import _comparable
-
     table = ensure_history_table(conn, manifest)
     history = sql.Identifier(manifest.target_schema, manifest.history_table or "")
     keys = list(manifest.primary_key)
@@ -134,8 +125,8 @@ def record_history(
     differs: sql.Composable = sql.SQL("false")
     if values:
         differs = sql.SQL("({}) IS DISTINCT FROM ({})").format(
-            sql.SQL(", ").join(_comparable("h", c, table) for c in values),
-            sql.SQL(", ").join(_comparable("s", c, table) for c in values),
+            sql.SQL(", ").join(comparable("h", c, table) for c in values),
+            sql.SQL(", ").join(comparable("s", c, table) for c in values),
         )
     closed = _close_versions(
         conn,

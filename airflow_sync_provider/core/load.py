@@ -27,7 +27,6 @@ from airflow_sync_provider.core import drift
 from airflow_sync_provider.core.audit import AuditEntry, append_entry, ensure_audit_table, stage_checksum
 from airflow_sync_provider.core.errors import (
     DataError,
-    SchemaError,
     SyncError,
     TargetUnavailableError,
     UnsafeOperationError,
@@ -37,10 +36,10 @@ from airflow_sync_provider.core.history import close_deleted, record_history
 from airflow_sync_provider.core.manifest import Manifest, StagedFile
 from airflow_sync_provider.core.pgcopy import BoundedQueuedWriter, hex_bytea, naive_utc, utc_session
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver, Progress
-from airflow_sync_provider.core.schema import TYPES_WITHOUT_EQUALITY, validate_pg_type
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SYNCED_AT_COLUMN
 from airflow_sync_provider.core.staging import iter_staged_batches, remove_staged
 from airflow_sync_provider.core.state import SyncState, ensure_state_table, lock_state, param_identifier, write_state
+from airflow_sync_provider.core.target import TargetTable, comparable, ensure_target_table
 
 LoadStatus = Literal["applied", "backfilled", "stale", "already_applied"]
 
@@ -71,23 +70,6 @@ class LoadResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class TargetTable:
-    schema: str
-    name: str
-    column_types: dict[str, str]
-    #: Source columns ``schema_drift="discard"`` leaves out of this load.
-    discarded: tuple[str, ...] = ()
-
-    @property
-    def ident(self) -> sql.Identifier:
-        return sql.Identifier(self.schema, self.name)
-
-    @property
-    def display(self) -> str:
-        return f"{self.schema}.{self.name}"
 
 
 def prepare_load(conn: psycopg.Connection[Any], sync_id: str, schema: str, state_table: str) -> None:
@@ -325,119 +307,6 @@ def _skip(manifest: Manifest, state: SyncState, started: float) -> LoadResult:
     )
 
 
-# --------------------------------------------------------------------------- target table
-
-
-def _target_columns(conn: psycopg.Connection[Any], schema: str, name: str) -> dict[str, str] | None:
-    rows = conn.execute(
-        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-        "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-        (schema, name),
-    ).fetchall()
-    return {r[0]: r[1] for r in rows} or None
-
-
-def _unique_keys(conn: psycopg.Connection[Any], schema: str, name: str) -> list[set[str]]:
-    rows = conn.execute(
-        "SELECT array_agg(a.attname::text) FROM pg_index i "
-        "JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey) "
-        "WHERE n.nspname = %s AND c.relname = %s AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL "
-        "GROUP BY i.indexrelid",
-        (schema, name),
-    ).fetchall()
-    return [set(r[0]) for r in rows]
-
-
-def metadata_columns(manifest: Manifest) -> list[tuple[str, str]]:
-    columns = [(RUN_ID_COLUMN, "TEXT"), (SYNCED_AT_COLUMN, "TIMESTAMP WITH TIME ZONE")]
-    if manifest.delete_mode == "soft":
-        columns.append((DELETED_AT_COLUMN, "TIMESTAMP WITH TIME ZONE"))
-    return columns
-
-
-def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> TargetTable:
-    """Create the target table from the manifest's schema if missing, or check the existing one fits.
-
-    Inside the load's transaction.  Changes of the source's columns since the last committed load
-    follow the manifest's ``schema_drift`` policy (:mod:`.drift`: fail, alter the target, or leave
-    new columns out), and the columns synced are recorded in the state row with the data.
-    """
-    from airflow_sync_provider.core.state import SourceSchema, read_source_schema, write_source_schema
-
-    schema, name = manifest.target_schema, manifest.target_table
-    display = f"{schema}.{name}"
-    reserved = [c.name for c in manifest.columns if c.name in (RUN_ID_COLUMN, SYNCED_AT_COLUMN, DELETED_AT_COLUMN)]
-    if reserved:
-        raise SchemaError(
-            f"the source has column(s) {reserved} named like the metadata columns the load keeps in the target "
-            f"({RUN_ID_COLUMN}, {SYNCED_AT_COLUMN}, {DELETED_AT_COLUMN}); leave them out with columns=(...) "
-            "or rename them in a source view",
-            sync_id=manifest.sync_id,
-            table=display,
-            column=reserved,
-            rule="reserved column name",
-        )
-    existing = _target_columns(conn, schema, name)
-    known = read_source_schema(conn, schema, manifest.state_table, manifest.sync_id, display)
-    kind = "cdc" if manifest.mode == "cdc" else "table"
-
-    def record() -> None:
-        columns = SourceSchema(kind, tuple(drift.recorded_columns(manifest)))
-        if columns != known:
-            write_source_schema(conn, schema, manifest.state_table, manifest.sync_id, display, columns)
-
-    if existing is None:
-        definitions = [
-            sql.SQL("{} {}{}").format(
-                sql.Identifier(c.name),
-                sql.SQL(validate_pg_type(c.pg_type)),
-                sql.SQL(" NOT NULL") if c.name in manifest.primary_key else sql.SQL(""),
-            )
-            for c in manifest.columns
-        ]
-        definitions += [sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in metadata_columns(manifest)]
-        definitions.append(
-            sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, manifest.primary_key)))
-        )
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        conn.execute(
-            sql.SQL("CREATE TABLE {} ({})").format(sql.Identifier(schema, name), sql.SQL(", ").join(definitions))
-        )
-        LOG.info("sync %s: created target table %s from the source schema", manifest.sync_id, display)
-        existing = _target_columns(conn, schema, name)
-        assert existing is not None
-        record()
-        return TargetTable(schema, name, existing)
-
-    same_kind = known is not None and known.kind == kind
-    plan = drift.apply_drift(conn, manifest, known.columns if known else None, existing, LOG, check_types=same_kind)
-    if plan.discarded:
-        manifest = drift.narrowed(manifest, plan.discarded)  # what record() writes
-    if plan.statements:
-        existing = _target_columns(conn, schema, name)
-        assert existing is not None
-    if set(manifest.primary_key) not in _unique_keys(conn, schema, name):
-        raise SchemaError(
-            f"the target table has no primary key or unique index on ({', '.join(manifest.primary_key)}); "
-            "the merge needs one to match rows",
-            sync_id=manifest.sync_id,
-            table=display,
-            column=list(manifest.primary_key),
-        )
-    for column, pg_type in metadata_columns(manifest):
-        if column not in existing:
-            conn.execute(
-                sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
-                    sql.Identifier(schema, name), sql.Identifier(column), sql.SQL(pg_type)
-                )
-            )
-            existing[column] = pg_type.lower()
-    record()
-    return TargetTable(schema, name, existing, tuple(plan.discarded))
-
-
 # --------------------------------------------------------------------------- staging into PostgreSQL
 
 
@@ -599,13 +468,6 @@ def _value_columns(manifest: Manifest) -> list[str]:
     return [c.name for c in manifest.columns if c.name not in manifest.primary_key]
 
 
-def _comparable(alias: str, column: str, target: TargetTable) -> sql.Composable:
-    """``alias.column`` in a form ``IS DISTINCT FROM`` can compare (for queries run with parameters)."""
-    ref = param_identifier(alias, column)
-    base_type = target.column_types.get(column, "").split("(")[0].strip().lower()
-    return sql.SQL("{}::text").format(ref) if base_type in TYPES_WITHOUT_EQUALITY else ref
-
-
 def merge_stage(
     conn: psycopg.Connection[Any],
     manifest: Manifest,
@@ -636,8 +498,8 @@ def merge_stage(
         if values:
             conditions.append(
                 sql.SQL("({}) IS DISTINCT FROM ({})").format(
-                    sql.SQL(", ").join(_comparable("t", c, target) for c in values),
-                    sql.SQL(", ").join(_comparable(new, c, target) for c in values),
+                    sql.SQL(", ").join(comparable("t", c, target) for c in values),
+                    sql.SQL(", ").join(comparable(new, c, target) for c in values),
                 )
             )
         if soft:

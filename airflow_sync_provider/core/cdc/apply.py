@@ -43,21 +43,13 @@ from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
 from airflow_sync_provider.core.cdc.watch import Watch
 from airflow_sync_provider.core.errors import DataError, SchemaError
 from airflow_sync_provider.core.history import close_deleted, record_history
-from airflow_sync_provider.core.load import (
-    TargetTable,
-    apply_table_batch,
-    copy_files,
-    ensure_target_table,
-    merge_stage,
-    metadata_columns,
-    notify,
-    prepare_load,
-)
+from airflow_sync_provider.core.load import apply_table_batch, copy_files, merge_stage, notify, prepare_load
 from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN
 from airflow_sync_provider.core.staging import remove_staged
 from airflow_sync_provider.core.state import lock_state, param_identifier, write_state
+from airflow_sync_provider.core.target import TargetTable, ensure_target_table, metadata_columns
 
 CdcLoadStatus = Literal["applied", "stale", "already_applied", "no_changes"]
 
