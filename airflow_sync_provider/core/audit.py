@@ -18,8 +18,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from airflow_sync_provider.core.catalog import ddl_lock, table_exists
 from airflow_sync_provider.core.sqltext import bindable, insert_row
-from airflow_sync_provider.core.state import table_exists
 
 AUDIT_TABLE = "_sync_audit"
 QUALITY_TABLE = "_sync_quality_results"
@@ -52,7 +52,7 @@ def ensure_audit_table(conn: psycopg.Connection[Any], schema: str) -> None:
     """Create the ledger and its append-only guard (idempotent; call outside the load transaction)."""
     table = sql.Identifier(schema, AUDIT_TABLE)
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('airflow_sync_provider:ddl'))")
+        ddl_lock(conn)
         if table_exists(conn, schema, AUDIT_TABLE):
             return
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))

@@ -63,6 +63,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from airflow_sync_provider.core.audit import AUDIT_TABLE, QUALITY_TABLE, make_append_only
+from airflow_sync_provider.core.catalog import column_types, ddl_lock, table_exists
 from airflow_sync_provider.core.errors import (
     ConfigurationError,
     DataError,
@@ -75,7 +76,7 @@ from airflow_sync_provider.core.progress import LOG, Logger
 from airflow_sync_provider.core.spec import SYNCED_AT_COLUMN
 from airflow_sync_provider.core.sqltext import bindable, execute
 from airflow_sync_provider.core.staging import StagingArea, filesystem_for, staged_schema
-from airflow_sync_provider.core.state import table_exists
+from airflow_sync_provider.core.state import hold_state_row
 
 Severity = Literal["error", "warn"]
 Scope = Literal["rows", "batch", "schema"]
@@ -1256,21 +1257,12 @@ def _split(
 # --------------------------------------------------------------------------- target tables
 
 
-def _ddl_lock(conn: psycopg.Connection[Any]) -> None:
-    conn.execute("SELECT pg_advisory_xact_lock(hashtext('airflow_sync_provider:ddl'))")
-
-
-def _exists(conn: psycopg.Connection[Any], schema: str, table: str) -> bool:
-    """Whether ``schema.table`` exists, asked by name (no quoting: a name may hold any character)."""
-    return table_exists(conn, schema, table)
-
-
 def ensure_quality_tables(conn: psycopg.Connection[Any], schema: str) -> None:
     """Create ``_sync_quality_results`` (append-only) and ``_sync_quarantine`` if missing."""
     with conn.transaction():
-        _ddl_lock(conn)
+        ddl_lock(conn)
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        if not _exists(conn, schema, QUALITY_TABLE):
+        if not table_exists(conn, schema, QUALITY_TABLE):
             results = sql.Identifier(schema, QUALITY_TABLE)
             conn.execute(
                 sql.SQL(
@@ -1291,7 +1283,7 @@ def ensure_quality_tables(conn: psycopg.Connection[Any], schema: str) -> None:
             )
             conn.execute(sql.SQL("CREATE INDEX ON {} (sync_id, run_id)").format(results))
             make_append_only(conn, schema, "_sync_quality_results", "the sync quality results are")
-        if not _exists(conn, schema, QUARANTINE_TABLE):
+        if not table_exists(conn, schema, QUARANTINE_TABLE):
             quarantine = sql.Identifier(schema, QUARANTINE_TABLE)
             conn.execute(
                 sql.SQL(
@@ -1320,7 +1312,7 @@ def ensure_quality_tables(conn: psycopg.Connection[Any], schema: str) -> None:
                 sql.SQL("CREATE INDEX ON {} (sync_id, target_table, row_key)").format(quarantine),
             )
             _comment_replay_status(conn, schema)
-        elif "base_version" not in (_column_names(conn, schema, QUARANTINE_TABLE)):
+        elif "base_version" not in (column_types(conn, schema, QUARANTINE_TABLE) or {}):
             # A table from before quarantined rows were tied to their batch's state version.
             conn.execute(
                 sql.SQL("ALTER TABLE {} ADD COLUMN base_version bigint").format(
@@ -1328,16 +1320,6 @@ def ensure_quality_tables(conn: psycopg.Connection[Any], schema: str) -> None:
                 )
             )
             _comment_replay_status(conn, schema)
-
-
-def _column_names(conn: psycopg.Connection[Any], schema: str, table: str) -> set[str]:
-    rows = conn.execute(
-        "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped",
-        (schema, table),
-    ).fetchall()
-    return {str(r[0]) for r in rows}
 
 
 def _comment_replay_status(conn: psycopg.Connection[Any], schema: str) -> None:
@@ -1360,7 +1342,7 @@ def _committed(conn: psycopg.Connection[Any], schema: str, alias: str) -> sql.Co
     The load appends its ledger row (``_sync_audit``, status ``applied`` or ``backfilled``) in the
     transaction that merges the batch, so the ledger says exactly which batches are in the target.
     """
-    if not _exists(conn, schema, AUDIT_TABLE):
+    if not table_exists(conn, schema, AUDIT_TABLE):
         return sql.SQL("false")
     return sql.SQL(
         "EXISTS (SELECT 1 FROM {audit} a WHERE a.sync_id = {q}.sync_id AND a.manifest_id = {q}.manifest_id "
@@ -1378,7 +1360,7 @@ def _abandon_unloaded(conn: psycopg.Connection[Any], schema: str, sync_id: str, 
     again by later runs (and gated again); replaying the old versions could resurrect a row
     deleted at the source since.  The test is monotonic (versions only grow), so no lock is needed.
     """
-    if not _exists(conn, schema, state_table):
+    if not table_exists(conn, schema, state_table):
         return 0
     row = execute(
         conn,
@@ -1741,7 +1723,7 @@ def replay_quarantined(
     checks = plan_checks(load_suite(suite), severities) if suite is not None else []
     _connection_ready(target_conn, sync_id)
     quarantine = sql.Identifier(target_schema, QUARANTINE_TABLE)
-    if not _exists(target_conn, target_schema, QUARANTINE_TABLE):
+    if not table_exists(target_conn, target_schema, QUARANTINE_TABLE):
         return ReplayResult(sync_id=sync_id, run_id=run_id, manifest_id=manifest_id)
     ensure_quality_tables(target_conn, target_schema)
     staged_dirs: list[str] = []
@@ -1750,14 +1732,7 @@ def replay_quarantined(
     still: list[dict[str, Any]] = []
     try:
         with target_conn.transaction():
-            if _exists(target_conn, target_schema, state_table):  # serialize with loads of this sync
-                execute(
-                    target_conn,
-                    sql.SQL("SELECT 1 FROM {} WHERE sync_id = %s FOR UPDATE").format(
-                        sql.Identifier(target_schema, state_table)
-                    ),
-                    (sync_id,),
-                )
+            hold_state_row(target_conn, target_schema, state_table, sync_id)  # serialize with loads of this sync
             abandoned = _abandon_unloaded(target_conn, target_schema, sync_id, state_table, run_id)
             run_filter = sql.SQL(" AND q.run_id = %(run)s") if quarantined_in_run else sql.SQL("")
             params = {"sync": sync_id, "run": quarantined_in_run, "replay": run_id}
@@ -1905,7 +1880,7 @@ def _replay_group(
 
     # 1. Rows a later sync already brought again: the target's version is newer, keep it.
     newer: dict[int, Any] = {}
-    if _exists(conn, batch["target_schema"], batch["target_table"]):
+    if table_exists(conn, batch["target_schema"], batch["target_table"]):
         match = sql.SQL(" AND ").join(sql.SQL("t.{0} = r.{0}").format(sql.Identifier(k)) for k in primary_key)
         newer = dict(
             execute(

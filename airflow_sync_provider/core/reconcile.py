@@ -80,6 +80,7 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from airflow_sync_provider.core.audit import RECONCILE_TABLE, make_append_only
+from airflow_sync_provider.core.catalog import column_types, ddl_lock, table_exists
 from airflow_sync_provider.core.errors import (
     ConfigurationError,
     DataError,
@@ -96,6 +97,7 @@ from airflow_sync_provider.core.schema import ColumnPlan, validate_pg_type
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SyncSpec
 from airflow_sync_provider.core.sqltext import bindable, execute, insert_row
 from airflow_sync_provider.core.staging import StagingArea, iter_staged_batches
+from airflow_sync_provider.core.state import hold_state_row
 from airflow_sync_provider.core.values import decode_value, encode_value
 
 Method = Literal["auto", "sql", "python"]
@@ -429,7 +431,8 @@ def repair(
     key_plans = [_plan(source, k) for k in source.primary_key]
     try:
         with target_conn.transaction():
-            _lock_state_row(target_conn, spec)
+            # Serialise with loads of this sync (they lock the same row); the row is only read.
+            hold_state_row(target_conn, spec.target_schema, spec.state_table, spec.sync_id)
             # Read the source only now, under the state lock: no load can commit older values after us.
             rows_file, delete_file, found, gone = _stage_repair_rows(
                 source_engine, source, spec, result, staging, work_dir
@@ -598,19 +601,6 @@ def _delete_keys(
     return deleted
 
 
-def _lock_state_row(conn: psycopg.Connection[Any], spec: SyncSpec) -> None:
-    """Serialise with loads of this sync (they lock the same row); the row is only read."""
-    if conn.execute("SELECT to_regclass(%s)", (_regclass(spec.target_schema, spec.state_table),)).fetchone() == (None,):
-        return
-    execute(
-        conn,
-        sql.SQL("SELECT 1 FROM {} WHERE sync_id = %s FOR UPDATE").format(
-            sql.Identifier(spec.target_schema, spec.state_table)
-        ),
-        (spec.sync_id,),
-    )
-
-
 # --------------------------------------------------------------------------- the record
 
 
@@ -618,8 +608,8 @@ def ensure_reconcile_table(conn: psycopg.Connection[Any], schema: str) -> None:
     """Create the append-only reconciliation log if missing (idempotent; outside a transaction)."""
     table = sql.Identifier(schema, RECONCILE_TABLE)
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('airflow_sync_provider:ddl'))")
-        if conn.execute("SELECT to_regclass(%s)", (_regclass(schema, RECONCILE_TABLE),)).fetchone() != (None,):
+        ddl_lock(conn)
+        if table_exists(conn, schema, RECONCILE_TABLE):
             return
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         conn.execute(
@@ -1226,18 +1216,8 @@ def _pin_settings_target(conn: psycopg.Connection[Any]) -> None:
         conn.execute(sql.SQL(f"SET LOCAL {name} = '{value}'"))
 
 
-def _regclass(schema: str, table: str) -> str:
-    return sql.Identifier(schema, table).as_string(None)
-
-
 def _target_info(conn: psycopg.Connection[Any], spec: SyncSpec, source: SourceTable) -> _TargetInfo:
-    rows = conn.execute(
-        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-        "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-        (spec.target_schema, spec.target_table),
-    ).fetchall()
-    types = {str(r[0]): str(r[1]) for r in rows}
+    types = column_types(conn, spec.target_schema, spec.target_table) or {}
     if not types:
         return _TargetInfo(exists=False, column_types={}, soft_deletes=False)
     missing = [p.name for p in source.plans if p.name not in types]

@@ -16,6 +16,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from airflow_sync_provider.core.catalog import ddl_lock, table_exists
+from airflow_sync_provider.core.sqltext import execute
+
 STATE_COLUMNS = (
     "sync_id",
     "version",
@@ -71,7 +74,7 @@ def ensure_state_table(conn: psycopg.Connection[Any], schema: str, table: str) -
     """Create the schema and state table if missing (idempotent, safe under concurrency)."""
     with conn.transaction():
         # Serialise concurrent first runs: CREATE ... IF NOT EXISTS can still race on the catalog.
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('airflow_sync_provider:ddl'))")
+        ddl_lock(conn)
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         conn.execute(
             sql.SQL(
@@ -123,22 +126,26 @@ def _select_state(schema: str, table: str, lock: bool) -> sql.Composed:
     return query + sql.SQL(" FOR UPDATE") if lock else query
 
 
-def table_exists(conn: psycopg.Connection[Any], schema: str, table: str) -> bool:
-    """Whether ``schema.table`` exists (names as they are, no quoting needed)."""
-    row = conn.execute(
-        "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s",
-        (schema, table),
-    ).fetchone()
-    return row is not None
-
-
 def read_state(conn: psycopg.Connection[Any], schema: str, table: str, sync_id: str) -> SyncState | None:
     """Committed state of a sync, or None if it never ran (or the state table does not exist)."""
     if not table_exists(conn, schema, table):
         return None
     row = conn.execute(_select_state(schema, table, lock=False), (sync_id,)).fetchone()
     return _row_to_state(row) if row else None
+
+
+def hold_state_row(conn: psycopg.Connection[Any], schema: str, table: str, sync_id: str) -> None:
+    """Inside a transaction: lock the sync's state row (if there is one) without writing it.
+
+    A step that changes the target outside a load (a repair, a replay of quarantined rows)
+    serialises this way with the loads of the sync, which lock the same row.
+    """
+    if table_exists(conn, schema, table):
+        execute(
+            conn,
+            sql.SQL("SELECT 1 FROM {} WHERE sync_id = %s FOR UPDATE").format(sql.Identifier(schema, table)),
+            (sync_id,),
+        )
 
 
 def lock_state(conn: psycopg.Connection[Any], schema: str, table: str, sync_id: str) -> SyncState:
