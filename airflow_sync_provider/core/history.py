@@ -161,8 +161,7 @@ def record_history(
 def close_deleted(conn: psycopg.Connection[Any], manifest: Manifest, target: sql.Composable, run_id: str) -> int:
     """After deletes: close the current versions of keys the target no longer has (or soft-deleted).
 
-    ``target``: the target table (an ``sql.Identifier``, or as :func:`~.state.param_identifier`
-    renders it).
+    ``target``: the target table (an ``sql.Identifier``).
     """
     ensure_history_table(conn, manifest)
     history = sql.Identifier(manifest.target_schema, manifest.history_table or "")

@@ -37,8 +37,9 @@ from airflow_sync_provider.core.manifest import Manifest, StagedFile
 from airflow_sync_provider.core.pgcopy import BoundedQueuedWriter, hex_bytea, naive_utc, utc_session
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver, Progress
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SYNCED_AT_COLUMN
+from airflow_sync_provider.core.sqltext import execute
 from airflow_sync_provider.core.staging import iter_staged_batches, remove_staged
-from airflow_sync_provider.core.state import SyncState, ensure_state_table, lock_state, param_identifier, write_state
+from airflow_sync_provider.core.state import SyncState, ensure_state_table, lock_state, write_state
 from airflow_sync_provider.core.target import TargetTable, comparable, ensure_target_table
 
 LoadStatus = Literal["applied", "backfilled", "stale", "already_applied"]
@@ -253,7 +254,7 @@ def apply_table_batch(
         keys = stage if manifest.mode == "full" else _stage_keys(conn, manifest, target, log)
         deleted = _delete_missing(conn, manifest, target, keys, run_id)
         if deleted and manifest.history_table:
-            closed += close_deleted(conn, manifest, param_identifier(target.schema, target.name), run_id)
+            closed += close_deleted(conn, manifest, target.ident, run_id)
     if manifest.history_table:
         log.info(
             "sync %s: history %s.%s: %d version(s) opened, %d closed",
@@ -270,13 +271,13 @@ def _not_older_than_target(manifest: Manifest, target: TargetTable) -> sql.Compo
     """Stage rows (alias ``s``) whose target row, if any, has no newer cursor value."""
     assert manifest.cursor_column
     match = sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(param_identifier("n", k), param_identifier("s", k)) for k in manifest.primary_key
+        sql.SQL("{} = {}").format(sql.Identifier("n", k), sql.Identifier("s", k)) for k in manifest.primary_key
     )
     return sql.SQL("NOT EXISTS (SELECT 1 FROM {} n WHERE {} AND {} > {})").format(
-        param_identifier(target.schema, target.name),
+        target.ident,
         match,
-        param_identifier("n", manifest.cursor_column),
-        param_identifier("s", manifest.cursor_column),
+        sql.Identifier("n", manifest.cursor_column),
+        sql.Identifier("s", manifest.cursor_column),
     )
 
 
@@ -482,15 +483,16 @@ def merge_stage(
     it is a ``MERGE ... RETURNING merge_action()`` (measured 20-50% faster than ON CONFLICT here);
     should a concurrent writer insert one of the keys first (MERGE raises a unique violation where
     ON CONFLICT would wait and update), it falls back to ``INSERT ... ON CONFLICT`` from a savepoint.
-    Identifiers go through ``param_identifier``: a ``%`` in a name must not read as a placeholder.
+    Every statement runs with parameters, through :func:`~.sqltext.execute` (a ``%`` in a name must
+    not read as a placeholder).
     """
     keys = list(manifest.primary_key)
     values = _value_columns(manifest)
-    ident = param_identifier(target.schema, target.name)  # every statement here runs with parameters
+    ident = target.ident
     all_columns = [c.name for c in manifest.columns]
     soft = manifest.delete_mode == "soft"
-    insert_columns = sql.SQL(", ").join(map(param_identifier, [*all_columns, RUN_ID_COLUMN, SYNCED_AT_COLUMN]))
-    select_columns = sql.SQL(", ").join(param_identifier("s", c) for c in all_columns)
+    insert_columns = sql.SQL(", ").join(map(sql.Identifier, [*all_columns, RUN_ID_COLUMN, SYNCED_AT_COLUMN]))
+    select_columns = sql.SQL(", ").join(sql.Identifier("s", c) for c in all_columns)
     filtered = sql.SQL(" WHERE {}").format(where) if where is not None else sql.SQL("")
 
     def changed(new: str) -> list[sql.Composable]:
@@ -503,15 +505,15 @@ def merge_stage(
                 )
             )
         if soft:
-            conditions.append(sql.SQL("{} IS NOT NULL").format(param_identifier("t", DELETED_AT_COLUMN)))
+            conditions.append(sql.SQL("{} IS NOT NULL").format(sql.Identifier("t", DELETED_AT_COLUMN)))
         return conditions
 
     on_conflict: sql.Composable = sql.SQL("DO NOTHING")
     if changed("excluded"):
         updated_columns = [*values, RUN_ID_COLUMN, SYNCED_AT_COLUMN]
-        assignments = [sql.SQL("{0} = excluded.{0}").format(param_identifier(c)) for c in updated_columns]
+        assignments = [sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in updated_columns]
         if soft:
-            assignments.append(sql.SQL("{} = NULL").format(param_identifier(DELETED_AT_COLUMN)))
+            assignments.append(sql.SQL("{} = NULL").format(sql.Identifier(DELETED_AT_COLUMN)))
         on_conflict = sql.SQL("DO UPDATE SET {} WHERE {}").format(
             sql.SQL(", ").join(assignments), sql.SQL(" OR ").join(changed("excluded"))
         )
@@ -528,20 +530,20 @@ def merge_stage(
         select_columns=select_columns,
         stage=stage,
         where=filtered,
-        keys=sql.SQL(", ").join(map(param_identifier, keys)),
+        keys=sql.SQL(", ").join(map(sql.Identifier, keys)),
         on_conflict=on_conflict,
     )
     merge: sql.Composed | None = None
     if conn.info.server_version >= 170000:
         when_matched: sql.Composable = sql.SQL("")
         if changed("s"):
-            assignments = [sql.SQL("{0} = {1}").format(param_identifier(c), param_identifier("s", c)) for c in values]
+            assignments = [sql.SQL("{0} = {1}").format(sql.Identifier(c), sql.Identifier("s", c)) for c in values]
             assignments += [
-                sql.SQL("{} = %(run_id)s").format(param_identifier(RUN_ID_COLUMN)),
-                sql.SQL("{} = now()").format(param_identifier(SYNCED_AT_COLUMN)),
+                sql.SQL("{} = %(run_id)s").format(sql.Identifier(RUN_ID_COLUMN)),
+                sql.SQL("{} = now()").format(sql.Identifier(SYNCED_AT_COLUMN)),
             ]
             if soft:
-                assignments.append(sql.SQL("{} = NULL").format(param_identifier(DELETED_AT_COLUMN)))
+                assignments.append(sql.SQL("{} = NULL").format(sql.Identifier(DELETED_AT_COLUMN)))
             when_matched = sql.SQL(" WHEN MATCHED AND ({}) THEN UPDATE SET {}").format(
                 sql.SQL(" OR ").join(changed("s")), sql.SQL(", ").join(assignments)
             )
@@ -556,7 +558,7 @@ def merge_stage(
             stage=stage,
             where=filtered,
             match=sql.SQL(" AND ").join(
-                sql.SQL("{} = {}").format(param_identifier("t", k), param_identifier("s", k)) for k in keys
+                sql.SQL("{} = {}").format(sql.Identifier("t", k), sql.Identifier("s", k)) for k in keys
             ),
             when_matched=when_matched,
             insert_columns=insert_columns,
@@ -573,7 +575,8 @@ def merge_stage(
         if empty and empty[0]:
             try:
                 with conn.transaction():
-                    inserted = conn.execute(
+                    inserted = execute(
+                        conn,
                         insert.format(
                             target=ident,
                             insert_columns=insert_columns,
@@ -589,11 +592,11 @@ def merge_stage(
         if row is None and merge is not None:
             try:
                 with conn.transaction():  # a savepoint: a lost race with a concurrent insert is retried below
-                    row = conn.execute(merge, {"run_id": run_id}).fetchone()
+                    row = execute(conn, merge, {"run_id": run_id}).fetchone()
             except psycopg.errors.UniqueViolation:
                 row = None
         if row is None:
-            row = conn.execute(upsert, {"run_id": run_id}).fetchone()
+            row = execute(conn, upsert, {"run_id": run_id}).fetchone()
     except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as error:
         raise DataError(
             f"merge rejected by the target: {error.diag.message_primary}"
@@ -612,28 +615,28 @@ def _delete_missing(
 ) -> int:
     """Remove (or mark) target rows whose key is not in ``stage`` (the complete source key set).
 
-    Run with parameters (an empty tuple for the DELETE), so identifiers go through ``param_identifier``.
+    Run with parameters (an empty tuple for the DELETE), through :func:`~.sqltext.execute`.
     """
     match = sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(param_identifier("s", k), param_identifier("t", k)) for k in manifest.primary_key
+        sql.SQL("{} = {}").format(sql.Identifier("s", k), sql.Identifier("t", k)) for k in manifest.primary_key
     )
     missing = sql.SQL("NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(stage, match)
     if manifest.delete_mode == "soft":
         statement = sql.SQL("UPDATE {} t SET {} = now(), {} = %s WHERE {} IS NULL AND {}").format(
-            param_identifier(target.schema, target.name),
-            param_identifier(DELETED_AT_COLUMN),
-            param_identifier(RUN_ID_COLUMN),
-            param_identifier("t", DELETED_AT_COLUMN),
+            target.ident,
+            sql.Identifier(DELETED_AT_COLUMN),
+            sql.Identifier(RUN_ID_COLUMN),
+            sql.Identifier("t", DELETED_AT_COLUMN),
             missing,
         )
         params: tuple[Any, ...] = (run_id,)
     else:
-        statement = sql.SQL("DELETE FROM {} t WHERE {}").format(param_identifier(target.schema, target.name), missing)
+        statement = sql.SQL("DELETE FROM {} t WHERE {}").format(target.ident, missing)
         params = ()
     before = None
     if manifest.max_delete_fraction is not None:
         before = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target.ident)).fetchone()
-    deleted = conn.execute(statement, params).rowcount
+    deleted = execute(conn, statement, params).rowcount
     if before is not None and manifest.max_delete_fraction is not None:
         total = int(before[0])
         if total and deleted / total > manifest.max_delete_fraction:

@@ -54,22 +54,6 @@ class SyncState:
     committed_at: dt.datetime | None = None
 
 
-def state_table_ident(schema: str, table: str) -> sql.Composable:
-    return sql.Identifier(schema, table)
-
-
-def param_identifier(*names: str) -> sql.Composable:
-    """``sql.Identifier(*names)`` for a query executed *with parameters*.
-
-    psycopg parses ``%`` placeholders in the whole composed query and does not escape ``%`` inside
-    identifiers, so a schema, table or column named ``rate %s`` or ``100%`` breaks such a query
-    ("positional and named placeholders cannot be mixed", "query parameter missing").  Here ``%`` is
-    doubled, which the placeholder parser turns back into one.  Only for parameterised queries: a
-    query run without parameters would keep the ``%%``.
-    """
-    return sql.SQL(sql.Identifier(*names).as_string(None).replace("%", "%%"))
-
-
 def ensure_state_table(conn: psycopg.Connection[Any], schema: str, table: str) -> None:
     """Create the schema and state table if missing (idempotent, safe under concurrency)."""
     with conn.transaction():
@@ -94,7 +78,7 @@ def ensure_state_table(conn: psycopg.Connection[Any], schema: str, table: str) -
                     committed_at timestamptz,
                     source_schema jsonb
                 )"""
-            ).format(state_table_ident(schema, table))
+            ).format(sql.Identifier(schema, table))
         )
         # State tables created before the schema-drift record: add its column (catalog check first,
         # so the usual case takes no ACCESS EXCLUSIVE lock on a table concurrent loads are using).
@@ -107,7 +91,7 @@ def ensure_state_table(conn: psycopg.Connection[Any], schema: str, table: str) -
         if present is None:
             conn.execute(
                 sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS source_schema jsonb").format(
-                    state_table_ident(schema, table)
+                    sql.Identifier(schema, table)
                 )
             )
 
@@ -121,7 +105,7 @@ def _row_to_state(row: tuple[Any, ...]) -> SyncState:
 
 def _select_state(schema: str, table: str, lock: bool) -> sql.Composed:
     query = sql.SQL("SELECT {} FROM {} WHERE sync_id = %s").format(
-        sql.SQL(", ").join(sql.Identifier(c) for c in STATE_COLUMNS), param_identifier(schema, table)
+        sql.SQL(", ").join(sql.Identifier(c) for c in STATE_COLUMNS), sql.Identifier(schema, table)
     )
     return query + sql.SQL(" FOR UPDATE") if lock else query
 
@@ -130,7 +114,7 @@ def read_state(conn: psycopg.Connection[Any], schema: str, table: str, sync_id: 
     """Committed state of a sync, or None if it never ran (or the state table does not exist)."""
     if not table_exists(conn, schema, table):
         return None
-    row = conn.execute(_select_state(schema, table, lock=False), (sync_id,)).fetchone()
+    row = execute(conn, _select_state(schema, table, lock=False), (sync_id,)).fetchone()
     return _row_to_state(row) if row else None
 
 
@@ -154,13 +138,14 @@ def lock_state(conn: psycopg.Connection[Any], schema: str, table: str, sync_id: 
     The row lock serialises concurrent loads of one sync; the second waits for the first to commit
     and then sees its new version (and turns its own manifest into a logged no-op).
     """
-    conn.execute(
+    execute(
+        conn,
         sql.SQL("INSERT INTO {} (sync_id) VALUES (%s) ON CONFLICT (sync_id) DO NOTHING").format(
-            param_identifier(schema, table)
+            sql.Identifier(schema, table)
         ),
         (sync_id,),
     )
-    row = conn.execute(_select_state(schema, table, lock=True), (sync_id,)).fetchone()
+    row = execute(conn, _select_state(schema, table, lock=True), (sync_id,)).fetchone()
     assert row is not None
     return _row_to_state(row)
 
@@ -171,9 +156,10 @@ def write_state(conn: psycopg.Connection[Any], schema: str, table: str, state: S
     assignments = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in columns)
     values = [getattr(state, c) for c in columns]
     values[columns.index("watermark")] = None if state.watermark is None else json.dumps(state.watermark)
-    conn.execute(
+    execute(
+        conn,
         sql.SQL("UPDATE {} SET {}, committed_at = now() WHERE sync_id = %s").format(
-            param_identifier(schema, table), assignments
+            sql.Identifier(schema, table), assignments
         ),
         [*values, state.sync_id],
     )
@@ -199,9 +185,10 @@ def read_source_schema(
     """The recorded source columns of ``target_table`` in the sync's state row, or None."""
     if not table_exists(conn, schema, table):
         return None
-    row = conn.execute(
+    row = execute(
+        conn,
         sql.SQL("SELECT to_jsonb(s) -> 'source_schema' -> %s FROM {} s WHERE sync_id = %s").format(
-            param_identifier(schema, table)
+            sql.Identifier(schema, table)
         ),
         (target_table, sync_id),
     ).fetchone()
@@ -216,10 +203,11 @@ def write_source_schema(
 ) -> None:
     """Record the synced source columns of ``target_table`` (inside the load's transaction)."""
     value = {"kind": record.kind, "columns": [list(c) for c in record.columns]}
-    conn.execute(
+    execute(
+        conn,
         sql.SQL(
             "UPDATE {} SET source_schema = jsonb_set(coalesce(source_schema, '{{}}'::jsonb), ARRAY[%s], %s::jsonb) "
             "WHERE sync_id = %s"
-        ).format(param_identifier(schema, table)),
+        ).format(sql.Identifier(schema, table)),
         (target_table, json.dumps(value), sync_id),
     )

@@ -19,7 +19,7 @@ from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.progress import LOG
 from airflow_sync_provider.core.schema import TYPES_WITHOUT_EQUALITY, validate_pg_type
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SYNCED_AT_COLUMN
-from airflow_sync_provider.core.state import SourceSchema, param_identifier, read_source_schema, write_source_schema
+from airflow_sync_provider.core.state import SourceSchema, read_source_schema, write_source_schema
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Ta
 
 def comparable(alias: str, column: str, target: TargetTable) -> sql.Composable:
     """``alias.column`` in a form ``IS DISTINCT FROM`` can compare (for queries run with parameters)."""
-    ref = param_identifier(alias, column)
+    ref = sql.Identifier(alias, column)
     base_type = target.column_types.get(column, "").split("(")[0].strip().lower()
     return sql.SQL("{}::text").format(ref) if base_type in TYPES_WITHOUT_EQUALITY else ref
 
