@@ -47,8 +47,9 @@ from airflow_sync_provider.core.load import apply_table_batch, copy_files, merge
 from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN
+from airflow_sync_provider.core.sqltext import execute
 from airflow_sync_provider.core.staging import remove_staged
-from airflow_sync_provider.core.state import lock_state, param_identifier, write_state
+from airflow_sync_provider.core.state import lock_state, write_state
 from airflow_sync_provider.core.target import TargetTable, ensure_target_table, metadata_columns
 
 CdcLoadStatus = Literal["applied", "stale", "already_applied", "no_changes"]
@@ -260,7 +261,7 @@ def _skip_reason(
 def _keys(manifest: Manifest, left: str, right: str) -> sql.Composable:
     """``left.k = right.k AND ...`` over the key (for statements run with parameters, too)."""
     return sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(param_identifier(left, k), param_identifier(right, k)) for k in manifest.primary_key
+        sql.SQL("{} = {}").format(sql.Identifier(left, k), sql.Identifier(right, k)) for k in manifest.primary_key
     )
 
 
@@ -303,13 +304,13 @@ def apply_changes(
     phase(f"copying {manifest.rows:,} staged changes")
     copy_files(conn, manifest, target, stage, log, names=[*names, *CHANGE_COLUMNS], what="staged changes")
     phase("ordering the changes")
-    conn.execute(sql.SQL("DELETE FROM {} WHERE {} <= %s").format(stage, param_identifier(LSN_COLUMN)), (applied_lsn,))
+    execute(conn, sql.SQL("DELETE FROM {} WHERE {} <= %s").format(stage, sql.Identifier(LSN_COLUMN)), (applied_lsn,))
     deleted = 0
     last_truncate = max((t.seq for t in truncates if t.lsn > applied_lsn), default=None)
     if last_truncate is not None:
         deleted += _delete_all(conn, manifest, target, run_id)
-        conn.execute(
-            sql.SQL("DELETE FROM {} WHERE {} < %s").format(stage, param_identifier(SEQ_COLUMN)), (last_truncate,)
+        execute(
+            conn, sql.SQL("DELETE FROM {} WHERE {} < %s").format(stage, sql.Identifier(SEQ_COLUMN)), (last_truncate,)
         )
     conn.execute(
         sql.SQL("CREATE INDEX ON {} ({}, {})").format(
@@ -329,18 +330,19 @@ def apply_changes(
             )
         )
     else:  # keep the last change per key: the stage becomes the batch's net effect
-        conn.execute(
+        execute(
+            conn,
             sql.SQL(
                 "DELETE FROM {stage} s WHERE EXISTS (SELECT FROM {stage} n WHERE {same} AND n.{seq} > s.{seq})"
-            ).format(stage=stage, same=_keys(manifest, "n", "s"), seq=param_identifier(SEQ_COLUMN)),
-            (),  # with parameters: _keys doubles a % in a column name
+            ).format(stage=stage, same=_keys(manifest, "n", "s"), seq=sql.Identifier(SEQ_COLUMN)),
+            (),  # with parameters (a % in a column name reads as one)
         )
     phase("applying deletes")
     deleted += _apply_deletes(conn, manifest, target, stage, run_id)
-    upserts = sql.SQL("s.{} <> 'D'").format(param_identifier(OP_COLUMN))
+    upserts = sql.SQL("s.{} <> 'D'").format(sql.Identifier(OP_COLUMN))
     if manifest.history_table:  # versions of the rows this batch leaves behind, in the same transaction
         if deleted:
-            close_deleted(conn, manifest, param_identifier(target.schema, target.name), run_id)
+            close_deleted(conn, manifest, target.ident, run_id)
         phase("recording history")
         record_history(conn, manifest, stage, run_id, upserts)
     phase("merging")
@@ -459,8 +461,8 @@ def _resolve_unchanged(
     and the value is the target row at the key the identity had then (read before any write).
     Anything else cannot be known: the load fails before writing (see ``_unknown_value``).
     """
-    p_seq, p_op, p_unchanged = (param_identifier(c) for c in (SEQ_COLUMN, OP_COLUMN, UNCHANGED_COLUMN))
-    p_segno, p_last, p_chain, p_moved = (param_identifier(c) for c in (_SEGNO, _LAST, _CHAIN, MOVED_FROM_COLUMN))
+    p_seq, p_op, p_unchanged = (sql.Identifier(c) for c in (SEQ_COLUMN, OP_COLUMN, UNCHANGED_COLUMN))
+    p_segno, p_last, p_chain, p_moved = (sql.Identifier(c) for c in (_SEGNO, _LAST, _CHAIN, MOVED_FROM_COLUMN))
     fill = sql.Identifier(f"{links.as_string()[1:-1]}_fill")
     conn.execute(
         sql.SQL("CREATE TEMP TABLE {} (seq bigint PRIMARY KEY, carrier bigint, chain bigint) ON COMMIT DROP").format(
@@ -469,12 +471,13 @@ def _resolve_unchanged(
     )
     live: sql.Composable = sql.SQL("")
     if manifest.delete_mode == "soft":
-        live = sql.SQL(" AND t.{} IS NULL").format(param_identifier(DELETED_AT_COLUMN))
+        live = sql.SQL(" AND t.{} IS NULL").format(sql.Identifier(DELETED_AT_COLUMN))
     for position in positions:
-        column = param_identifier(manifest.columns[position - 1].name)
+        column = sql.Identifier(manifest.columns[position - 1].name)
         conn.execute(sql.SQL("TRUNCATE {}").format(fill))
         # Per identity, in commit order (seq grows along it): the latest change so far that carried the value.
-        conn.execute(
+        execute(
+            conn,
             sql.SQL(
                 "INSERT INTO {fill} (seq, carrier, chain) SELECT {seq}, carrier, {chain} FROM ("
                 "  SELECT {seq}, {chain}, {last}, {op}, {unchanged}, max({seq}) FILTER (WHERE {op} <> 'D' AND "
@@ -486,7 +489,8 @@ def _resolve_unchanged(
             {"pos": position},
         )
         # Carried in the batch...
-        conn.execute(
+        execute(
+            conn,
             sql.SQL(
                 "UPDATE {stage} r SET {column} = c.{column}, {unchanged} = array_remove(r.{unchanged}, %(pos)s) "
                 "FROM {fill} f JOIN {stage} c ON c.{seq} = f.carrier WHERE r.{seq} = f.seq"
@@ -494,7 +498,8 @@ def _resolve_unchanged(
             {"pos": position},
         )
         # ...or held by the target row at the key where an identity that began before the batch started.
-        conn.execute(
+        execute(
+            conn,
             sql.SQL(
                 "UPDATE {stage} r SET {column} = t.{column}, {unchanged} = array_remove(r.{unchanged}, %(pos)s) "
                 "FROM {fill} f JOIN {links} o ON o.{seq} = f.chain JOIN {target} t ON {origin_key} "
@@ -507,7 +512,7 @@ def _resolve_unchanged(
                 fill=fill,
                 links=links,
                 seq=p_seq,
-                target=param_identifier(target.schema, target.name),
+                target=target.ident,
                 origin_key=_keys(manifest, "t", "o"),
                 op=p_op,
                 moved=p_moved,
@@ -572,31 +577,32 @@ def _unknown_value(
 def _apply_deletes(
     conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, final: sql.Identifier, run_id: str
 ) -> int:
-    """Delete (or mark) the keys whose last change is a delete; run with parameters, hence param_identifier."""
-    ident = param_identifier(target.schema, target.name)
-    deleting = sql.SQL("s.{} = 'D' AND {}").format(param_identifier(OP_COLUMN), _keys(manifest, "t", "s"))
+    """Delete (or mark) the keys whose last change is a delete (run with parameters, through ``execute``)."""
+    ident = target.ident
+    deleting = sql.SQL("s.{} = 'D' AND {}").format(sql.Identifier(OP_COLUMN), _keys(manifest, "t", "s"))
     if manifest.delete_mode == "soft":
         statement = sql.SQL("UPDATE {} t SET {} = now(), {} = %s FROM {} s WHERE {} AND t.{} IS NULL").format(
             ident,
-            param_identifier(DELETED_AT_COLUMN),
-            param_identifier(RUN_ID_COLUMN),
+            sql.Identifier(DELETED_AT_COLUMN),
+            sql.Identifier(RUN_ID_COLUMN),
             final,
             deleting,
-            param_identifier(DELETED_AT_COLUMN),
+            sql.Identifier(DELETED_AT_COLUMN),
         )
-        return conn.execute(statement, (run_id,)).rowcount
-    return conn.execute(sql.SQL("DELETE FROM {} t USING {} s WHERE {}").format(ident, final, deleting), ()).rowcount
+        return execute(conn, statement, (run_id,)).rowcount
+    return execute(conn, sql.SQL("DELETE FROM {} t USING {} s WHERE {}").format(ident, final, deleting), ()).rowcount
 
 
 def _delete_all(conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, run_id: str) -> int:
     """A TRUNCATE at the source: remove (or mark) every target row, in this transaction."""
     if manifest.delete_mode == "soft":
-        return conn.execute(
+        return execute(
+            conn,
             sql.SQL("UPDATE {} SET {} = now(), {} = %s WHERE {} IS NULL").format(
-                param_identifier(target.schema, target.name),
-                param_identifier(DELETED_AT_COLUMN),
-                param_identifier(RUN_ID_COLUMN),
-                param_identifier(DELETED_AT_COLUMN),
+                target.ident,
+                sql.Identifier(DELETED_AT_COLUMN),
+                sql.Identifier(RUN_ID_COLUMN),
+                sql.Identifier(DELETED_AT_COLUMN),
             ),
             (run_id,),
         ).rowcount
