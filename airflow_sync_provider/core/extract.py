@@ -103,7 +103,7 @@ def _is_temporal(column: sa.Column[Any]) -> bool:
     return isinstance(column.type, (sa.DateTime, sa.Date))
 
 
-def _ordered(column: sa.Column[Any], dialect: str, expression: Any = None) -> Any:
+def orderable(column: sa.Column[Any], dialect: str, expression: Any = None) -> Any:
     """``column`` (or a value bound for it) in the form that orders, compares and pages it.
 
     SQLite keeps DATETIME as text in whichever format the writer used: SQLAlchemy writes
@@ -265,7 +265,9 @@ def _to_arrow(
         raise
 
 
-def _rows_to_table(rows: Sequence[Sequence[Any]], source: SourceTable, spec: SyncSpec) -> pa.Table:
+def rows_to_table(rows: Sequence[Sequence[Any]], source: SourceTable, spec: SyncSpec) -> pa.Table:
+    """Source rows (in the order of ``source.plans``) as Arrow columns of the planned types; a value that
+    does not fit raises :class:`DataError` naming its row's key."""
     if isinstance(rows, _ArrowPage):  # read by COPY: already typed Arrow columns
         return rows.table
     columns = list(zip(*rows, strict=True)) if rows else [() for _ in source.plans]
@@ -379,20 +381,20 @@ def extract_to_staging(
             conditions = []
             if upper is not None:
                 bound = sa.bindparam("upper_bound", upper, type_=order[0].type)
-                conditions.append(_ordered(order[0], source.dialect) < _ordered(order[0], source.dialect, bound))
+                conditions.append(orderable(order[0], source.dialect) < orderable(order[0], source.dialect, bound))
             if window_bounds is not None:
                 end = sa.bindparam("window_end", window_bounds[1], type_=order[0].type)
-                conditions.append(_ordered(order[0], source.dialect) < _ordered(order[0], source.dialect, end))
+                conditions.append(orderable(order[0], source.dialect) < orderable(order[0], source.dialect, end))
             first = None
             if first_lower is not None:
                 start = sa.bindparam("lookback_start", first_lower, type_=order[0].type)
-                first = _ordered(order[0], source.dialect) >= _ordered(order[0], source.dialect, start)
+                first = orderable(order[0], source.dialect) >= orderable(order[0], source.dialect, start)
             selected = [p.select for p in source.plans]
             for rows in _pages(connection, source, spec, selected, order, order_index, after, conditions, first):
                 after = tuple(rows[-1][i] for i in order_index)
                 if high is None or spec.mode == "full" or _later(after, high):
                     high = after
-                batch = _rows_to_table(rows, source, spec)
+                batch = rows_to_table(rows, source, spec)
                 if transform is not None:
                     batch = apply_transform(batch, transform, spec, len(files) + 1)
                     _check_transformed(batch, source, spec)
@@ -530,7 +532,7 @@ def _pages(
             query = query.where(_after(order, after, source))
         elif first_condition is not None:
             query = query.where(first_condition)
-        order_by = [_ordered(c, source.dialect) for c in order]
+        order_by = [orderable(c, source.dialect) for c in order]
         page = query.order_by(*order_by).limit(spec.batch_rows)
         if copy_ok is None:
             copy_ok = _copy_eligible(connection, source)
@@ -567,7 +569,7 @@ def _stage_keys(
     files: list[StagedFile] = []
     index = list(range(len(order)))
     for rows in _pages(connection, key_source, spec, [p.select for p in key_plans], order, index, None):
-        batch = _rows_to_table(rows, key_source, spec)
+        batch = rows_to_table(rows, key_source, spec)
         files.append(_write(staging, f"{staging_dir}/keys-{len(files):05d}.parquet", batch))
         progress.add(batch.num_rows)
     progress.done()
@@ -575,9 +577,9 @@ def _stage_keys(
 
 
 def _after(order: Sequence[sa.Column[Any]], values: tuple[Any, ...], source: SourceTable) -> Any:
-    columns = [_ordered(c, source.dialect) for c in order]
+    columns = [orderable(c, source.dialect) for c in order]
     params = [
-        _ordered(c, source.dialect, _bind(f"after_{i}", c, v, source))
+        orderable(c, source.dialect, bound_value(f"after_{i}", c, v, source))
         for i, (c, v) in enumerate(zip(order, values, strict=True))
     ]
     if len(order) == 1:
@@ -585,9 +587,12 @@ def _after(order: Sequence[sa.Column[Any]], values: tuple[Any, ...], source: Sou
     return sa.tuple_(*columns) > sa.tuple_(*params)
 
 
-def _bind(name: str, column: sa.Column[Any], value: Any, source: SourceTable) -> Any:
-    """A bound keyset value.  Key columns read as text (uuid, ...) carry text values: bind them as
-    text and, on PostgreSQL (whose dialect casts binds explicitly), cast back to the column's type."""
+def bound_value(name: str, column: sa.Column[Any], value: Any, source: SourceTable) -> Any:
+    """A value bound for ``column`` (keyset and window bounds, key lookups).
+
+    Key columns read as text (uuid, ...) carry text values: bind them as text and, on PostgreSQL
+    (whose dialect casts binds explicitly), cast back to the column's type.
+    """
     if not any(p.as_text and p.name == column.name for p in source.plans):
         return sa.bindparam(name, value, type_=column.type)
     text = sa.bindparam(name, value, type_=sa.String())
@@ -617,7 +622,7 @@ def _refuse_null_cursors(engine: sa.Engine, spec: SyncSpec, source: SourceTable)
     assert spec.cursor_column
     table = source.table
     cursor = table.c[spec.cursor_column]
-    normalised = _ordered(cursor, source.dialect)  # on SQLite, text it cannot read as a time is NULL here
+    normalised = orderable(cursor, source.dialect)  # on SQLite, text it cannot read as a time is NULL here
     query = sa.select(*(table.c[k] for k in source.primary_key)).where(normalised.is_(None)).limit(5)
     with engine.connect() as conn:
         rows = conn.execute(query).fetchall()

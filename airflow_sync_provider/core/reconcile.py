@@ -89,7 +89,7 @@ from airflow_sync_provider.core.errors import (
     UnsafeOperationError,
     first_line,
 )
-from airflow_sync_provider.core.extract import SourceTable, _bind, _ordered, _rows_to_table, reflect_source
+from airflow_sync_provider.core.extract import SourceTable, bound_value, orderable, reflect_source, rows_to_table
 from airflow_sync_provider.core.load import TargetTable, apply_table_batch, copy_files
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger
@@ -500,7 +500,7 @@ def _stage_repair_rows(
             for batch in iter_staged_batches(result.keys_uri, _KEYS_PER_QUERY):
                 keys = pa.Table.from_batches([batch]).select([p.name for p in key_plans])
                 typed = list(zip(*(c.to_pylist() for c in keys.columns), strict=True))
-                table = _rows_to_table(_source_rows_by_key(conn, source, typed), source, spec)
+                table = rows_to_table(_source_rows_by_key(conn, source, typed), source, spec)
                 if table.num_rows:
                     if rows_writer is None:
                         rows_writer = staging.open_writer(rows_uri, table.schema)
@@ -814,14 +814,14 @@ class _SourceSide:
             return []
         assert self.spec.cursor_column
         column = self.source.table.c[self.spec.cursor_column]
-        ordered = _ordered(column, self.source.dialect)
+        ordered = orderable(column, self.source.dialect)
         conditions = []
         for name, value, compare in (
             ("window_low", self.window.low, operator.ge),
             ("window_high", self.window.high, operator.le if self.window.include_high else operator.lt),
         ):
             if value is not None:  # (a cursor read as text binds as text, cast back on PostgreSQL)
-                bound = _ordered(column, self.source.dialect, _bind(name, column, value, self.source))
+                bound = orderable(column, self.source.dialect, bound_value(name, column, value, self.source))
                 conditions.append(compare(ordered, bound))
         return conditions
 
@@ -833,7 +833,7 @@ class _SourceSide:
     def _pages(self) -> Iterator[pa.Table]:
         query = sa.select(*(p.select for p in self.source.plans)).select_from(self.source.table)
         for rows in self._stream(query.where(*self._conditions())):
-            yield _rows_to_table(rows, self.source, self.spec)
+            yield rows_to_table(rows, self.source, self.spec)
 
     def _sql_hashes(self) -> tuple[Any, Any]:
         table = self.source.table
@@ -875,7 +875,7 @@ class _SourceSide:
                 self.source.table, self.source.dialect, self.source.primary_key, tuple(self.key_plans)
             )
             for rows in self._stream(query):
-                keys = _rows_to_table([r[:-2] for r in rows], key_source, self.spec)
+                keys = rows_to_table([r[:-2] for r in rows], key_source, self.spec)
                 yield from _keyed(keys, self.key_kinds, [r[-2] for r in rows], [r[-1] for r in rows])
             return
         for page in self._pages():
@@ -883,7 +883,7 @@ class _SourceSide:
             yield from _select_rows(page, self.key_index, page_buckets, hashes, canonical, group)
 
     def rows_by_key(self, keys: Sequence[tuple[Any, ...]]) -> pa.Table:
-        return _rows_to_table(_source_rows_by_key(self.conn, self.source, keys), self.source, self.spec)
+        return rows_to_table(_source_rows_by_key(self.conn, self.source, keys), self.source, self.spec)
 
 
 class _TargetSide:
@@ -1053,12 +1053,12 @@ def _source_rows_by_key(conn: sa.Connection, source: SourceTable, keys: Sequence
     """Source rows (all synced columns) whose key is one of ``keys`` (typed values as staged)."""
     rows: list[Any] = []
     columns = [source.table.c[k] for k in source.primary_key]
-    lhs = [_ordered(c, source.dialect) for c in columns]
+    lhs = [orderable(c, source.dialect) for c in columns]
     for start in range(0, len(keys), _KEYS_PER_QUERY):
         chunk = keys[start : start + _KEYS_PER_QUERY]
         values = [
             [
-                _ordered(c, source.dialect, _bind(f"key_{n}_{i}", c, v, source))
+                orderable(c, source.dialect, bound_value(f"key_{n}_{i}", c, v, source))
                 for i, (c, v) in enumerate(zip(columns, key, strict=True))
             ]
             for n, key in enumerate(chunk)
