@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
@@ -110,12 +110,37 @@ def _select_state(schema: str, table: str, lock: bool) -> sql.Composed:
     return query + sql.SQL(" FOR UPDATE") if lock else query
 
 
+class StateOwner(Protocol):
+    """What names a sync's state row: a :class:`~.spec.SyncSpec` or a :class:`~.cdc.spec.CdcSpec`."""
+
+    @property
+    def sync_id(self) -> str: ...
+
+    @property
+    def target_schema(self) -> str: ...
+
+    @property
+    def state_table(self) -> str: ...
+
+
 def read_state(conn: psycopg.Connection[Any], schema: str, table: str, sync_id: str) -> SyncState | None:
     """Committed state of a sync, or None if it never ran (or the state table does not exist)."""
     if not table_exists(conn, schema, table):
         return None
     row = execute(conn, _select_state(schema, table, lock=False), (sync_id,)).fetchone()
     return _row_to_state(row) if row else None
+
+
+def committed_state(conn: psycopg.Connection[Any], spec: StateOwner) -> SyncState | None:
+    """The state of ``spec``'s sync as committed now.
+
+    Ends any transaction the connection has open (rolled back) and leaves it in autocommit: a
+    read must not leave a transaction open.
+    """
+    if not conn.autocommit:
+        conn.rollback()
+        conn.autocommit = True
+    return read_state(conn, spec.target_schema, spec.state_table, spec.sync_id)
 
 
 def hold_state_row(conn: psycopg.Connection[Any], schema: str, table: str, sync_id: str) -> None:

@@ -16,15 +16,7 @@ from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.progress import Logger, PhaseObserver
 from airflow_sync_provider.core.spec import SyncSpec
 from airflow_sync_provider.core.staging import StagingArea
-from airflow_sync_provider.core.state import SyncState, read_source_schema, read_state
-
-
-def committed_state(conn: psycopg.Connection[Any], spec: SyncSpec) -> SyncState | None:
-    """The state as committed now (autocommit: a read must not leave a transaction open)."""
-    if not conn.autocommit:
-        conn.rollback()
-        conn.autocommit = True
-    return read_state(conn, spec.target_schema, spec.state_table, spec.sync_id)
+from airflow_sync_provider.core.state import SyncState, committed_state, read_source_schema
 
 
 def extract_for(

@@ -30,14 +30,11 @@ from airflow_sync_provider.core.cdc.spec import CdcSpec
 from airflow_sync_provider.core.errors import SyncError
 from airflow_sync_provider.core.progress import Logger, PhaseObserver
 from airflow_sync_provider.core.staging import StagingArea
-from airflow_sync_provider.core.state import SyncState, read_state
+from airflow_sync_provider.core.state import committed_state
 
-
-def committed_cdc_state(conn: psycopg.Connection[Any], spec: CdcSpec) -> SyncState | None:
-    if not conn.autocommit:
-        conn.rollback()
-        conn.autocommit = True
-    return read_state(conn, spec.target_schema, spec.state_table, spec.sync_id)
+#: The committed state of a CDC sync: the one :func:`~airflow_sync_provider.core.state.committed_state`
+#: every sync reads, under the name this package has always exported.
+committed_cdc_state = committed_state
 
 
 def confirm_applied(source: sa.Engine, spec: CdcSpec, end_lsn: int) -> int:
@@ -61,7 +58,7 @@ def run_cdc_sync(
     manifest = changes_to_staging(
         source,
         spec,
-        state=committed_cdc_state(target, spec),
+        state=committed_state(target, spec),
         staging=staging or StagingArea(),
         run_id=run_id,
         logger=logger,
@@ -70,7 +67,7 @@ def run_cdc_sync(
         target, manifest, run_id=run_id, logger=logger, observer=observer, keep_staged=keep_staged
     )
     if result.status in ("applied", "already_applied"):
-        position = CdcPosition.from_state(committed_cdc_state(target, spec))
+        position = CdcPosition.from_state(committed_state(target, spec))
         if position is not None:
             confirm_applied(source, spec, position.end_lsn)
     return manifest, result
@@ -102,7 +99,7 @@ def resnapshot_tables(
             source,
             spec,
             tables,
-            state=committed_cdc_state(target, spec),
+            state=committed_state(target, spec),
             staging=staging or StagingArea(),
             run_id=run_id,
             logger=logger,
