@@ -27,7 +27,6 @@ from airflow_sync_provider.core import drift
 from airflow_sync_provider.core.audit import AuditEntry, append_entry, ensure_audit_table, stage_checksum
 from airflow_sync_provider.core.errors import (
     DataError,
-    SyncError,
     TargetUnavailableError,
     UnsafeOperationError,
     first_line,
@@ -40,7 +39,7 @@ from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SY
 from airflow_sync_provider.core.sqltext import execute
 from airflow_sync_provider.core.staging import iter_staged_batches, remove_staged
 from airflow_sync_provider.core.state import SyncState, ensure_state_table, lock_state, write_state
-from airflow_sync_provider.core.target import TargetTable, comparable, ensure_target_table
+from airflow_sync_provider.core.target import TargetTable, comparable, ensure_target_table, idle_autocommit
 
 LoadStatus = Literal["applied", "backfilled", "stale", "already_applied"]
 
@@ -75,9 +74,7 @@ class LoadResult:
 
 def prepare_load(conn: psycopg.Connection[Any], sync_id: str, schema: str, state_table: str) -> None:
     """Before a load's transaction: an idle autocommit connection, and the state and ledger tables."""
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        raise SyncError("load needs a connection outside any transaction", sync_id=sync_id)
-    conn.autocommit = True
+    idle_autocommit(conn, step="load", sync_id=sync_id)
     ensure_state_table(conn, schema, state_table)
     ensure_audit_table(conn, schema)
 

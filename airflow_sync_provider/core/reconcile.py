@@ -90,7 +90,7 @@ from airflow_sync_provider.core.errors import (
     first_line,
 )
 from airflow_sync_provider.core.extract import SourceTable, bound_value, orderable, reflect_source, rows_to_table
-from airflow_sync_provider.core.load import TargetTable, apply_table_batch, copy_files
+from airflow_sync_provider.core.load import apply_table_batch, copy_files
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger
 from airflow_sync_provider.core.schema import ColumnPlan, validate_pg_type
@@ -98,6 +98,7 @@ from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, Sy
 from airflow_sync_provider.core.sqltext import bindable, execute, insert_row
 from airflow_sync_provider.core.staging import StagingArea, iter_staged_batches
 from airflow_sync_provider.core.state import hold_state_row
+from airflow_sync_provider.core.target import TargetTable, idle_autocommit
 from airflow_sync_provider.core.values import decode_value, encode_value
 
 Method = Literal["auto", "sql", "python"]
@@ -323,7 +324,7 @@ def reconcile(
         raise ConfigurationError(f"method must be 'auto', 'sql' or 'python', not {method!r}", sync_id=spec.sync_id)
     scope = _window(window, spec)
     source = reflect_source(source_engine, spec)
-    _prepare(target_conn, spec)
+    idle_autocommit(target_conn, step="reconciliation", sync_id=spec.sync_id)
     target = _target_info(target_conn, spec, source)
     staging = staging or StagingArea()
 
@@ -426,7 +427,7 @@ def repair(
     source = reflect_source(source_engine, spec)
     staging = staging or StagingArea()
     work_dir = staging.batch_uri(spec.sync_id, f"repair-{_stamp()}")
-    _prepare(target_conn, spec)
+    idle_autocommit(target_conn, step="reconciliation", sync_id=spec.sync_id)
     ensure_reconcile_table(target_conn, spec.target_schema)
     key_plans = [_plan(source, k) for k in source.primary_key]
     try:
@@ -1203,12 +1204,6 @@ def _differing_columns(
 
 
 # --------------------------------------------------------------------------- setup
-
-
-def _prepare(conn: psycopg.Connection[Any], spec: SyncSpec) -> None:
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        raise SyncError("reconciliation needs a target connection outside any transaction", sync_id=spec.sync_id)
-    conn.autocommit = True
 
 
 def _pin_settings_target(conn: psycopg.Connection[Any]) -> None:

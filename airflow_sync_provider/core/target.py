@@ -1,4 +1,5 @@
-"""The target table of a sync: its description, its creation from the batch's columns, its checks.
+"""The target of a sync: its table's description, creation from the batch's columns and checks, and
+the idle connection a step that runs its own transactions starts from.
 
 Both the load (:mod:`.load`) and the SCD2 history (:mod:`.history`) describe tables with
 :class:`TargetTable`; the catalog reads behind it are in :mod:`.catalog`.
@@ -14,7 +15,7 @@ from psycopg import sql
 
 from airflow_sync_provider.core import drift
 from airflow_sync_provider.core.catalog import column_types, unique_keys
-from airflow_sync_provider.core.errors import SchemaError
+from airflow_sync_provider.core.errors import SchemaError, SyncError
 from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.progress import LOG
 from airflow_sync_provider.core.schema import TYPES_WITHOUT_EQUALITY, validate_pg_type
@@ -37,6 +38,14 @@ class TargetTable:
     @property
     def display(self) -> str:
         return f"{self.schema}.{self.name}"
+
+
+def idle_autocommit(conn: psycopg.Connection[Any], *, step: str, sync_id: str) -> None:
+    """Before a step that runs its own transactions (load, gate, replay, reconciliation, repair): the
+    target connection must be outside any transaction; it is switched to autocommit."""
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise SyncError(f"{step} needs a target connection outside any transaction", sync_id=sync_id)
+    conn.autocommit = True
 
 
 def target_table(conn: psycopg.Connection[Any], schema: str, name: str) -> TargetTable:
@@ -138,4 +147,4 @@ def comparable(alias: str, column: str, target: TargetTable) -> sql.Composable:
     return sql.SQL("{}::text").format(ref) if base_type in TYPES_WITHOUT_EQUALITY else ref
 
 
-__all__ = ["TargetTable", "comparable", "ensure_target_table", "metadata_columns", "target_table"]
+__all__ = ["TargetTable", "comparable", "ensure_target_table", "idle_autocommit", "metadata_columns", "target_table"]

@@ -36,13 +36,13 @@ from airflow_sync_provider.core.quality.store import (
     QUARANTINE_TABLE,
     abandon_unloaded,
     batch_schema,
-    connection_ready,
     ensure_quality_tables,
 )
 from airflow_sync_provider.core.quality.suite import SuiteLike, check_columns, load_suite, plan_checks
 from airflow_sync_provider.core.quality.values import KeyTuple, jsonable, key_of, percent, plain
 from airflow_sync_provider.core.sqltext import bindable, execute
 from airflow_sync_provider.core.staging import StagingArea, staged_schema
+from airflow_sync_provider.core.target import idle_autocommit
 
 
 def validate_manifest(
@@ -297,7 +297,7 @@ def _record(
     """Append the results (and the quarantined rows) in one transaction, before the load."""
     schema = manifest.target_schema
     try:
-        connection_ready(conn, manifest.sync_id)
+        idle_autocommit(conn, step="the quality gate", sync_id=manifest.sync_id)
         ensure_quality_tables(conn, schema)
         with conn.transaction():
             if quarantined is not None:

@@ -37,7 +37,6 @@ from airflow_sync_provider.core.quality.store import (
     SCHEMA_META_KEY,
     abandon_unloaded,
     batch_committed,
-    connection_ready,
     ensure_quality_tables,
 )
 from airflow_sync_provider.core.quality.suite import SuiteLike, check_columns, load_suite, plan_checks
@@ -46,6 +45,7 @@ from airflow_sync_provider.core.spec import SYNCED_AT_COLUMN
 from airflow_sync_provider.core.sqltext import bindable, execute
 from airflow_sync_provider.core.staging import StagingArea
 from airflow_sync_provider.core.state import hold_state_row
+from airflow_sync_provider.core.target import idle_autocommit
 
 #: A fix for quarantined rows: their DataFrame in (ArrowDtype columns), the fixed one out.
 RowFix = Callable[[pd.DataFrame], pd.DataFrame]
@@ -186,7 +186,7 @@ def replay_quarantined(
     staging = staging or StagingArea()
     manifest_id = f"replay-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     checks = plan_checks(load_suite(suite), severities) if suite is not None else []
-    connection_ready(target_conn, sync_id)
+    idle_autocommit(target_conn, step="the quality gate", sync_id=sync_id)
     quarantine = sql.Identifier(target_schema, QUARANTINE_TABLE)
     if not table_exists(target_conn, target_schema, QUARANTINE_TABLE):
         return ReplayResult(sync_id=sync_id, run_id=run_id, manifest_id=manifest_id)

@@ -16,7 +16,6 @@ from psycopg import sql
 
 from airflow_sync_provider.core.audit import AUDIT_TABLE, QUALITY_TABLE, make_append_only
 from airflow_sync_provider.core.catalog import column_types, ddl_lock, table_exists
-from airflow_sync_provider.core.errors import SyncError
 from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.sqltext import execute
 
@@ -150,13 +149,6 @@ def abandon_unloaded(conn: psycopg.Connection[Any], schema: str, sync_id: str, s
     ).rowcount
 
 
-def connection_ready(conn: psycopg.Connection[Any], sync_id: str) -> None:
-    """The gate and the replay run their own transactions: an idle connection, in autocommit."""
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        raise SyncError("the quality gate needs a target connection outside any transaction", sync_id=sync_id)
-    conn.autocommit = True
-
-
 def batch_schema(schema: pa.Schema, manifest: Manifest) -> bytes:
     """The staged Arrow schema plus what a replay needs to rebuild a manifest (one blob per row)."""
     batch = {
@@ -176,6 +168,5 @@ __all__ = [
     "abandon_unloaded",
     "batch_committed",
     "batch_schema",
-    "connection_ready",
     "ensure_quality_tables",
 ]
