@@ -23,6 +23,7 @@ from airflow_sync_provider.core.reconcile import (
     ReconcileResult,
     ReconcileWindow,
     iter_differing_keys,
+    limits,
     reconcile,
     repair,
     window_from_manifest,
@@ -271,9 +272,9 @@ def test_everything_missing_in_small_memory_groups(env: SyncEnv, monkeypatch: py
     _items_source(env, rows=1500)
     spec = _spec(mode="full")
     env.sync(spec)
-    monkeypatch.setattr(reconcile_module, "_GROUP_ROWS", 100)
-    monkeypatch.setattr(reconcile_module, "_FETCH_ROWS", 200)
-    monkeypatch.setattr(reconcile_module, "_KEYS_PER_QUERY", 70)
+    monkeypatch.setattr(limits, "GROUP_ROWS", 100)
+    monkeypatch.setattr(limits, "FETCH_ROWS", 200)
+    monkeypatch.setattr(limits, "KEYS_PER_QUERY", 70)
     with env.target() as conn:
         conn.execute("DELETE FROM items WHERE id % 2 = 0")
     for method in ("sql", "python"):
