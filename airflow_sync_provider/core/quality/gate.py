@@ -14,12 +14,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from airflow_sync_provider.core.audit import QUALITY_TABLE
-from airflow_sync_provider.core.errors import (
-    ConfigurationError,
-    DataError,
-    SourceUnavailableError,
-    SyncError,
-)
+from airflow_sync_provider.core.errors import ConfigurationError, DataError, SourceUnavailableError, SyncError
 from airflow_sync_provider.core.manifest import Manifest, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger
 from airflow_sync_provider.core.quality.engine import GxEngine

@@ -20,12 +20,7 @@ from psycopg.types.json import Jsonb
 
 from airflow_sync_provider.core.audit import QUALITY_TABLE
 from airflow_sync_provider.core.catalog import table_exists
-from airflow_sync_provider.core.errors import (
-    ConfigurationError,
-    DataError,
-    SourceUnavailableError,
-    SyncError,
-)
+from airflow_sync_provider.core.errors import ConfigurationError, DataError, SourceUnavailableError, SyncError
 from airflow_sync_provider.core.load import apply_table_batch
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger

@@ -8,18 +8,20 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 
-from airflow_sync_provider.core.errors import (
-    ConfigurationError,
-    SyncError,
-    first_line,
-)
+from airflow_sync_provider.core.errors import ConfigurationError
 from airflow_sync_provider.core.extract import reflect_source
 from airflow_sync_provider.core.progress import LOG, Logger
 from airflow_sync_provider.core.reconcile.differences import DifferenceSink, compare_buckets, differing_columns
-from airflow_sync_provider.core.reconcile.method import SETTINGS, choose_method, pin_target_settings
+from airflow_sync_provider.core.reconcile.method import choose_method, pin_source_settings, pin_target_settings
 from airflow_sync_provider.core.reconcile.record import ensure_reconcile_table, record_reconciliation
 from airflow_sync_provider.core.reconcile.results import Method, ReconcileResult, WindowLike, key_dict, resolve_window
-from airflow_sync_provider.core.reconcile.sides import SourceSide, TargetSide, target_info
+from airflow_sync_provider.core.reconcile.sides import (
+    SourceSide,
+    TargetSide,
+    snapshot_connection,
+    source_error,
+    target_info,
+)
 from airflow_sync_provider.core.spec import SyncSpec
 from airflow_sync_provider.core.staging import StagingArea
 from airflow_sync_provider.core.target import idle_autocommit
@@ -57,16 +59,12 @@ def reconcile(
     target = target_info(target_conn, spec, source)
     staging = staging or StagingArea()
 
-    source_conn = source_engine.connect()
-    if source.dialect in ("postgresql", "mysql", "mariadb"):
-        source_conn = source_conn.execution_options(isolation_level="REPEATABLE READ")
+    source_conn = snapshot_connection(source_engine, source)
     try:
         with source_conn.begin(), target_conn.transaction():
             target_conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             pin_target_settings(target_conn)
-            if source.dialect == "postgresql":
-                for name, value in SETTINGS:
-                    source_conn.exec_driver_sql(f"SET LOCAL {name} = '{value}'")
+            pin_source_settings(source_conn, source)
             chosen = choose_method(method, source_conn, target_conn, source, target, spec, log)
             sides = (
                 SourceSide(source_conn, source, spec, scope, buckets, chosen),
@@ -85,11 +83,7 @@ def reconcile(
                 sink.discard()
                 raise
     except sa.exc.DBAPIError as error:
-        raise SyncError(
-            f"reconciliation failed reading the source: {first_line(error.orig or error)}",
-            sync_id=spec.sync_id,
-            table=spec.qualified_source,
-        ) from error
+        raise source_error("reconciliation", spec, error) from error
     finally:
         source_conn.close()
 

@@ -55,6 +55,13 @@ def pin_target_settings(conn: psycopg.Connection[Any]) -> None:
         conn.execute(sql.SQL(f"SET LOCAL {name} = '{value}'"))
 
 
+def pin_source_settings(conn: sa.Connection, source: SourceTable) -> None:
+    """Inside the comparing transaction: the same :data:`SETTINGS` on a PostgreSQL source."""
+    if source.dialect == "postgresql":
+        for name, value in SETTINGS:
+            conn.exec_driver_sql(f"SET LOCAL {name} = '{value}'")
+
+
 def choose_method(
     method: Method,
     source_conn: sa.Connection,
@@ -118,5 +125,6 @@ def _sql_unsuitable(
 __all__ = [
     "SETTINGS",
     "choose_method",
+    "pin_source_settings",
     "pin_target_settings",
 ]

@@ -12,12 +12,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 from psycopg import sql
 
-from airflow_sync_provider.core.errors import (
-    ConfigurationError,
-    SyncError,
-    UnsafeOperationError,
-    first_line,
-)
+from airflow_sync_provider.core.errors import ConfigurationError, UnsafeOperationError
 from airflow_sync_provider.core.extract import SourceTable, reflect_source, rows_to_table
 from airflow_sync_provider.core.load import apply_table_batch, copy_files
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
@@ -27,7 +22,7 @@ from airflow_sync_provider.core.reconcile.differences import discard_keys, stamp
 from airflow_sync_provider.core.reconcile.fingerprint import canonical_keys, column_kinds, key_index, plan_of
 from airflow_sync_provider.core.reconcile.record import ensure_reconcile_table, record_reconciliation
 from airflow_sync_provider.core.reconcile.results import ReconcileResult, RepairResult
-from airflow_sync_provider.core.reconcile.sides import source_rows_by_key
+from airflow_sync_provider.core.reconcile.sides import snapshot_connection, source_error, source_rows_by_key
 from airflow_sync_provider.core.schema import ColumnPlan
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SyncSpec
 from airflow_sync_provider.core.sqltext import execute
@@ -127,9 +122,7 @@ def _stage_repair_rows(
     rows_uri, delete_uri = f"{work_dir}/rows-00000.parquet", f"{work_dir}/delete-keys-00000.parquet"
     rows_writer = delete_writer = None
     found = gone = 0
-    conn = engine.connect()
-    if source.dialect in ("postgresql", "mysql", "mariadb"):
-        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+    conn = snapshot_connection(engine, source)
     try:
         with conn.begin():
             for batch in iter_staged_batches(result.keys_uri, limits.KEYS_PER_QUERY):
@@ -150,11 +143,7 @@ def _stage_repair_rows(
                     delete_writer.write_table(keys.take(pa.array(missing, pa.int64())).cast(key_schema))
                     gone += len(missing)
     except sa.exc.DBAPIError as error:
-        raise SyncError(
-            f"repair failed reading the source: {first_line(error.orig or error)}",
-            sync_id=spec.sync_id,
-            table=spec.qualified_source,
-        ) from error
+        raise source_error("repair", spec, error) from error
     finally:
         conn.close()
         for writer in (rows_writer, delete_writer):

@@ -16,10 +16,7 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from airflow_sync_provider.core.catalog import column_types
-from airflow_sync_provider.core.errors import (
-    DataError,
-    SchemaError,
-)
+from airflow_sync_provider.core.errors import DataError, SchemaError, SyncError, first_line
 from airflow_sync_provider.core.extract import SourceTable, bound_value, orderable, rows_to_table
 from airflow_sync_provider.core.reconcile import limits
 from airflow_sync_provider.core.reconcile.fingerprint import MASK, canonical_keys, column_kinds, fingerprint, key_index
@@ -326,6 +323,23 @@ def source_rows_by_key(conn: sa.Connection, source: SourceTable, keys: Sequence[
     return rows
 
 
+def snapshot_connection(engine: sa.Engine, source: SourceTable) -> sa.Connection:
+    """A source connection whose transaction reads one snapshot (REPEATABLE READ where the dialect has it)."""
+    conn = engine.connect()
+    if source.dialect in ("postgresql", "mysql", "mariadb"):
+        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+    return conn
+
+
+def source_error(doing: str, spec: SyncSpec, error: sa.exc.DBAPIError) -> SyncError:
+    """A driver error raised reading the source during ``doing``, naming the sync and the source table."""
+    return SyncError(
+        f"{doing} failed reading the source: {first_line(error.orig or error)}",
+        sync_id=spec.sync_id,
+        table=spec.qualified_source,
+    )
+
+
 def target_info(conn: psycopg.Connection[Any], spec: SyncSpec, source: SourceTable) -> TargetInfo:
     """The target table, checked to hold every compared column (and the cursor column)."""
     types = column_types(conn, spec.target_schema, spec.target_table) or {}
@@ -352,6 +366,8 @@ __all__ = [
     "SourceSide",
     "TargetInfo",
     "TargetSide",
+    "snapshot_connection",
+    "source_error",
     "source_rows_by_key",
     "target_info",
 ]
