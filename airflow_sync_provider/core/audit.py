@@ -25,6 +25,30 @@ AUDIT_TABLE = "_sync_audit"
 QUALITY_TABLE = "_sync_quality_results"
 RECONCILE_TABLE = "_sync_reconciliations"
 
+_AUDIT_COLUMNS = (
+    "entry_id bigserial PRIMARY KEY, "
+    "recorded_at timestamptz NOT NULL DEFAULT now(), "
+    "sync_id text NOT NULL, "
+    "run_id text NOT NULL, "
+    "manifest_id text NOT NULL, "
+    "mode text NOT NULL, "
+    "status text NOT NULL, "
+    "source_table text, "
+    "target_table text, "
+    "range_low jsonb, "
+    "range_high jsonb, "
+    "rows_staged bigint NOT NULL, "
+    "inserted bigint NOT NULL, "
+    "updated bigint NOT NULL, "
+    "deleted bigint NOT NULL, "
+    "state_version bigint NOT NULL, "
+    "batch_checksum text, "
+    "extract_seconds double precision, "
+    "load_seconds double precision, "
+    "details jsonb, "
+    "recorded_by text NOT NULL DEFAULT current_user"
+)
+
 
 @dataclass(frozen=True)
 class AuditEntry:
@@ -50,44 +74,28 @@ class AuditEntry:
 
 def ensure_audit_table(conn: psycopg.Connection[Any], schema: str) -> None:
     """Create the ledger and its append-only guard (idempotent; call outside the load transaction)."""
-    table = sql.Identifier(schema, AUDIT_TABLE)
     with conn.transaction():
         ddl_lock(conn)
-        if table_exists(conn, schema, AUDIT_TABLE):
-            return
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        conn.execute(
-            sql.SQL(
-                """CREATE TABLE {} (
-                    entry_id bigserial PRIMARY KEY,
-                    recorded_at timestamptz NOT NULL DEFAULT now(),
-                    sync_id text NOT NULL,
-                    run_id text NOT NULL,
-                    manifest_id text NOT NULL,
-                    mode text NOT NULL,
-                    status text NOT NULL,
-                    source_table text,
-                    target_table text,
-                    range_low jsonb,
-                    range_high jsonb,
-                    rows_staged bigint NOT NULL,
-                    inserted bigint NOT NULL,
-                    updated bigint NOT NULL,
-                    deleted bigint NOT NULL,
-                    state_version bigint NOT NULL,
-                    batch_checksum text,
-                    extract_seconds double precision,
-                    load_seconds double precision,
-                    details jsonb,
-                    recorded_by text NOT NULL DEFAULT current_user
-                )"""
-            ).format(table)
-        )
-        conn.execute(sql.SQL("CREATE INDEX ON {} (sync_id, run_id)").format(table))
-        make_append_only(conn, schema, "_sync_audit", "the sync audit ledger is")
+        create_evidence_table(conn, schema, AUDIT_TABLE, _AUDIT_COLUMNS, "the sync audit ledger is")
 
 
-def make_append_only(conn: psycopg.Connection[Any], schema: str, table: str, what: str) -> None:
+def create_evidence_table(conn: psycopg.Connection[Any], schema: str, table: str, columns: str, what: str) -> None:
+    """Create the append-only table ``schema.table`` unless it exists (inside the caller's transaction,
+    which holds :func:`~.catalog.ddl_lock`).
+
+    ``columns``: the engine's own column definitions; the table gets an index on ``(sync_id,
+    run_id)`` and a trigger that refuses UPDATE, DELETE and TRUNCATE (its message names ``what``).
+    """
+    if table_exists(conn, schema, table):
+        return
+    ident = sql.Identifier(schema, table)
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    conn.execute(sql.SQL("CREATE TABLE {} ({})").format(ident, sql.SQL(columns)))
+    conn.execute(sql.SQL("CREATE INDEX ON {} (sync_id, run_id)").format(ident))
+    _make_append_only(conn, schema, table, what)
+
+
+def _make_append_only(conn: psycopg.Connection[Any], schema: str, table: str, what: str) -> None:
     """A statement trigger that refuses UPDATE, DELETE and TRUNCATE on an evidence table."""
     guard = sql.Identifier(schema, f"{table}_append_only")
     conn.execute(

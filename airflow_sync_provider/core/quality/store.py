@@ -14,7 +14,7 @@ import psycopg
 import pyarrow as pa
 from psycopg import sql
 
-from airflow_sync_provider.core.audit import AUDIT_TABLE, QUALITY_TABLE, make_append_only
+from airflow_sync_provider.core.audit import AUDIT_TABLE, QUALITY_TABLE, create_evidence_table
 from airflow_sync_provider.core.catalog import column_types, ddl_lock, table_exists
 from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.sqltext import execute
@@ -23,33 +23,27 @@ QUARANTINE_TABLE = "_sync_quarantine"
 #: Key of the Arrow schema metadata in ``batch_schema`` that holds what a replay needs to rebuild a manifest.
 SCHEMA_META_KEY = b"airflow_sync_provider.batch"
 
+_RESULTS_COLUMNS = (
+    "result_id bigserial PRIMARY KEY, "
+    "sync_id text NOT NULL, "
+    "run_id text NOT NULL, "
+    "manifest_id text NOT NULL, "
+    "target_table text, "
+    "validated_at timestamptz NOT NULL DEFAULT clock_timestamp(), "
+    "success boolean NOT NULL, "
+    "rows bigint NOT NULL DEFAULT 0, "
+    "quarantined_rows bigint NOT NULL DEFAULT 0, "
+    "summary jsonb NOT NULL, "
+    "details jsonb NOT NULL"
+)
+
 
 def ensure_quality_tables(conn: psycopg.Connection[Any], schema: str) -> None:
     """Create ``_sync_quality_results`` (append-only) and ``_sync_quarantine`` if missing."""
     with conn.transaction():
         ddl_lock(conn)
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        if not table_exists(conn, schema, QUALITY_TABLE):
-            results = sql.Identifier(schema, QUALITY_TABLE)
-            conn.execute(
-                sql.SQL(
-                    """CREATE TABLE {} (
-                        result_id bigserial PRIMARY KEY,
-                        sync_id text NOT NULL,
-                        run_id text NOT NULL,
-                        manifest_id text NOT NULL,
-                        target_table text,
-                        validated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-                        success boolean NOT NULL,
-                        rows bigint NOT NULL DEFAULT 0,
-                        quarantined_rows bigint NOT NULL DEFAULT 0,
-                        summary jsonb NOT NULL,
-                        details jsonb NOT NULL
-                    )"""
-                ).format(results)
-            )
-            conn.execute(sql.SQL("CREATE INDEX ON {} (sync_id, run_id)").format(results))
-            make_append_only(conn, schema, "_sync_quality_results", "the sync quality results are")
+        create_evidence_table(conn, schema, QUALITY_TABLE, _RESULTS_COLUMNS, "the sync quality results are")
         if not table_exists(conn, schema, QUARANTINE_TABLE):
             quarantine = sql.Identifier(schema, QUARANTINE_TABLE)
             conn.execute(

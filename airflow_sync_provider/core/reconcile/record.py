@@ -9,48 +9,40 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from airflow_sync_provider.core.audit import RECONCILE_TABLE, make_append_only
-from airflow_sync_provider.core.catalog import ddl_lock, table_exists
+from airflow_sync_provider.core.audit import RECONCILE_TABLE, create_evidence_table
+from airflow_sync_provider.core.catalog import ddl_lock
 from airflow_sync_provider.core.reconcile.results import ReconcileResult
 from airflow_sync_provider.core.sqltext import insert_row
+
+_COLUMNS = (
+    "reconciliation_id bigserial PRIMARY KEY, "
+    "sync_id text NOT NULL, "
+    "run_id text NOT NULL, "
+    "reconciled_at timestamptz NOT NULL DEFAULT now(), "
+    "source_table text, "
+    "target_table text, "
+    "scope jsonb, "
+    "method text, "
+    "buckets integer, "
+    "source_count bigint NOT NULL, "
+    "target_count bigint NOT NULL, "
+    "differing_buckets integer NOT NULL, "
+    "missing_in_target bigint NOT NULL, "
+    "extra_in_target bigint NOT NULL, "
+    "different bigint NOT NULL, "
+    "differing_keys jsonb NOT NULL, "
+    "repaired boolean NOT NULL DEFAULT false, "
+    "seconds double precision, "
+    "details jsonb, "
+    "recorded_by text NOT NULL DEFAULT current_user"
+)
 
 
 def ensure_reconcile_table(conn: psycopg.Connection[Any], schema: str) -> None:
     """Create the append-only reconciliation log if missing (idempotent; outside a transaction)."""
-    table = sql.Identifier(schema, RECONCILE_TABLE)
     with conn.transaction():
         ddl_lock(conn)
-        if table_exists(conn, schema, RECONCILE_TABLE):
-            return
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        conn.execute(
-            sql.SQL(
-                """CREATE TABLE {} (
-                    reconciliation_id bigserial PRIMARY KEY,
-                    sync_id text NOT NULL,
-                    run_id text NOT NULL,
-                    reconciled_at timestamptz NOT NULL DEFAULT now(),
-                    source_table text,
-                    target_table text,
-                    scope jsonb,
-                    method text,
-                    buckets integer,
-                    source_count bigint NOT NULL,
-                    target_count bigint NOT NULL,
-                    differing_buckets integer NOT NULL,
-                    missing_in_target bigint NOT NULL,
-                    extra_in_target bigint NOT NULL,
-                    different bigint NOT NULL,
-                    differing_keys jsonb NOT NULL,
-                    repaired boolean NOT NULL DEFAULT false,
-                    seconds double precision,
-                    details jsonb,
-                    recorded_by text NOT NULL DEFAULT current_user
-                )"""
-            ).format(table)
-        )
-        conn.execute(sql.SQL("CREATE INDEX ON {} (sync_id, run_id)").format(table))
-        make_append_only(conn, schema, "_sync_reconciliations", "the reconciliation log is")
+        create_evidence_table(conn, schema, RECONCILE_TABLE, _COLUMNS, "the reconciliation log is")
 
 
 def record_reconciliation(
