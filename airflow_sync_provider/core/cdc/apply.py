@@ -43,8 +43,9 @@ from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
 from airflow_sync_provider.core.cdc.watch import Watch
 from airflow_sync_provider.core.errors import DataError, SchemaError
 from airflow_sync_provider.core.history import close_deleted, record_history
-from airflow_sync_provider.core.load import apply_table_batch, copy_files, merge_stage, notify, prepare_load
+from airflow_sync_provider.core.load import apply_table_batch, copy_files, notify, prepare_load
 from airflow_sync_provider.core.manifest import Manifest
+from airflow_sync_provider.core.merge import merge_stage
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN
 from airflow_sync_provider.core.sqltext import execute
