@@ -1,7 +1,7 @@
 """Reconciliation after the load: compare source and target, report what differs, repair just that.
 
 What is compared
-    The synced columns as the sync reflects them (:func:`~.extract.reflect_source` and its column
+    The synced columns as the sync reflects them (:func:`~.source.reflect_source` and its column
     plans: key first, then the declared or all columns), over the whole table or a cursor window
     ``[low, high)`` (e.g. the range a manifest synced).  Target rows soft-deleted by the sync
     (``_sync_deleted_at IS NOT NULL``) count as absent; the ``_sync_*`` metadata columns and any

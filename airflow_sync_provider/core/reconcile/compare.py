@@ -9,7 +9,6 @@ import psycopg
 import sqlalchemy as sa
 
 from airflow_sync_provider.core.errors import ConfigurationError
-from airflow_sync_provider.core.extract import reflect_source
 from airflow_sync_provider.core.progress import LOG, Logger
 from airflow_sync_provider.core.reconcile.differences import DifferenceSink, compare_buckets, differing_columns
 from airflow_sync_provider.core.reconcile.method import choose_method, pin_source_settings, pin_target_settings
@@ -22,6 +21,7 @@ from airflow_sync_provider.core.reconcile.sides import (
     source_error,
     target_info,
 )
+from airflow_sync_provider.core.source import reflect_source
 from airflow_sync_provider.core.spec import SyncSpec
 from airflow_sync_provider.core.staging import StagingArea
 from airflow_sync_provider.core.target import idle_autocommit

@@ -9,12 +9,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from airflow_sync_provider.core.extract import SourceTable
 from airflow_sync_provider.core.progress import LOG
 from airflow_sync_provider.core.reconcile import limits
 from airflow_sync_provider.core.reconcile.fingerprint import canonical_column, canonical_keys, plan_of
 from airflow_sync_provider.core.reconcile.results import KIND_COLUMN, KINDS, DifferenceKind, ReconcileResult
 from airflow_sync_provider.core.reconcile.sides import SourceSide, TargetSide
+from airflow_sync_provider.core.source import SourceTable
 from airflow_sync_provider.core.spec import SyncSpec
 from airflow_sync_provider.core.staging import StagingArea, iter_staged_batches
 

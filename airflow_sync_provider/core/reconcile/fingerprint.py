@@ -11,8 +11,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from airflow_sync_provider.core.extract import SourceTable
 from airflow_sync_provider.core.schema import ColumnPlan
+from airflow_sync_provider.core.source import SourceTable
 
 MASK = (1 << 64) - 1
 

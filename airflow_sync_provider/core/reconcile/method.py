@@ -11,10 +11,10 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from airflow_sync_provider.core.errors import ConfigurationError
-from airflow_sync_provider.core.extract import SourceTable
 from airflow_sync_provider.core.progress import Logger
 from airflow_sync_provider.core.reconcile.results import Method
 from airflow_sync_provider.core.reconcile.sides import TargetInfo
+from airflow_sync_provider.core.source import SourceTable
 from airflow_sync_provider.core.spec import SyncSpec
 
 #: Session settings pinned on both PostgreSQL sides (``SET LOCAL``) while comparing.

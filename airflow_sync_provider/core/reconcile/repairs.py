@@ -13,7 +13,6 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from airflow_sync_provider.core.errors import ConfigurationError, UnsafeOperationError
-from airflow_sync_provider.core.extract import SourceTable, reflect_source, rows_to_table
 from airflow_sync_provider.core.load import apply_table_batch, copy_files
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger
@@ -24,6 +23,7 @@ from airflow_sync_provider.core.reconcile.record import ensure_reconcile_table, 
 from airflow_sync_provider.core.reconcile.results import ReconcileResult, RepairResult
 from airflow_sync_provider.core.reconcile.sides import snapshot_connection, source_error, source_rows_by_key
 from airflow_sync_provider.core.schema import ColumnPlan
+from airflow_sync_provider.core.source import SourceTable, reflect_source, rows_to_table
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SyncSpec
 from airflow_sync_provider.core.sqltext import execute
 from airflow_sync_provider.core.staging import StagingArea, iter_staged_batches

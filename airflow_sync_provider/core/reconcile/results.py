@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from airflow_sync_provider.core.errors import ConfigurationError
-from airflow_sync_provider.core.extract import SourceTable
 from airflow_sync_provider.core.manifest import Manifest
+from airflow_sync_provider.core.source import SourceTable
 from airflow_sync_provider.core.spec import SyncSpec
 from airflow_sync_provider.core.values import decode_value, encode_value
 

@@ -17,11 +17,11 @@ from psycopg import sql
 
 from airflow_sync_provider.core.catalog import column_types
 from airflow_sync_provider.core.errors import DataError, SchemaError, SyncError, first_line
-from airflow_sync_provider.core.extract import SourceTable, bound_value, orderable, rows_to_table
 from airflow_sync_provider.core.reconcile import limits
 from airflow_sync_provider.core.reconcile.fingerprint import MASK, canonical_keys, column_kinds, fingerprint, key_index
 from airflow_sync_provider.core.reconcile.results import ReconcileWindow
 from airflow_sync_provider.core.schema import ColumnPlan, validate_pg_type
+from airflow_sync_provider.core.source import SourceTable, bound_value, orderable, rows_to_table
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, SyncSpec
 from airflow_sync_provider.core.sqltext import bindable, execute
 
