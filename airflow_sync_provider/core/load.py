@@ -3,6 +3,9 @@
 Everything a load changes happens in one transaction: the target rows, the deletes and the sync
 state (new version and watermark).  A crash before the commit leaves all of them as they were; a
 crash after leaves all of them new.  Re-running a committed manifest is a logged no-op.
+
+The target table is created or checked by :mod:`.target`, the merge and delete detection are
+:mod:`.merge`'s, the SCD2 history :mod:`.history`'s; this module holds the flow and the COPY.
 """
 
 from __future__ import annotations

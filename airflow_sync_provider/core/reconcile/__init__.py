@@ -1,9 +1,10 @@
 """Reconciliation after the load: compare source and target, report what differs, repair just that.
 
 What is compared
-    The synced columns as the sync reflects them (:func:`~.source.reflect_source` and its column
-    plans: key first, then the declared or all columns), over the whole table or a cursor window
-    ``[low, high)`` (e.g. the range a manifest synced).  Target rows soft-deleted by the sync
+    The synced columns as the sync reflects them
+    (:func:`~airflow_sync_provider.core.source.reflect_source` and its column plans: key first, then
+    the declared or all columns), over the whole table or a cursor window ``[low, high)`` (e.g. the
+    range a manifest synced).  Target rows soft-deleted by the sync
     (``_sync_deleted_at IS NOT NULL``) count as absent; the ``_sync_*`` metadata columns and any
     column a transform added are ignored.
 
@@ -46,14 +47,15 @@ Two ways to hash, chosen per run (``method``)
     that retyped a column) it falls back to ``"python"``: correctness first.
 
 Repair
-    :func:`repair` re-reads exactly the differing keys from the source (by key, over the whole table,
-    so a row that merely moved out of the window is updated, not deleted), stages them as Parquet
-    with the same column plans and merges them with the load's own engine
-    (:func:`~.load.apply_table_batch`, a ``full``-mode manifest without delete detection) inside ONE
-    target transaction that also deletes (or soft-deletes, per ``delete_mode``) target rows whose key
-    the source does not have.  The sync's state row is locked (so a concurrent load waits and
-    nothing older overwrites what the repair read) but never written: the watermark does not move.
-    Only the differing keys are touched, so ``_sync_synced_at`` of every other row stays as it was.
+    :func:`repair` re-reads exactly the differing keys from the source (by key, over the whole
+    table, so a row that merely moved out of the window is updated, not deleted), stages them as
+    Parquet with the same column plans and merges them with the load's own engine
+    (:func:`~airflow_sync_provider.core.load.apply_table_batch`, a ``full``-mode manifest without
+    delete detection) inside ONE target transaction that also deletes (or soft-deletes, per
+    ``delete_mode``) target rows whose key the source does not have.  The sync's state row is locked
+    (so a concurrent load waits and nothing older overwrites what the repair read) but never
+    written: the watermark does not move. Only the differing keys are touched, so
+    ``_sync_synced_at`` of every other row stays as it was.
 
 Record
     Every reconciliation (and every repair) appends a row to ``<target_schema>._sync_reconciliations``
