@@ -104,6 +104,19 @@ def fingerprint(
     return key_buckets, row_hashes, keys
 
 
+def bucket_aggregates(
+    pages: Iterable[pa.Table], kinds: Sequence[str], key_index: Sequence[int], buckets: int
+) -> tuple[list[int], list[int]]:
+    """Phase 1 in Python: per bucket, the row count and the sum of the row hashes mod 2^64."""
+    counts, sums = [0] * buckets, [0] * buckets
+    for page in pages:
+        page_buckets, hashes, _ = fingerprint(page, kinds, key_index, buckets)
+        for b, h in zip(page_buckets, hashes, strict=True):
+            counts[b] += 1
+            sums[b] = (sums[b] + h) & MASK
+    return counts, sums
+
+
 def canonical_keys(table: pa.Table, kinds: Sequence[str], key_index: Sequence[int]) -> list[tuple[Any, ...]]:
     columns = [canonical_column(table.column(i), kinds[i]) for i in key_index]
     return list(zip(*columns, strict=True))
@@ -122,6 +135,7 @@ def plan_of(source: SourceTable, name: str) -> ColumnPlan:
 
 __all__ = [
     "MASK",
+    "bucket_aggregates",
     "canonical_column",
     "canonical_keys",
     "column_kinds",

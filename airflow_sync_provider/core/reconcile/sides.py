@@ -18,7 +18,14 @@ from psycopg import sql
 from airflow_sync_provider.core.catalog import column_types
 from airflow_sync_provider.core.errors import DataError, SchemaError, SyncError, first_line
 from airflow_sync_provider.core.reconcile import limits
-from airflow_sync_provider.core.reconcile.fingerprint import MASK, canonical_keys, column_kinds, fingerprint, key_index
+from airflow_sync_provider.core.reconcile.fingerprint import (
+    MASK,
+    bucket_aggregates,
+    canonical_keys,
+    column_kinds,
+    fingerprint,
+    key_index,
+)
 from airflow_sync_provider.core.reconcile.results import ReconcileWindow
 from airflow_sync_provider.core.schema import ColumnPlan, validate_pg_type
 from airflow_sync_provider.core.source import SourceTable, bound_value, orderable, rows_to_table
@@ -107,12 +114,7 @@ class SourceSide:
             for b, count, total in self.conn.execute(query):
                 counts[int(b)], sums[int(b)] = int(count), int(total) & MASK
             return counts, sums
-        for page in self._pages():
-            page_buckets, hashes, _ = fingerprint(page, self.kinds, self.key_index, self.buckets)
-            for b, h in zip(page_buckets, hashes, strict=True):
-                counts[b] += 1
-                sums[b] = (sums[b] + h) & MASK
-        return counts, sums
+        return bucket_aggregates(self._pages(), self.kinds, self.key_index, self.buckets)
 
     def rows_in(self, group: set[int]) -> KeyedRows:
         if self.method == "sql":
@@ -231,13 +233,9 @@ class TargetSide:
             for b, count, total in execute(self.conn, query, params):
                 counts[int(b)], sums[int(b)] = int(count), int(total) & MASK
             return counts, sums
-        for rows in self._stream(self._select([self._column(p) for p in self.plans]), params):
-            page = self._arrow(rows, self.plans)
-            page_buckets, hashes, _ = fingerprint(page, self.kinds, self.key_index, self.buckets)
-            for b, h in zip(page_buckets, hashes, strict=True):
-                counts[b] += 1
-                sums[b] = (sums[b] + h) & MASK
-        return counts, sums
+        query = self._select([self._column(p) for p in self.plans])
+        pages = (self._arrow(rows, self.plans) for rows in self._stream(query, params))
+        return bucket_aggregates(pages, self.kinds, self.key_index, self.buckets)
 
     def rows_in(self, group: set[int]) -> KeyedRows:
         if not self.target.exists:
