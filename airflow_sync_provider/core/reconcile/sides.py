@@ -48,7 +48,21 @@ Aggregates = tuple[list[int], list[int]]
 KeyedRows = Iterator[tuple[tuple[Any, ...], tuple[Any, ...], int, int]]
 
 
-class SourceSide:
+class _Side:
+    """What both sides share: the compared columns, the key among them, how each is canonicalised."""
+
+    def __init__(
+        self, source: SourceTable, spec: SyncSpec, window: ReconcileWindow | None, buckets: int, method: str
+    ) -> None:
+        self.source, self.spec, self.window = source, spec, window
+        self.buckets, self.method = buckets, method
+        self.key_index = key_index(source)
+        self.key_plans = [source.plans[i] for i in self.key_index]
+        self.kinds = column_kinds(source)
+        self.key_kinds = [self.kinds[i] for i in self.key_index]
+
+
+class SourceSide(_Side):
     """The source, read with the sync's own column plans (any SQLAlchemy dialect)."""
 
     def __init__(
@@ -60,12 +74,8 @@ class SourceSide:
         buckets: int,
         method: str,
     ) -> None:
-        self.conn, self.source, self.spec, self.window = conn, source, spec, window
-        self.buckets, self.method = buckets, method
-        self.key_index = key_index(source)
-        self.key_plans = [source.plans[i] for i in self.key_index]
-        self.kinds = column_kinds(source)
-        self.key_kinds = [self.kinds[i] for i in self.key_index]
+        super().__init__(source, spec, window, buckets, method)
+        self.conn = conn
 
     def _conditions(self) -> list[Any]:
         if self.window is None:
@@ -139,7 +149,7 @@ class SourceSide:
         return rows_to_table(source_rows_by_key(self.conn, self.source, keys), self.source, self.spec)
 
 
-class TargetSide:
+class TargetSide(_Side):
     """The target table (PostgreSQL), read into the same Arrow types as the source."""
 
     def __init__(
@@ -152,13 +162,9 @@ class TargetSide:
         buckets: int,
         method: str,
     ) -> None:
-        self.conn, self.target, self.source, self.spec, self.window = conn, target, source, spec, window
-        self.buckets, self.method = buckets, method
+        super().__init__(source, spec, window, buckets, method)
+        self.conn, self.target = conn, target
         self.plans = source.plans
-        self.key_index = key_index(source)
-        self.key_plans = [source.plans[i] for i in self.key_index]
-        self.kinds = column_kinds(source)
-        self.key_kinds = [self.kinds[i] for i in self.key_index]
         self.ident = sql.Identifier(spec.target_schema, spec.target_table)
 
     def _where(self) -> tuple[list[sql.Composable], dict[str, Any]]:
