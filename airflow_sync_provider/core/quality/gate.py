@@ -14,7 +14,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from airflow_sync_provider.core.audit import QUALITY_TABLE
-from airflow_sync_provider.core.errors import ConfigurationError, DataError, SourceUnavailableError, SyncError
+from airflow_sync_provider.core.errors import ConfigurationError, DataError, SyncError, TargetUnavailableError
 from airflow_sync_provider.core.manifest import Manifest, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger
 from airflow_sync_provider.core.quality.engine import GxEngine
@@ -347,7 +347,7 @@ def _record(
             # Rows earlier gates quarantined from batches that never loaded are no longer pending.
             abandoned = abandon_unloaded(conn, schema, manifest.sync_id, manifest.state_table, result.run_id)
     except psycopg.OperationalError as error:
-        raise SourceUnavailableError(
+        raise TargetUnavailableError(
             f"could not record the quality results in the target: {error}", sync_id=manifest.sync_id
         ) from error
     if abandoned:

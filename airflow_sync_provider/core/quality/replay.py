@@ -20,7 +20,7 @@ from psycopg.types.json import Jsonb
 
 from airflow_sync_provider.core.audit import QUALITY_TABLE
 from airflow_sync_provider.core.catalog import table_exists
-from airflow_sync_provider.core.errors import ConfigurationError, DataError, SourceUnavailableError, SyncError
+from airflow_sync_provider.core.errors import ConfigurationError, DataError, SyncError, TargetUnavailableError
 from airflow_sync_provider.core.load import apply_table_batch
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger
@@ -297,7 +297,7 @@ def replay_quarantined(
                 ),
             )
     except psycopg.OperationalError as error:
-        raise SourceUnavailableError(f"replay failed, nothing changed: {error}", sync_id=sync_id) from error
+        raise TargetUnavailableError(f"replay failed, nothing changed: {error}", sync_id=sync_id) from error
     finally:
         for uri in staged_dirs:
             staging.discard(uri, log)

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from airflow_sync_provider.core.catalog import column_types
-from airflow_sync_provider.core.errors import DataError, SchemaError, SyncError, first_line
+from airflow_sync_provider.core.errors import DataError, SchemaError, SyncError, database_error
 from airflow_sync_provider.core.reconcile import limits
 from airflow_sync_provider.core.reconcile.fingerprint import (
     MASK,
@@ -336,12 +336,9 @@ def snapshot_connection(engine: sa.Engine, source: SourceTable) -> sa.Connection
 
 
 def source_error(doing: str, spec: SyncSpec, error: sa.exc.DBAPIError) -> SyncError:
-    """A driver error raised reading the source during ``doing``, naming the sync and the source table."""
-    return SyncError(
-        f"{doing} failed reading the source: {first_line(error.orig or error)}",
-        sync_id=spec.sync_id,
-        table=spec.qualified_source,
-    )
+    """A driver error raised reading the source during ``doing``, naming the sync and the source table:
+    retryable (:class:`SourceUnavailableError`) when the connection was lost, as in the extraction."""
+    return database_error(error, f"{doing} reading the source", sync_id=spec.sync_id, table=spec.qualified_source)
 
 
 def target_info(conn: psycopg.Connection[Any], spec: SyncSpec, source: SourceTable) -> TargetInfo:
