@@ -17,9 +17,11 @@ import pandas as pd
 import pytest
 
 from airflow_sync_provider.core import DataError, SyncError, SyncSpec, extract_for, load_manifest
+from airflow_sync_provider.core.cdc import CdcSpec, changes_to_staging
+from airflow_sync_provider.core.cdc import committed_cdc_state as committed_state
 from airflow_sync_provider.core.staging import StagingArea
 
-from .conftest import SyncEnv
+from .conftest import CdcEnv, SyncEnv
 
 #: Runs one sync in a child process (argv: source URL, target DSN, staging folder, sync id,
 #: batch rows) so the test can SIGKILL it in the middle of the extraction.
@@ -219,3 +221,43 @@ def test_sweep_keeps_young_and_kept_folders_and_reports_what_it_removed(tmp_path
     assert result.removed == ((root / "young").as_uri(),) and (result.files, result.bytes) == (2, 2)
     with pytest.raises(ValueError):
         StagingArea(tmp_path, abandoned_after=dt.timedelta(seconds=-1))
+
+
+def test_a_cdc_run_sweeps_abandoned_batches_and_keeps_one_a_load_may_still_apply(
+    cdc: CdcEnv, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = cdc.env
+    with env.source() as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, sku text)")
+        conn.execute("INSERT INTO items SELECT g, 's' || g FROM generate_series(1, 50) g")
+    spec = CdcSpec(sync_id="sweep_cdc", tables=("items",))
+    cdc.run(spec, run_id="snapshot")
+    with env.source() as conn:
+        conn.execute("UPDATE items SET sku = 'changed' WHERE id <= 5")
+    engine = env.source_engine
+    try:
+        with env.target() as target:
+            staged = changes_to_staging(
+                engine, spec, state=committed_state(target, spec), staging=env.staging, run_id="never-loaded"
+            )
+    finally:
+        engine.dispose()
+    pending = Path(staged.staging_dir.removeprefix("file://"))
+    abandoned = _staging_root(env) / "sweep_cdc" / "20260101T000000-killed"  # a killed run: files, no manifest
+    abandoned.mkdir(parents=True)
+    (abandoned / "part-00000.parquet").write_bytes(b"x" * 1000)
+    for folder in (pending, abandoned):
+        _age(folder, dt.timedelta(days=2))
+
+    caplog.set_level(logging.INFO)
+    _, result = cdc.run(spec, run_id="next")
+    assert result.status == "applied" and result.updated == 5
+    assert not abandoned.exists()
+    assert pending.exists()  # its changes were not committed when the sweep ran: a load could apply it
+    assert any("abandoned staged batch" in r.getMessage() for r in caplog.records)
+
+    _age(pending, dt.timedelta(days=2))
+    _, quiet = cdc.run(spec, run_id="after")
+    assert quiet.status == "no_changes"
+    assert not pending.exists()  # now covered by the committed position: nothing would apply it
+    cdc.assert_converged("items", ["id"])

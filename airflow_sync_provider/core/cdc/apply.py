@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -36,8 +36,10 @@ from airflow_sync_provider.core.cdc.manifest import (
     OP_COLUMN,
     SEQ_COLUMN,
     UNCHANGED_COLUMN,
+    CdcLoadStatus,
     CdcManifest,
     TruncateEvent,
+    skip_reason,
 )
 from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
 from airflow_sync_provider.core.cdc.watch import Watch
@@ -52,8 +54,6 @@ from airflow_sync_provider.core.sqltext import execute
 from airflow_sync_provider.core.staging import remove_staged
 from airflow_sync_provider.core.state import lock_state, write_state
 from airflow_sync_provider.core.target import TargetTable, ensure_target_table, metadata_columns
-
-CdcLoadStatus = Literal["applied", "stale", "already_applied", "no_changes"]
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def load_cdc_manifest(
     with watch, conn.transaction():
         state = lock_state(conn, manifest.target_schema, manifest.state_table, manifest.sync_id)
         position = CdcPosition.from_state(state)
-        skip = _skip_reason(manifest, state.version, state.last_manifest_id, position)
+        skip = skip_reason(manifest, state.version, state.last_manifest_id, position)
         if skip is not None:
             status, message = skip
             log.info("sync %s: %s", manifest.sync_id, message)
@@ -221,42 +221,6 @@ def _audit_entry(manifest: CdcManifest, run_id: str, result: CdcLoadResult, chec
             "message": result.message,
         },
     )
-
-
-def _skip_reason(
-    manifest: CdcManifest, version: int, last_manifest_id: str | None, position: CdcPosition | None
-) -> tuple[CdcLoadStatus, str] | None:
-    if last_manifest_id == manifest.manifest_id:
-        return "already_applied", f"manifest {manifest.manifest_id} is already committed (state version {version})"
-    if manifest.kind == "table_snapshot" and version != manifest.base_version:
-        # A batch committed since it was read: transactions it applied that the snapshot did not see
-        # would be lost under the copy.  Re-snapshot again.
-        return "stale", (
-            f"stale re-snapshot {manifest.manifest_id} skipped: extracted at state version {manifest.base_version}, "
-            f"but version {version} is committed; run the re-snapshot again"
-        )
-    if manifest.kind in ("snapshot", "table_snapshot"):
-        if version != manifest.base_version:
-            return "stale", (
-                f"stale snapshot {manifest.manifest_id} skipped: extracted at state version {manifest.base_version}, "
-                f"but version {version} is committed"
-            )
-        return None
-    if position is None:
-        return "stale", f"change batch {manifest.manifest_id} skipped: the sync has no committed snapshot"
-    if manifest.snapshot != position.snapshot or manifest.table_snapshots != position.table_snapshots:
-        return "stale", (
-            f"change batch {manifest.manifest_id} skipped: it was read for another initial snapshot than the "
-            "committed one (or before a table was re-snapshotted); the next run reads from the committed position"
-        )
-    if manifest.commit_lsn <= position.commit_lsn:
-        if manifest.transactions == 0 and manifest.commit_lsn == manifest.applied_lsn:
-            return "no_changes", f"no changes since {int_to_lsn(position.commit_lsn)}"
-        return "already_applied", (
-            f"change batch {manifest.manifest_id} (up to {int_to_lsn(manifest.commit_lsn)}) is already covered by "
-            f"the committed position {int_to_lsn(position.commit_lsn)}; nothing to do"
-        )
-    return None
 
 
 def _keys(manifest: Manifest, left: str, right: str) -> sql.Composable:

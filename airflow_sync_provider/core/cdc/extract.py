@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +31,7 @@ from airflow_sync_provider.core.cdc.manifest import (
     UNCHANGED_COLUMN,
     CdcManifest,
     TruncateEvent,
+    skip_reason,
 )
 from airflow_sync_provider.core.cdc.spec import CdcSpec
 from airflow_sync_provider.core.cdc.watch import Watch
@@ -479,6 +480,21 @@ def _pending_rows(values: Sequence[object], op: str, lsn: int, seq: int, moved_f
     return row
 
 
+def _still_loadable(state: SyncState | None, position: CdcPosition | None) -> Callable[[dict[str, Any]], bool]:
+    """For the staging sweep: whether a staged batch's manifest is one a load would still apply."""
+    version = state.version if state else 0
+    last_manifest_id = state.last_manifest_id if state else None
+
+    def loadable(data: dict[str, Any]) -> bool:
+        try:
+            manifest = CdcManifest.from_dict(data)
+        except (KeyError, TypeError, ValueError):  # not a CDC batch of this sync: its age decides
+            return False
+        return skip_reason(manifest, version, last_manifest_id, position) is None
+
+    return loadable
+
+
 def changes_to_staging(
     engine: sa.Engine,
     spec: CdcSpec,
@@ -492,6 +508,7 @@ def changes_to_staging(
     log = logger or LOG
     started = time.monotonic()
     position = CdcPosition.from_state(state)
+    staging.sweep_abandoned(spec.sync_id, pending=_still_loadable(state, position), log=log)
     if position is None:
         return snapshot_to_staging(engine, spec, state=state, staging=staging, run_id=run_id, logger=log)
     manifest_id = _new_manifest_id()

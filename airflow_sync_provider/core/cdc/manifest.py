@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
 from airflow_sync_provider.core.errors import ConfigurationError
 from airflow_sync_provider.core.manifest import Manifest
+
+if TYPE_CHECKING:
+    from airflow_sync_provider.core.cdc.extract import CdcPosition
+
+CdcLoadStatus = Literal["applied", "stale", "already_applied", "no_changes"]
 
 #: ``snapshot``: the initial copy of every table; ``changes``: a batch from the slot; ``table_snapshot``:
 #: a new copy of some tables while the others keep streaming (see ``resnapshot_tables``).
@@ -107,3 +113,44 @@ class CdcManifest:
             f"({self.changes} changes in {self.transactions} transactions) for {len(self.tables)} table(s), "
             f"up to commit {int_to_lsn(self.commit_lsn)}"
         )
+
+
+def skip_reason(
+    manifest: CdcManifest, version: int, last_manifest_id: str | None, position: CdcPosition | None
+) -> tuple[CdcLoadStatus, str] | None:
+    """Why a load would not apply ``manifest`` on top of the committed state (None: it would).
+
+    The load asks it under the state lock; a run's staging sweep asks it to keep the batches a
+    load may still apply.
+    """
+    if last_manifest_id == manifest.manifest_id:
+        return "already_applied", f"manifest {manifest.manifest_id} is already committed (state version {version})"
+    if manifest.kind == "table_snapshot" and version != manifest.base_version:
+        # A batch committed since it was read: transactions it applied that the snapshot did not see
+        # would be lost under the copy.  Re-snapshot again.
+        return "stale", (
+            f"stale re-snapshot {manifest.manifest_id} skipped: extracted at state version {manifest.base_version}, "
+            f"but version {version} is committed; run the re-snapshot again"
+        )
+    if manifest.kind in ("snapshot", "table_snapshot"):
+        if version != manifest.base_version:
+            return "stale", (
+                f"stale snapshot {manifest.manifest_id} skipped: extracted at state version {manifest.base_version}, "
+                f"but version {version} is committed"
+            )
+        return None
+    if position is None:
+        return "stale", f"change batch {manifest.manifest_id} skipped: the sync has no committed snapshot"
+    if manifest.snapshot != position.snapshot or manifest.table_snapshots != position.table_snapshots:
+        return "stale", (
+            f"change batch {manifest.manifest_id} skipped: it was read for another initial snapshot than the "
+            "committed one (or before a table was re-snapshotted); the next run reads from the committed position"
+        )
+    if manifest.commit_lsn <= position.commit_lsn:
+        if manifest.transactions == 0 and manifest.commit_lsn == manifest.applied_lsn:
+            return "no_changes", f"no changes since {int_to_lsn(position.commit_lsn)}"
+        return "already_applied", (
+            f"change batch {manifest.manifest_id} (up to {int_to_lsn(manifest.commit_lsn)}) is already covered by "
+            f"the committed position {int_to_lsn(position.commit_lsn)}; nothing to do"
+        )
+    return None
