@@ -9,7 +9,8 @@ table whose target copy cannot be trusted).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from typing import Any
 
@@ -43,6 +44,32 @@ def confirm_applied(source: sa.Engine, spec: CdcSpec, end_lsn: int) -> int:
         return slot.advance_slot(conn, spec.slot_name, end_lsn)
 
 
+def _stage_and_load(
+    stage: Callable[..., CdcManifest],
+    source: sa.Engine,
+    target: psycopg.Connection[Any],
+    spec: CdcSpec,
+    staging: StagingArea | None,
+    run_id: str,
+    logger: Logger | None,
+    observer: PhaseObserver | None,
+    keep_staged: bool,
+) -> tuple[CdcManifest, CdcLoadResult]:
+    """Stage a batch from the committed state with ``stage``, then load it (one transaction with its position)."""
+    manifest = stage(
+        source,
+        spec,
+        state=committed_state(target, spec),
+        staging=staging or StagingArea(),
+        run_id=run_id,
+        logger=logger,
+    )
+    result = load_cdc_manifest(
+        target, manifest, run_id=run_id, logger=logger, observer=observer, keep_staged=keep_staged
+    )
+    return manifest, result
+
+
 def run_cdc_sync(
     source: sa.Engine,
     target: psycopg.Connection[Any],
@@ -55,16 +82,8 @@ def run_cdc_sync(
     keep_staged: bool = False,
 ) -> tuple[CdcManifest, CdcLoadResult]:
     """Stage (snapshot or changes), apply with the position in one transaction, then confirm the slot."""
-    manifest = changes_to_staging(
-        source,
-        spec,
-        state=committed_state(target, spec),
-        staging=staging or StagingArea(),
-        run_id=run_id,
-        logger=logger,
-    )
-    result = load_cdc_manifest(
-        target, manifest, run_id=run_id, logger=logger, observer=observer, keep_staged=keep_staged
+    manifest, result = _stage_and_load(
+        changes_to_staging, source, target, spec, staging, run_id, logger, observer, keep_staged
     )
     if result.status in ("applied", "already_applied"):
         position = CdcPosition.from_state(committed_state(target, spec))
@@ -94,19 +113,9 @@ def resnapshot_tables(
     in the target).  A change batch staged before it is then refused as stale; the next run reads anew.
     Retried when a change batch commits between the copy and its load (``attempts``).
     """
+    stage = functools.partial(table_snapshot_to_staging, tables=tables)
     for _ in range(attempts):
-        manifest = table_snapshot_to_staging(
-            source,
-            spec,
-            tables,
-            state=committed_state(target, spec),
-            staging=staging or StagingArea(),
-            run_id=run_id,
-            logger=logger,
-        )
-        result = load_cdc_manifest(
-            target, manifest, run_id=run_id, logger=logger, observer=observer, keep_staged=keep_staged
-        )
+        manifest, result = _stage_and_load(stage, source, target, spec, staging, run_id, logger, observer, keep_staged)
         if result.status != "stale":
             return manifest, result
     raise SyncError(

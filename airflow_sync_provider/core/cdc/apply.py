@@ -111,8 +111,8 @@ def load_cdc_manifest(
             )
             append_entry(conn, manifest.target_schema, _audit_entry(manifest, run_id, skipped, {}))
             return skipped
-        if manifest.kind == "snapshot":
-            for table in manifest.tables:
+        if manifest.kind in ("snapshot", "table_snapshot"):
+            for table in manifest.tables:  # a copy: loaded like a full table sync
                 watch.phase(f"loading the copy of {table.source_table}")
                 applied = apply_table_batch(conn, table, run_id, log, observer)
                 counts[table.source_table] = {
@@ -121,19 +121,15 @@ def load_cdc_manifest(
                     "deleted": applied.deleted,
                 }
                 checksums[table.source_table] = applied.checksum
-            new_position = CdcPosition(manifest.commit_lsn, manifest.end_lsn, manifest.snapshot, manifest.snapshot_lsn)
-        elif manifest.kind == "table_snapshot":  # those tables anew; the position stays, with their hand-off
-            assert position is not None
-            for table in manifest.tables:
-                watch.phase(f"loading the copy of {table.source_table}")
-                applied = apply_table_batch(conn, table, run_id, log, observer)
-                counts[table.source_table] = {
-                    "inserted": applied.inserted,
-                    "updated": applied.updated,
-                    "deleted": applied.deleted,
-                }
-                checksums[table.source_table] = applied.checksum
-            new_position = replace(position, table_snapshots={**position.table_snapshots, **manifest.table_snapshots})
+            if manifest.kind == "snapshot":
+                new_position = CdcPosition(
+                    manifest.commit_lsn, manifest.end_lsn, manifest.snapshot, manifest.snapshot_lsn
+                )
+            else:  # those tables anew; the position stays, with their hand-off
+                assert position is not None
+                new_position = replace(
+                    position, table_snapshots={**position.table_snapshots, **manifest.table_snapshots}
+                )
         else:
             assert position is not None
             for table in manifest.tables:
