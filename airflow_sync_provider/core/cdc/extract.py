@@ -206,15 +206,7 @@ def snapshot_to_staging(
         engine, spec, tables, staging_dir, run_id, log, sql_ascii=sql_ascii
     )
     manifest = CdcManifest(
-        sync_id=spec.sync_id,
-        run_id=run_id,
-        manifest_id=manifest_id,
-        kind="snapshot",
-        slot_name=spec.slot_name,
-        publication=spec.publication,
-        target_schema=spec.target_schema,
-        state_table=spec.state_table,
-        delete_mode=spec.delete_mode,
+        **_manifest_header(spec, run_id, manifest_id, "snapshot", staging_dir, started),
         tables=tuple(table_manifests),
         base_version=state.version if state else 0,
         applied_lsn=0,
@@ -222,15 +214,32 @@ def snapshot_to_staging(
         end_lsn=info.confirmed_flush_lsn,
         snapshot=snapshot,
         snapshot_lsn=snapshot_lsn,
-        staging_dir=staging_dir,
-        extracted_at=dt.datetime.now(dt.UTC).isoformat(),
-        extract_seconds=round(time.monotonic() - started, 3),
         notes=(
             f"snapshot {snapshot} at {pgoutput.int_to_lsn(snapshot_lsn)}; slot {spec.slot_name} from {info.describe()}",
         ),
     )
     staging.write_manifest(manifest)
     return manifest
+
+
+def _manifest_header(
+    spec: CdcSpec, run_id: str, manifest_id: str, kind: str, staging_dir: str, started: float
+) -> dict[str, Any]:
+    """What every CDC manifest (snapshot, table re-snapshot, changes) says of its sync, run and batch."""
+    return {
+        "sync_id": spec.sync_id,
+        "run_id": run_id,
+        "manifest_id": manifest_id,
+        "kind": kind,
+        "slot_name": spec.slot_name,
+        "publication": spec.publication,
+        "target_schema": spec.target_schema,
+        "state_table": spec.state_table,
+        "delete_mode": spec.delete_mode,
+        "staging_dir": staging_dir,
+        "extracted_at": dt.datetime.now(dt.UTC).isoformat(),
+        "extract_seconds": round(time.monotonic() - started, 3),
+    }
 
 
 def _copy_tables(
@@ -358,15 +367,7 @@ def table_snapshot_to_staging(
         engine, spec, chosen, staging_dir, run_id, log, sql_ascii=sql_ascii
     )
     manifest = CdcManifest(
-        sync_id=spec.sync_id,
-        run_id=run_id,
-        manifest_id=manifest_id,
-        kind="table_snapshot",
-        slot_name=spec.slot_name,
-        publication=spec.publication,
-        target_schema=spec.target_schema,
-        state_table=spec.state_table,
-        delete_mode=spec.delete_mode,
+        **_manifest_header(spec, run_id, manifest_id, "table_snapshot", staging_dir, started),
         tables=tuple(table_manifests),
         base_version=state.version,
         applied_lsn=position.commit_lsn,
@@ -375,9 +376,6 @@ def table_snapshot_to_staging(
         snapshot=position.snapshot,
         snapshot_lsn=position.snapshot_lsn,
         table_snapshots={t.qualified: {"snapshot": snapshot, "snapshot_lsn": snapshot_lsn} for t in chosen},
-        staging_dir=staging_dir,
-        extracted_at=dt.datetime.now(dt.UTC).isoformat(),
-        extract_seconds=round(time.monotonic() - started, 3),
         notes=(f"re-snapshot of {', '.join(wanted)}: snapshot {snapshot} at {pgoutput.int_to_lsn(snapshot_lsn)}",),
     )
     staging.write_manifest(manifest)
@@ -711,15 +709,7 @@ def changes_to_staging(
                 slot.advance_slot(conn, spec.slot_name, heartbeat_end)
         target_columns = {oid: s.columns or _catalog_columns(conn, s.source) for oid, s in streams.items()}
     manifest = CdcManifest(
-        sync_id=spec.sync_id,
-        run_id=run_id,
-        manifest_id=manifest_id,
-        kind="changes",
-        slot_name=spec.slot_name,
-        publication=spec.publication,
-        target_schema=spec.target_schema,
-        state_table=spec.state_table,
-        delete_mode=spec.delete_mode,
+        **_manifest_header(spec, run_id, manifest_id, "changes", staging_dir, started),
         tables=tuple(
             _table_manifest(spec, s, target_columns[oid], run_id, manifest_id, staging_dir)
             for oid, s in streams.items()
@@ -734,9 +724,6 @@ def changes_to_staging(
         snapshot=position.snapshot,
         snapshot_lsn=position.snapshot_lsn,
         table_snapshots=position.table_snapshots,
-        staging_dir=staging_dir,
-        extracted_at=dt.datetime.now(dt.UTC).isoformat(),
-        extract_seconds=round(time.monotonic() - started, 3),
         notes=tuple(notes),
     )
     staging.write_manifest(manifest)
