@@ -187,7 +187,7 @@ def cdc(env: SyncEnv) -> Iterator[CdcEnv]:
 # --------------------------------------------------------------------------- fault-injection tally
 
 #: Per fault class: trials run and trials that ended with a lost or duplicated row (or an
-#: inconsistent state), filled by ``tests/test_faults.py`` and written to ``tests/.fault_summary.json``.
+#: inconsistent state), filled by ``tests/faults/test_faults.py`` and written to ``tests/.fault_summary.json``.
 FAULT_TALLY: dict[str, dict[str, Any]] = {}
 FAULT_SUMMARY_PATH = Path(__file__).parent / ".fault_summary.json"
 

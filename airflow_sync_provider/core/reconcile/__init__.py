@@ -37,7 +37,7 @@ Two ways to hash, chosen per run (``method``)
 
     ``"sql"`` (PostgreSQL -> PostgreSQL): both servers compute ``hashtextextended(ROW(cols)::text, 0)``
     and aggregate per bucket themselves, so phase 1 ships ``buckets`` rows instead of the table
-    (the same 100k rows in ~0.5 s; ``tests/test_reconcile.py`` prints both timings).  Text output is only a
+    (the same 100k rows in ~0.5 s; ``tests/integration/test_reconcile.py`` prints both timings).  Text output is only a
     faithful rendering when both sides have the same types and settings, so ``"auto"`` picks it only
     when: every compared column has the same type (``format_type``) in source and target and is of a
     type whose text output is exact and setting-independent once the session is pinned (``TimeZone``
