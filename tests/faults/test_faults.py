@@ -366,7 +366,9 @@ class Terminator:
                 ).fetchone()
                 if conn.execute("SELECT pg_terminate_backend(%s)", row).fetchone() == (True,):
                     self.terminated_query = query[0] if query else "(idle in transaction)"
-                return
+                    return
+                # That backend was gone before the delay ran out (a short query on its own connection,
+                # e.g. the NULL-cursor check): wait for the next matching query instead of giving up.
 
     def finish(self) -> None:
         self.stop.set()
