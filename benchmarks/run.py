@@ -298,7 +298,7 @@ def create_target(bench: Bench, name: str) -> None:
 def copy_table(bench: Bench, source: str, target: str) -> None:
     """Untimed: ``target`` (created empty here) gets ``source``'s rows by the raw pipe."""
     create_target(bench, target)
-    bench.run(bench.job("raw_limit", "seed", source=source, target=target))
+    worker.raw_limit(bench.job("raw_limit", "seed", source=source, target=target))  # psql only: no process of ours
 
 
 # --------------------------------------------------------------------------- workloads (a), (b), (e)

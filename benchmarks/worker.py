@@ -233,7 +233,7 @@ def raw_cdc_limit(job: Job) -> dict[str, Any]:
         "-1",
         job["tgt_dsn"],
         "-c",
-        f"CREATE TEMP TABLE _raw_cdc (op text, LIKE {target}) ON COMMIT DROP",
+        f"CREATE TEMP TABLE _raw_cdc ON COMMIT DROP AS SELECT ''::text AS op, * FROM {target} WITH NO DATA",
         "-c",
         "COPY _raw_cdc FROM STDIN (FORMAT binary)",
         "-c",
