@@ -251,23 +251,27 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 
     summary = results["summary"]
     panels = [w for w in ("a", "b", "c") if summary.get(w)]
-    heights = [max(len(summary[w]), 2) for w in panels] + [2]
+    mem = summary.get("d", {})
+    heights = [max(len(summary[w]), 2) for w in panels] + ([2] if mem else [])
+    if not heights:
+        return False
     fig, axes = plt.subplots(
-        len(panels) + 1, 1, figsize=(11, 1.5 + 0.38 * sum(heights)), gridspec_kw={"height_ratios": heights}
+        len(heights), 1, figsize=(11, 1.8 + 0.38 * sum(heights)), gridspec_kw={"height_ratios": heights}, squeeze=False
     )
+    axes = axes[:, 0]
+    fig.suptitle("green: this provider; dark: raw paths (no Python per row); light: peers")
     for ax, workload in zip(axes, panels, strict=False):
         entries = sorted(summary[workload].items(), key=lambda kv: kv[1]["rows_per_s"] or 0)
         names = [LABELS.get(c, c) for c, _ in entries]
         rates = [e["rows_per_s"] or 0 for _, e in entries]
         ax.barh(names, rates, color=[_color(c) for c, _ in entries])
         ax.set_xscale("log")
-        ax.set_title(WORKLOADS[workload] + ": rows/s (log scale; green: this provider, dark: raw paths)")
+        ax.set_title(WORKLOADS[workload] + ": rows/s (log scale)")
         for y, rate in enumerate(rates):
             ax.text(rate, y, f" {rate:,.0f}", va="center", fontsize=8)
-    ax = axes[-1]
-    mem = summary.get("d", {})
-    bars = [(k.replace("provider_incremental_", "provider initial sync, "), v) for k, v in mem.items()]
-    if bars:
+    if mem:
+        ax = axes[-1]
+        bars = [(k.replace("provider_incremental_", "provider initial sync, "), v) for k, v in mem.items()]
         labels = [f"{label} ({v['rows']:,.0f} rows)" for label, v in bars]
         ax.barh(labels, [v["peak_rss_mb"] for _, v in bars], color="tab:blue")
         ax.axvline(400, color="tab:red", linestyle="--", label="400 MB target")
