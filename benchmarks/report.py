@@ -191,6 +191,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {measured} | {required} | {verdict} |")
     if scale["rounds"] < 3:
         lines += ["", f"Only {scale['rounds']} rounds: the targets are set on medians of >= 3; indicative only."]
+    if scale.get("peer_rounds") is not None and scale["peer_rounds"] < scale["rounds"]:
+        lines += ["", f"The peers (dlt, Airflow, pandas) ran in {scale['peer_rounds']} round(s) only."]
     lines += ["", "### Throughput", "", "| workload | contender | rows | median s | rows/s | peak RSS MB |"]
     lines.append("|---|---|---|---|---|---|")
     for workload in ("a", "b", "c", "e"):
