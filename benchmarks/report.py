@@ -13,7 +13,7 @@ LABELS = {
     "provider_incremental": "this provider, incremental",
     "provider_full": "this provider, full sync",
     "dlt_parquet": "dlt at its best: parquet loaded by ADBC (merge)",
-    "dlt_default": "dlt at its default: insert_values (merge)",
+    "dlt_default": "dlt at its default loader file format (merge)",
     "airflow_upsert_rows": "Airflow PostgresHook.upsert_rows *",
     "airflow_insert_rows_executemany": "Airflow insert_rows(replace, executemany) *",
     "airflow_generic_transfer": "Airflow GenericTransfer (replace) *",
@@ -218,6 +218,19 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             f"Raw CDC limit = slot read {raw_cdc['read_seconds']:.3f} s + apply (COPY of the net rows into a "
             f"stage + one MERGE) {raw_cdc['apply_seconds']:.3f} s (medians).",
+        ]
+    formats = {
+        c: sorted({f for run in runs for f in run.get("file_formats", [])})
+        for workload in results.get("samples", {}).values()
+        for c, runs in workload.items()
+        if c.startswith("dlt_")
+    }
+    if formats:
+        lines += [
+            "",
+            "dlt load job file formats (its own state tables and the merge's SQL jobs included): "
+            + "; ".join(f"{c}: {', '.join(f) or '?'}" for c, f in formats.items())
+            + ".",
         ]
     lines += _checks(results)
     for note in results.get("notes") or []:
