@@ -70,16 +70,17 @@ def targets(results: dict[str, Any]) -> list[Target]:
         bottom: str | None,
         minimum: float | None,
         fmt: Callable[[float], str],
-    ) -> None:
+    ) -> bool:
         a = _rate(summary, workload, top) if top else None
         b = _rate(summary, workload, bottom) if bottom else None
         if a is None or b is None:
-            return
+            return False
         value = a / b
         if minimum is None:
             rows.append((name, fmt(value), "(reference)", None))
         else:
             rows.append((name, fmt(value), f">= {fmt(minimum)}", value >= minimum))
+        return True
 
     strict = _fastest(summary, "a", RAW_A)
     if strict:
@@ -108,7 +109,7 @@ def targets(results: dict[str, Any]) -> list[Target]:
         upsert = _entry(summary, w, "airflow_upsert_rows")
         if upsert:
             at_scale = upsert["rows"] >= 200_000
-            ratio(
+            added = ratio(
                 f"({w}) provider incremental / upsert_rows ({upsert['rows']:,.0f} rows)",
                 w,
                 "provider_incremental",
@@ -116,7 +117,7 @@ def targets(results: dict[str, Any]) -> list[Target]:
                 8.0 if at_scale else None,
                 times,
             )
-            if not at_scale:  # the target is set at >= 200k rows: a smaller subset cannot judge it
+            if added and not at_scale:  # the target is set at >= 200k rows: a smaller subset cannot judge it
                 name, measured, _, _ = rows[-1]
                 rows[-1] = (name, measured, ">= 8.00x at >= 200,000 rows (not judged: smaller subset)", None)
     mem = summary.get("d", {})

@@ -352,13 +352,14 @@ def _airflow_env(job: Job) -> None:
     os.environ["AIRFLOW_CONN_BENCH_TARGET"] = job["tgt_airflow_uri"]
 
 
-def _subset_query(job: Job) -> str:
+def _subset_query(job: Job) -> tuple[str, str | None]:
     """The subset contenders' source query (see the README); called before the clock starts.
 
     Its bounds are written into a one-row source table with bound parameters and the query reads
     them from there, so no value is formatted into SQL (``GenericTransfer`` takes no parameters).
     (a): the rows ``id <= rows``; (b): the first ``rows`` rows past the target's newest cursor,
-    in (cursor, key) order (the harness checks the target against exactly these).
+    in (cursor, key) order (the harness checks the target against exactly these).  Returns the
+    query and the cursor mark ((b)) that ``_loaded`` counts from.
     """
     mark = _watermark(job, job["target"]) if job["workload"] == "b" else None
     with psycopg.connect(job["src_dsn"], autocommit=True) as conn:
@@ -372,7 +373,16 @@ def _subset_query(job: Job) -> str:
         )
     else:
         where = " WHERE id <= (SELECT row_limit FROM bench_subset) ORDER BY id"
-    return _select(job["source"], where)
+    return _select(job["source"], where), mark
+
+
+def _loaded(job: Job, mark: str | None) -> int:
+    """Rows the subset contender put in its target, counted there (untimed): all rows in (a), whose
+    target started empty; in (b) the rows past the initial state's newest cursor."""
+    count = sql.SQL("SELECT count(*) FROM {} WHERE updated_at > coalesce(%s::timestamptz, '-infinity')")
+    with psycopg.connect(job["tgt_dsn"]) as conn:
+        row = conn.execute(count.format(_ident(job["target"])), (mark,)).fetchone()
+    return int(row[0]) if row else 0
 
 
 def airflow_upsert_rows(job: Job) -> dict[str, Any]:
@@ -382,11 +392,12 @@ def airflow_upsert_rows(job: Job) -> dict[str, Any]:
     from airflow.providers.postgres.hooks.postgres import PostgresHook
 
     source, target = PostgresHook(postgres_conn_id="bench_source"), PostgresHook(postgres_conn_id="bench_target")
-    query = _subset_query(job)
+    query, mark = _subset_query(job)
     started = time.perf_counter()
     rows = source.get_records(query)
     target.upsert_rows(job["target"], rows, target_fields=COLUMNS, conflict_fields=["id"], commit_every=1000)
-    return {"rows": len(rows), "seconds": time.perf_counter() - started}
+    seconds = time.perf_counter() - started
+    return {"rows": _loaded(job, mark), "rows_read": len(rows), "seconds": seconds}
 
 
 def airflow_insert_rows_executemany(job: Job) -> dict[str, Any]:
@@ -395,7 +406,7 @@ def airflow_insert_rows_executemany(job: Job) -> dict[str, Any]:
     from airflow.providers.postgres.hooks.postgres import PostgresHook
 
     source, target = PostgresHook(postgres_conn_id="bench_source"), PostgresHook(postgres_conn_id="bench_target")
-    query = _subset_query(job)
+    query, mark = _subset_query(job)
     started = time.perf_counter()
     rows = source.get_records(query)
     target.insert_rows(
@@ -407,18 +418,17 @@ def airflow_insert_rows_executemany(job: Job) -> dict[str, Any]:
         executemany=True,
         commit_every=10_000,  # not 0: common-sql 2.4.0 loads 0 rows with commit_every=0
     )
-    return {"rows": len(rows), "seconds": time.perf_counter() - started}
+    seconds = time.perf_counter() - started
+    return {"rows": _loaded(job, mark), "rows_read": len(rows), "seconds": seconds}
 
 
 def airflow_generic_transfer(job: Job) -> dict[str, Any]:
     """``GenericTransfer`` (source ``get_records`` -> destination ``insert_rows(replace=True)``), executed
-    outside a scheduler with connections from ``AIRFLOW_CONN_*``.  It reports no row count, so the
-    rows are counted in the target afterwards (untimed)."""
+    outside a scheduler with connections from ``AIRFLOW_CONN_*``."""
     _airflow_env(job)
     from airflow.providers.common.sql.operators.generic_transfer import GenericTransfer
 
-    query = _subset_query(job)
-    mark = _watermark(job, job["target"]) if job["workload"] == "b" else None
+    query, mark = _subset_query(job)
     started = time.perf_counter()
     bench_generic_transfer = GenericTransfer(
         task_id="bench_generic_transfer",
@@ -430,10 +440,7 @@ def airflow_generic_transfer(job: Job) -> dict[str, Any]:
     )
     bench_generic_transfer.execute(context={})
     seconds = time.perf_counter() - started
-    count = sql.SQL("SELECT count(*) FROM {} WHERE updated_at > coalesce(%s::timestamptz, '-infinity')")
-    with psycopg.connect(job["tgt_dsn"]) as conn:
-        row = conn.execute(count.format(_ident(job["target"])), (mark,)).fetchone()
-    return {"rows": int(row[0]) if row else 0, "seconds": seconds}
+    return {"rows": _loaded(job, mark), "seconds": seconds}
 
 
 # --------------------------------------------------------------------------- pandas
@@ -461,13 +468,12 @@ def _pandas(job: Job, method: Any, chunksize: int | None) -> dict[str, Any]:
 
     source = sa.create_engine(job["src_url"], poolclass=sa.NullPool)
     target = sa.create_engine(job["tgt_url"], poolclass=sa.NullPool)
-    query = _subset_query(job)
+    query, mark = _subset_query(job)
     started = time.perf_counter()
     frame = pd.read_sql(sa.text(query), source)
     written = frame.to_sql(job["target"], target, if_exists="append", index=False, method=method, chunksize=chunksize)
     seconds = time.perf_counter() - started
-    # to_sql returns the rows its method reported (None when the driver reports none)
-    return {"rows": written if isinstance(written, int) and written >= 0 else len(frame), "seconds": seconds}
+    return {"rows": _loaded(job, mark), "rows_read": len(frame), "rows_reported": written, "seconds": seconds}
 
 
 def pandas_copy(job: Job) -> dict[str, Any]:
