@@ -35,8 +35,8 @@ pytest: install
 test: lint pytest
 
 # Benchmarks side by side with the peers (raw COPY limit, Airflow hooks, pandas, dlt): see benchmarks/README.md.
-#   make bench                        - full run (1M rows, 10M-row memory run; ~7-10 min)
-#   make bench BENCH_ARGS="--quick"   - small scale (~1-2 min)
+#   make bench                        - full run (1M rows, 10M-row memory run; ~12-15 min)
+#   make bench BENCH_ARGS="--quick"   - small scale (~3 min)
 $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 	$(VENV)/bin/uv pip install --python $(PY) --quiet -e ".[test,bench]"
 	touch $@
