@@ -396,6 +396,8 @@ class _TableStream:
     buffer: list[list[Any]] = field(default_factory=list)
     buffer_bytes: int = 0
     rows: int = 0
+    #: The bulk decoder's buffer: Arrow batches in this schema, in commit order (instead of ``buffer``).
+    pieces: list[pa.RecordBatch] = field(default_factory=list)
 
     def schema(self) -> pa.Schema:
         fields = [pa.field(c.name, pa.string()) for c in self.columns]
@@ -493,6 +495,80 @@ def _still_loadable(state: SyncState | None, position: CdcPosition | None) -> Ca
     return loadable
 
 
+@dataclass
+class ChangeRead:
+    """One read of the slot: what both decoders are given and what they hand back.
+
+    The decoders (the per-message reference below, the bulk one in :mod:`.bulk`) fill the tables'
+    streams and the counters; :func:`changes_to_staging` does what comes before and after.
+    """
+
+    spec: CdcSpec
+    conn: psycopg.Connection[Any]
+    position: CdcPosition
+    staging: StagingArea
+    staging_dir: str
+    streams: dict[int, _TableStream]
+    sql_ascii: bool
+    heartbeat: str
+    upto: int
+    log: Logger
+    progress: Progress
+    snapshot_filter: SnapshotFilter | None
+    #: Re-snapshotted tables: per source oid, the snapshot whose transactions are skipped for it.
+    table_filters: dict[int, tuple[SnapshotFilter, int]]
+    by_name: dict[tuple[str, str], int]
+    pending_types: dict[tuple[int, int], str] = field(default_factory=dict)
+    transactions: int = 0
+    changes: int = 0
+    skipped: int = 0
+    truncates: list[TruncateEvent] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    last_commit: int = 0
+    last_end: int = 0
+    #: The heartbeat's transaction came back: everything committed before it was read.
+    reached: bool = False
+    heartbeat_end: int = 0
+
+    def flush(self, stream: _TableStream) -> None:
+        _flush(self.staging, self.staging_dir, stream, self.conn, self.pending_types, self.spec)
+
+    def relation_changed(self, stream: _TableStream, txn_lsn: int, transactions: int) -> bool:
+        """A table's columns changed mid-batch (its new Relation message has arrived): whether the batch
+        must end before this transaction (the table has staged rows; ``transactions`` were read before
+        it); fails if it is the first."""
+        if not (stream.rows or stream.buffer or stream.pieces):
+            stream.columns = ()
+            return False
+        # The table's columns changed mid-batch: end the batch before this transaction, so every
+        # staged file has one shape; the next run starts with the new one.
+        if not transactions:  # it is the first: ending before it would stall for ever
+            raise SchemaError(
+                f"the transaction committed at {pgoutput.int_to_lsn(txn_lsn)} changes this "
+                "table's columns between two of its row changes, so its changes cannot be "
+                "staged in one shape. Re-snapshot just this table (resnapshot_tables; the "
+                "stream then skips that transaction for it, the other tables keep streaming)",
+                sync_id=self.spec.sync_id,
+                table=stream.source.qualified,
+                rule="schema change inside a transaction",
+            )
+        self.notes.append(
+            f"columns of {stream.source.qualified} changed at {pgoutput.int_to_lsn(txn_lsn)}; "
+            "the batch ends before that transaction"
+        )
+        return True
+
+    def new_relation(self, stream: _TableStream, relation: pgoutput.Relation) -> None:
+        stream.relation = relation
+        self.pending_types.update(
+            {
+                (c.type_oid, c.type_modifier): ""
+                for c in relation.columns
+                if (c.type_oid, c.type_modifier) not in self.pending_types
+            }
+        )
+
+
 def changes_to_staging(
     engine: sa.Engine,
     spec: CdcSpec,
@@ -511,202 +587,63 @@ def changes_to_staging(
         return snapshot_to_staging(engine, spec, state=state, staging=staging, run_id=run_id, logger=log)
     manifest_id = _new_manifest_id()
     staging_dir = staging.batch_uri(spec.sync_id, manifest_id)
-    snapshot_filter = SnapshotFilter(position.snapshot) if position.snapshot else None
-    notes: list[str] = []
     with closing(open_source(engine, spec.sync_id)) as conn:
         tables = slot.check_source(conn, spec)
         slot.check_publication(conn, spec, tables)
-        sql_ascii = conn.info.parameter_status("server_encoding") == "SQL_ASCII"
         info = slot.slot_info(conn, spec.slot_name)
         slot.check_slot_usable(info, spec)
         # The target committed up to end_lsn: confirm it now (a crash after the commit may have
         # skipped that), so the slot frees WAL and the peek starts where the target is.
         slot.advance_slot(conn, spec.slot_name, position.end_lsn)
         heartbeat, upto = slot.emit_heartbeat(conn)
-        reached = in_heartbeat = False
-        heartbeat_end = 0
-        streams = {t.oid: _TableStream(t) for t in tables}
-        by_name = {(t.schema, t.name): t.oid for t in tables}
-        relation_map: dict[int, int] = {}  # relation id in the stream -> source oid we track
-        pending_types: dict[tuple[int, int], str] = {}
-        truncates: list[TruncateEvent] = []
-        progress = Progress(f"sync {spec.sync_id}: read changes from slot {spec.slot_name}", log)
-        seq = 0
-        changes = transactions = skipped = 0
-        read_bytes = 0  # of the changes staged so far (their pgoutput messages)
-        last_commit, last_end = position.commit_lsn, position.end_lsn
-        skip = False
-        # Re-snapshotted tables: per table, the transactions its own snapshot already holds are skipped.
-        table_filters = {
-            t.oid: (
-                SnapshotFilter(position.table_snapshots[t.qualified]["snapshot"]),
-                int(position.table_snapshots[t.qualified]["snapshot_lsn"]),
-            )
-            for t in tables
-            if t.qualified in position.table_snapshots
-        }
-        skip_tables: set[int] = set()
-        txn_lsn = 0
-        # Rows go to their table's buffer as they arrive; a buffer is written out at a commit once it
-        # holds batch_rows rows or batch_bytes bytes, and within a transaction bigger than batch_bytes
-        # (see _Txn), so memory is bounded by bytes whatever the row width or transaction size.
-        txn = _Txn()
-        reader = slot.read_changes(conn, spec, upto)
+        read = ChangeRead(
+            spec=spec,
+            conn=conn,
+            position=position,
+            staging=staging,
+            staging_dir=staging_dir,
+            streams={t.oid: _TableStream(t) for t in tables},
+            sql_ascii=conn.info.parameter_status("server_encoding") == "SQL_ASCII",
+            heartbeat=heartbeat,
+            upto=upto,
+            log=log,
+            progress=Progress(f"sync {spec.sync_id}: read changes from slot {spec.slot_name}", log),
+            snapshot_filter=SnapshotFilter(position.snapshot) if position.snapshot else None,
+            table_filters={
+                t.oid: (
+                    SnapshotFilter(position.table_snapshots[t.qualified]["snapshot"]),
+                    int(position.table_snapshots[t.qualified]["snapshot_lsn"]),
+                )
+                for t in tables
+                if t.qualified in position.table_snapshots
+            },
+            by_name={(t.schema, t.name): t.oid for t in tables},
+            last_commit=position.commit_lsn,
+            last_end=position.end_lsn,
+        )
         # The server decodes the whole range before the first row arrives: say so while it runs.
         watch = Watch(log, f"sync {spec.sync_id}: read of slot {spec.slot_name}")
         watch.phase("reading changes (the server decodes the range first)")
         with watch:
-            for data in reader:
-                tag = data[0]
-                if tag in _ROW_TAGS:
-                    if skip:
-                        continue
-                    message = pgoutput.decode(data)
-                    assert isinstance(message, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete))
-                    oid = relation_map.get(message.relation_id)
-                    if oid is None or oid in skip_tables:
-                        continue
-                    stream = streams[oid]
-                    if stream.relation is None:
-                        raise SyncError(
-                            "a change arrived before its relation description",
-                            sync_id=spec.sync_id,
-                            table=stream.source.qualified,
-                        )
-                    txn.changes += 1
-                    size = len(data)
-                    if isinstance(message, pgoutput.Insert):
-                        seq += 1
-                        rows = [_pending_rows(message.new, "I", txn_lsn, seq)]
-                    elif isinstance(message, pgoutput.Update):
-                        moved_from = None
-                        new = message.new
-                        rows = []
-                        if message.old_kind == "O" and message.old is not None:
-                            new = _with_old_values(new, message.old)
-                        if message.old_kind == "K" and message.old is not None:
-                            seq += 1  # the key changed: delete the old key, then upsert the new one
-                            moved_from = seq
-                            rows.append(_pending_rows(message.old, "D", txn_lsn, seq))
-                        elif (
-                            message.old_kind == "O"
-                            and message.old is not None
-                            and _key_changed(stream, message.old, message.new)
-                        ):
-                            seq += 1
-                            moved_from = seq
-                            rows.append(_pending_rows(message.old, "D", txn_lsn, seq))
-                        seq += 1
-                        rows.append(_pending_rows(new, "U", txn_lsn, seq, moved_from))
-                    else:
-                        seq += 1
-                        rows = [_pending_rows(message.old, "D", txn_lsn, seq)]
-                    for row in rows:
-                        if sql_ascii and any(isinstance(v, pgoutput.NotUtf8) for v in row):
-                            _refuse_not_utf8(stream, row, spec)
-                        txn.add(stream, row, size)
-                    if txn.bytes > spec.batch_bytes:  # a big transaction: write out what it holds so far
-                        txn.spill(streams, lambda s: _flush(staging, staging_dir, s, conn, pending_types, spec))
-                    continue
-                if tag == 66:  # Begin: one per transaction, so read without building a message object
-                    txn_lsn, xid = pgoutput.begin_fields(data)
-                    skip = txn_lsn <= position.commit_lsn or bool(
-                        snapshot_filter
-                        and position.snapshot_lsn is not None
-                        and txn_lsn <= position.snapshot_lsn
-                        and snapshot_filter.visible(xid)
-                    )
-                    if table_filters:
-                        skip_tables = {
-                            oid for oid, (held, lsn) in table_filters.items() if txn_lsn <= lsn and held.visible(xid)
-                        }
-                    continue
-                if tag == 67:  # Commit: likewise
-                    commit_lsn, end_lsn = pgoutput.commit_fields(data)
-                    if in_heartbeat:  # everything committed before this transaction has been read
-                        reached, in_heartbeat, heartbeat_end = True, False, end_lsn
-                        continue
-                    last_commit, last_end = commit_lsn, end_lsn
-                    if skip:
-                        skipped += 1
-                        continue
-                    if not txn.changes:
-                        continue  # only other tables' rows or logical messages
-                    transactions += 1
-                    changes += txn.changes
-                    read_bytes += txn.total_bytes
-                    truncates.extend(txn.truncates)
-                    for oid in txn.marks:
-                        stream = streams[oid]
-                        if len(stream.buffer) >= spec.batch_rows or stream.buffer_bytes >= spec.batch_bytes:
-                            _flush(staging, staging_dir, stream, conn, pending_types, spec)
-                    progress.add(txn.changes)
-                    txn.reset()
-                    if spec.max_batch_bytes is not None and read_bytes >= spec.max_batch_bytes:
-                        notes.append(f"the batch ends at {read_bytes:,} bytes of changes (max_batch_bytes)")
-                        break
-                    continue
-                message = pgoutput.decode(data)
-                if isinstance(message, pgoutput.Relation):
-                    oid = by_name.get((message.namespace, message.name))
-                    if oid is None:
-                        continue
-                    relation_map[message.relation_id] = oid
-                    stream = streams[oid]
-                    if stream.relation is not None and _relation_shape(stream.relation) != _relation_shape(message):
-                        if stream.rows or stream.buffer:
-                            # The table's columns changed mid-batch: end the batch before this transaction,
-                            # so every staged file has one shape; the next run starts with the new one.
-                            if not transactions:  # it is the first: ending before it would stall for ever
-                                raise SchemaError(
-                                    f"the transaction committed at {pgoutput.int_to_lsn(txn_lsn)} changes this "
-                                    "table's columns between two of its row changes, so its changes cannot be "
-                                    "staged in one shape. Re-snapshot just this table (resnapshot_tables; the "
-                                    "stream then skips that transaction for it, the other tables keep streaming)",
-                                    sync_id=spec.sync_id,
-                                    table=stream.source.qualified,
-                                    rule="schema change inside a transaction",
-                                )
-                            notes.append(
-                                f"columns of {stream.source.qualified} changed at {pgoutput.int_to_lsn(txn_lsn)}; "
-                                "the batch ends before that transaction"
-                            )
-                            txn.undo(streams)
-                            break
-                        stream.columns = ()
-                    stream.relation = message
-                    pending_types.update(
-                        {
-                            (c.type_oid, c.type_modifier): ""
-                            for c in message.columns
-                            if (c.type_oid, c.type_modifier) not in pending_types
-                        }
-                    )
-                elif isinstance(message, pgoutput.Truncate):
-                    if skip:
-                        continue
-                    for relation_id in message.relation_ids:
-                        oid = relation_map.get(relation_id)
-                        if oid is not None and oid not in skip_tables:
-                            seq += 1
-                            txn.changes += 1
-                            txn.truncates.append(TruncateEvent(streams[oid].source.qualified, txn_lsn, seq))
-                elif isinstance(message, pgoutput.LogicalMessage):
-                    in_heartbeat = in_heartbeat or (
-                        message.prefix == slot.HEARTBEAT_PREFIX and message.content == heartbeat.encode()
-                    )
-        reader.close()  # ends the read's transaction (also after a break)
+            if spec.decoder == "bulk":
+                from airflow_sync_provider.core.cdc.bulk import read_bulk  # bulk imports this module
+
+                read_bulk(read)
+            else:
+                _read_per_message(read)
+        streams = read.streams
         for stream in streams.values():
-            if stream.buffer:
-                _flush(staging, staging_dir, stream, conn, pending_types, spec)
+            if stream.buffer or stream.pieces:
+                read.flush(stream)
             elif stream.relation is not None and not stream.columns:
-                stream.columns = _columns(stream, conn, pending_types)
-        progress.done(f"{transactions} transaction(s), {skipped} already applied or in the snapshot")
-        if reached:
+                stream.columns = _columns(stream, conn, read.pending_types)
+        read.progress.done(f"{read.transactions} transaction(s), {read.skipped} already applied or in the snapshot")
+        last_end = read.last_end
+        if read.reached:
             # Everything committed before the heartbeat was read: nothing older is left to apply.
-            last_end = max(last_end, heartbeat_end)
-            if transactions == 0:
-                slot.advance_slot(conn, spec.slot_name, heartbeat_end)
+            last_end = max(last_end, read.heartbeat_end)
+            if read.transactions == 0:
+                slot.advance_slot(conn, spec.slot_name, read.heartbeat_end)
         target_columns = {oid: s.columns or _catalog_columns(conn, s.source) for oid, s in streams.items()}
     manifest = CdcManifest(
         **_manifest_header(spec, run_id, manifest_id, "changes", staging_dir, started),
@@ -716,18 +653,168 @@ def changes_to_staging(
         ),
         base_version=state.version if state else 0,
         applied_lsn=position.commit_lsn,
-        commit_lsn=last_commit,
+        commit_lsn=read.last_commit,
         end_lsn=last_end,
-        changes=changes,
-        transactions=transactions,
-        truncates=tuple(truncates),
+        changes=read.changes,
+        transactions=read.transactions,
+        truncates=tuple(read.truncates),
         snapshot=position.snapshot,
         snapshot_lsn=position.snapshot_lsn,
         table_snapshots=position.table_snapshots,
-        notes=tuple(notes),
+        notes=tuple(read.notes),
     )
     staging.write_manifest(manifest)
     return manifest
+
+
+def _read_per_message(read: ChangeRead) -> None:
+    """The reference decoder: one :func:`.pgoutput.decode` per message, rows buffered as Python lists."""
+    spec, conn, position, streams = read.spec, read.conn, read.position, read.streams
+    staging, staging_dir, pending_types, sql_ascii = read.staging, read.staging_dir, read.pending_types, read.sql_ascii
+    snapshot_filter, table_filters, by_name, heartbeat = (
+        read.snapshot_filter,
+        read.table_filters,
+        read.by_name,
+        read.heartbeat,
+    )
+    progress, notes, truncates = read.progress, read.notes, read.truncates
+    reached = in_heartbeat = False
+    heartbeat_end = 0
+    relation_map: dict[int, int] = {}  # relation id in the stream -> source oid we track
+    seq = 0
+    changes = transactions = skipped = 0
+    read_bytes = 0  # of the changes staged so far (their pgoutput messages)
+    last_commit, last_end = read.last_commit, read.last_end
+    skip = False
+    skip_tables: set[int] = set()
+    txn_lsn = 0
+    # Rows go to their table's buffer as they arrive; a buffer is written out at a commit once it
+    # holds batch_rows rows or batch_bytes bytes, and within a transaction bigger than batch_bytes
+    # (see _Txn), so memory is bounded by bytes whatever the row width or transaction size.
+    txn = _Txn()
+    reader = slot.read_changes(conn, spec, read.upto)
+    for data in reader:
+        tag = data[0]
+        if tag in _ROW_TAGS:
+            if skip:
+                continue
+            message = pgoutput.decode(data)
+            assert isinstance(message, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete))
+            oid = relation_map.get(message.relation_id)
+            if oid is None or oid in skip_tables:
+                continue
+            stream = streams[oid]
+            if stream.relation is None:
+                raise SyncError(
+                    "a change arrived before its relation description",
+                    sync_id=spec.sync_id,
+                    table=stream.source.qualified,
+                )
+            txn.changes += 1
+            size = len(data)
+            if isinstance(message, pgoutput.Insert):
+                seq += 1
+                rows = [_pending_rows(message.new, "I", txn_lsn, seq)]
+            elif isinstance(message, pgoutput.Update):
+                moved_from = None
+                new = message.new
+                rows = []
+                if message.old_kind == "O" and message.old is not None:
+                    new = _with_old_values(new, message.old)
+                if message.old_kind == "K" and message.old is not None:
+                    seq += 1  # the key changed: delete the old key, then upsert the new one
+                    moved_from = seq
+                    rows.append(_pending_rows(message.old, "D", txn_lsn, seq))
+                elif (
+                    message.old_kind == "O"
+                    and message.old is not None
+                    and _key_changed(stream, message.old, message.new)
+                ):
+                    seq += 1
+                    moved_from = seq
+                    rows.append(_pending_rows(message.old, "D", txn_lsn, seq))
+                seq += 1
+                rows.append(_pending_rows(new, "U", txn_lsn, seq, moved_from))
+            else:
+                seq += 1
+                rows = [_pending_rows(message.old, "D", txn_lsn, seq)]
+            for row in rows:
+                if sql_ascii and any(isinstance(v, pgoutput.NotUtf8) for v in row):
+                    _refuse_not_utf8(stream, row, spec)
+                txn.add(stream, row, size)
+            if txn.bytes > spec.batch_bytes:  # a big transaction: write out what it holds so far
+                txn.spill(streams, lambda s: _flush(staging, staging_dir, s, conn, pending_types, spec))
+            continue
+        if tag == 66:  # Begin: one per transaction, so read without building a message object
+            txn_lsn, xid = pgoutput.begin_fields(data)
+            skip = txn_lsn <= position.commit_lsn or bool(
+                snapshot_filter
+                and position.snapshot_lsn is not None
+                and txn_lsn <= position.snapshot_lsn
+                and snapshot_filter.visible(xid)
+            )
+            if table_filters:
+                skip_tables = {
+                    oid for oid, (held, lsn) in table_filters.items() if txn_lsn <= lsn and held.visible(xid)
+                }
+            continue
+        if tag == 67:  # Commit: likewise
+            commit_lsn, end_lsn = pgoutput.commit_fields(data)
+            if in_heartbeat:  # everything committed before this transaction has been read
+                reached, in_heartbeat, heartbeat_end = True, False, end_lsn
+                continue
+            last_commit, last_end = commit_lsn, end_lsn
+            if skip:
+                skipped += 1
+                continue
+            if not txn.changes:
+                continue  # only other tables' rows or logical messages
+            transactions += 1
+            changes += txn.changes
+            read_bytes += txn.total_bytes
+            truncates.extend(txn.truncates)
+            for oid in txn.marks:
+                stream = streams[oid]
+                if len(stream.buffer) >= spec.batch_rows or stream.buffer_bytes >= spec.batch_bytes:
+                    _flush(staging, staging_dir, stream, conn, pending_types, spec)
+            progress.add(txn.changes)
+            txn.reset()
+            if spec.max_batch_bytes is not None and read_bytes >= spec.max_batch_bytes:
+                notes.append(f"the batch ends at {read_bytes:,} bytes of changes (max_batch_bytes)")
+                break
+            continue
+        message = pgoutput.decode(data)
+        if isinstance(message, pgoutput.Relation):
+            oid = by_name.get((message.namespace, message.name))
+            if oid is None:
+                continue
+            relation_map[message.relation_id] = oid
+            stream = streams[oid]
+            if (
+                stream.relation is not None
+                and _relation_shape(stream.relation) != _relation_shape(message)
+                and read.relation_changed(stream, txn_lsn, transactions)
+            ):
+                txn.undo(streams)
+                break
+            read.new_relation(stream, message)
+        elif isinstance(message, pgoutput.Truncate):
+            if skip:
+                continue
+            for relation_id in message.relation_ids:
+                oid = relation_map.get(relation_id)
+                if oid is not None and oid not in skip_tables:
+                    seq += 1
+                    txn.changes += 1
+                    txn.truncates.append(TruncateEvent(streams[oid].source.qualified, txn_lsn, seq))
+        elif isinstance(message, pgoutput.LogicalMessage):
+            in_heartbeat = in_heartbeat or (
+                message.prefix == slot.HEARTBEAT_PREFIX and message.content == heartbeat.encode()
+            )
+    reader.close()  # ends the read's transaction (also after a break)
+    read.transactions, read.changes, read.skipped = transactions, changes, skipped
+    read.last_commit, read.last_end = last_commit, last_end
+    read.reached, read.heartbeat_end = reached, heartbeat_end
 
 
 def _refuse_not_utf8(stream: _TableStream, row: list[Any], spec: CdcSpec) -> None:
@@ -813,10 +900,13 @@ def _flush(
     if not stream.columns:
         stream.columns = _columns(stream, conn, pending_types)
     schema = stream.schema()
-    batch = pa.Table.from_arrays(
-        [pa.array(list(col), type=f.type) for col, f in zip(zip(*stream.buffer, strict=True), schema, strict=True)],
-        schema=schema,
-    )
+    if stream.pieces:
+        batch = pa.Table.from_batches(stream.pieces, schema=schema)
+    else:
+        batch = pa.Table.from_arrays(
+            [pa.array(list(col), type=f.type) for col, f in zip(zip(*stream.buffer, strict=True), schema, strict=True)],
+            schema=schema,
+        )
     label = staging.file_label(f"{stream.source.schema}.{stream.source.name}")
     name = f"{staging_dir}/{label}-{len(stream.files):05d}.parquet"
     with staging.open_writer(name, schema) as writer:
@@ -824,6 +914,7 @@ def _flush(
     stream.files.append(StagedFile(uri=name, rows=batch.num_rows))
     stream.rows += batch.num_rows
     stream.buffer.clear()
+    stream.pieces.clear()
     stream.buffer_bytes = 0
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import psycopg
 from psycopg import sql
 
@@ -23,6 +25,7 @@ from airflow_sync_provider.core.errors import (
     ConfigurationError,
     SchemaError,
     SourceUnavailableError,
+    SyncError,
     UnsafeOperationError,
 )
 
@@ -289,43 +292,105 @@ def read_changes(
     come a few at a time, narrow ones thousands).  The slot is not
     consumed (``peek``): it moves only when :func:`advance_slot` is called.
     """
-    params = {
-        "slot": spec.slot_name,
-        "upto_lsn": int_to_lsn(upto_lsn),
-        "upto_n": spec.max_changes,
-        "publication": spec.publication,
-    }
+    with _peek_cursor(conn, spec, _PEEK, {"upto_lsn": int_to_lsn(upto_lsn)}) as cursor:
+        size = min(8, fetch_rows)  # then as many as fit in fetch_bytes
+        while rows := cursor.fetchmany(size):
+            count, fetched = len(rows), 0
+            for (data,) in rows:
+                fetched += len(data)
+                yield data
+            del rows
+            size = max(1, min(fetch_rows, fetch_bytes * count // max(fetched, 1)))
+
+
+#: The same peek, the messages concatenated server-side into parts of about ``part_bytes`` each:
+#: one row per part holding its messages' lengths (int4, big-endian) and their bytes, so the client
+#: gets a few large buffers instead of one object per message.  A part is cut by a running byte
+#: count (each message counting at least 64 bytes, which also bounds its message count); ``n`` (the
+#: stream's order) orders the messages within a part, and the parts' ``n`` ranges are checked to
+#: follow each other, so the concatenation is the stream whatever order the server summed in.
+_PEEK_PARTS = (
+    "SELECT min(n), max(n), count(*), string_agg(int4send(octet_length(data)), ''::bytea ORDER BY n), "
+    "string_agg(data, ''::bytea ORDER BY n) FROM ("
+    "  SELECT n, data, sum(octet_length(data) + 64) OVER (ROWS UNBOUNDED PRECEDING) / %(part_bytes)s AS part "
+    "  FROM pg_logical_slot_peek_binary_changes("
+    "  %(slot)s, %(upto_lsn)s::pg_lsn, %(upto_n)s, 'proto_version', '1', 'publication_names', %(publication)s, "
+    "  'messages', 'true') WITH ORDINALITY AS m(lsn, xid, data, n)) s "
+    "GROUP BY part ORDER BY part"
+)
+
+
+@dataclass(frozen=True)
+class MessagePart:
+    """Consecutive pgoutput messages in one buffer: message ``i`` is ``data[starts[i]:starts[i] + lengths[i]]``."""
+
+    data: bytes
+    starts: Any  # numpy int64 array
+    lengths: Any  # numpy int64 array
+
+
+def read_change_parts(
+    conn: psycopg.Connection[Any], spec: CdcSpec, upto_lsn: int, part_bytes: int = 8 * 1024 * 1024
+) -> Generator[MessagePart, None, None]:
+    """The messages :func:`read_changes` yields, as parts of about ``part_bytes`` (see ``_PEEK_PARTS``).
+
+    One binary fetch per part and no Python object per message: what the bulk decoder reads.
+    """
+    params = {"upto_lsn": int_to_lsn(upto_lsn), "part_bytes": max(1, part_bytes)}
+    expected = 1
+    with _peek_cursor(conn, spec, _PEEK_PARTS, params) as cursor:
+        while row := cursor.fetchone():
+            first, last, count, lengths_raw, data = row
+            if first != expected or last - first + 1 != count:
+                raise SyncError(
+                    f"the slot's messages {first}-{last} ({count}) do not follow message {expected - 1}: "
+                    "the server did not keep the stream's order; set decoder='per_message'",
+                    sync_id=spec.sync_id,
+                )
+            expected = last + 1
+            lengths = np.frombuffer(lengths_raw, dtype=">i4").astype(np.int64)
+            starts = np.zeros(len(lengths), dtype=np.int64)
+            np.cumsum(lengths[:-1], out=starts[1:])
+            if len(lengths) != count or int(lengths.sum()) != len(data):
+                raise SyncError("a part of the slot's messages does not add up", sync_id=spec.sync_id)
+            yield MessagePart(bytes(data), starts, lengths)
+
+
+@contextmanager
+def _peek_cursor(
+    conn: psycopg.Connection[Any], spec: CdcSpec, query: str, params: dict[str, Any]
+) -> Iterator[psycopg.Cursor[Any]]:
+    """A server-side binary cursor over a peek of the slot, in its own transaction.
+
+    Waits for a slot another session briefly holds, and names a missing slot.
+    """
+    params = {"slot": spec.slot_name, "upto_n": spec.max_changes, "publication": spec.publication, **params}
     # pgoutput converts text to the session's client encoding; a SQL_ASCII database cannot convert,
     # only check, and a value that is not UTF-8 would fail the read of the whole slot with no table or
     # column named.  Read it as is: the decoder marks such values (pgoutput.NotUtf8) and the staging
     # refuses one by name, unless its change is skipped anyway (e.g. for a re-snapshotted table).
     raw_text = conn.info.parameter_status("server_encoding") == "SQL_ASCII"
     deadline = time.monotonic() + SLOT_BUSY_WAIT_SECONDS
+    reading = False
     while True:
         try:
             with conn.transaction(), conn.cursor(name=f"cdc_{spec.slot_name}", binary=True) as cursor:
                 if raw_text:  # no conversion, hence no server-side check that would stop the read
                     conn.execute("SET LOCAL client_encoding = 'SQL_ASCII'")
                 try:
-                    cursor.execute(_PEEK, params)
+                    cursor.execute(query, params)
                 except psycopg.errors.UndefinedObject as error:
                     raise SchemaError(
                         f"cannot read replication slot {spec.slot_name!r}: {error.diag.message_primary}",
                         sync_id=spec.sync_id,
                         rule="slot missing",
                     ) from error
-                size = min(8, fetch_rows)  # then as many as fit in fetch_bytes
-                while rows := cursor.fetchmany(size):
-                    count, fetched = len(rows), 0
-                    for (data,) in rows:
-                        fetched += len(data)
-                        yield data
-                    del rows
-                    size = max(1, min(fetch_rows, fetch_bytes * count // max(fetched, 1)))
+                reading = True
+                yield cursor
             return
         except psycopg.errors.ObjectInUse:
             # A sensor or trigger peeking at the slot holds it for a moment: wait, don't fail the sync.
-            if time.monotonic() > deadline:
+            if reading or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
 

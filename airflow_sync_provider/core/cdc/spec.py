@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from airflow_sync_provider.core.drift import DEFAULT_SCHEMA_DRIFT, SCHEMA_DRIFT_POLICIES, SchemaDrift
 from airflow_sync_provider.core.errors import ConfigurationError
@@ -47,6 +48,12 @@ class CdcSpec:
     #: Keep an SCD type 2 history of every table in ``<table>_history`` (see :mod:`..history`),
     #: written in the same transaction as the changes and the LSN.
     history: bool = False
+    #: How the slot's messages are decoded.  ``bulk`` (the default) fetches them in a few large
+    #: buffers and walks their columns with numpy over whole buffers (see :mod:`.bulk`);
+    #: ``per_message`` is the reference implementation, one Python object per message (see
+    #: :mod:`.pgoutput`), kept for comparison (benchmarks, the equivalence tests) and as a fallback.
+    #: Both stage the same rows.
+    decoder: Literal["bulk", "per_message"] = "bulk"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tables", tuple(self.tables))
@@ -71,6 +78,8 @@ class CdcSpec:
             fail(f"delete_mode must be 'hard' or 'soft' for CDC, not {self.delete_mode!r}")
         if self.max_changes < 1 or self.batch_rows < 1 or self.batch_bytes < 1:
             fail("max_changes, batch_rows and batch_bytes must be positive")
+        if self.decoder not in ("bulk", "per_message"):
+            fail(f"decoder must be 'bulk' or 'per_message', not {self.decoder!r}")
         if self.max_batch_bytes is not None and self.max_batch_bytes < 1:
             fail("max_batch_bytes must be positive (or None)")
 
