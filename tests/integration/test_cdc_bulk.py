@@ -9,6 +9,8 @@ must equal the source.  tests/faults/test_cdc_bulk_property.py does the same for
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -30,7 +32,7 @@ from airflow_sync_provider.core.cdc import (
 )
 from airflow_sync_provider.core.cdc.extract import open_source
 from airflow_sync_provider.core.cdc.manifest import SEQ_COLUMN
-from airflow_sync_provider.core.errors import SchemaError, SyncError
+from airflow_sync_provider.core.errors import SchemaError, SourceUnavailableError, SyncError
 
 from ..conftest import CdcEnv, source_columns, table_checksum
 
@@ -382,3 +384,46 @@ def test_decoder_must_be_known() -> None:
 
 def test_the_default_decoder_is_bulk() -> None:
     assert CdcSpec(sync_id="x", tables=("a",)).decoder == "bulk"
+
+
+@pytest.mark.parametrize("decoder", ["bulk", "per_message"])
+def test_a_source_lost_mid_read_is_source_unavailable_and_the_rerun_catches_up(cdc: CdcEnv, decoder: str) -> None:
+    """The read's backend is terminated while the slot is being decoded (as a source restart would):
+    the run fails with SourceUnavailableError (a retry may succeed), not a raw driver error, and the
+    next run applies everything exactly once."""
+    spec = _start(cdc, [TOAST], ("t",), decoder=decoder)
+    _source(
+        cdc,
+        *[
+            f"INSERT INTO t SELECT g, g, repeat('n', 50), NULL FROM generate_series({k}, {k + 9999}) g"
+            for k in range(0, 60_000, 10_000)
+        ],
+    )
+    stop = threading.Event()
+    killed: list[int] = []
+
+    def terminate_the_read() -> None:
+        with cdc.env.source() as conn:
+            while not stop.is_set() and not killed:
+                rows = conn.execute(  # the read's cursor, while it declares or fetches
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND state = 'active' AND position(%s in query) > 0",
+                    (f"cdc_{spec.slot_name}",),
+                ).fetchall()
+                for (pid,) in rows:
+                    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    killed.append(pid)
+                time.sleep(0.005)
+
+    watcher = threading.Thread(target=terminate_the_read)
+    watcher.start()
+    try:
+        with pytest.raises(SourceUnavailableError, match="failed"):
+            cdc.run(spec, run_id="lost")
+    finally:
+        stop.set()
+        watcher.join()
+    assert killed
+    _, result = cdc.run(spec, run_id="again")
+    assert (result.status, result.inserted) == ("applied", 60_000)
+    cdc.assert_converged("t", ["id"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from contextlib import closing
 from typing import Any
 
 import psycopg
@@ -22,8 +21,8 @@ from airflow_sync_provider.core.cdc.apply import CdcLoadResult, load_cdc_manifes
 from airflow_sync_provider.core.cdc.extract import (
     CdcPosition,
     changes_to_staging,
-    open_source,
     snapshot_to_staging,
+    source_connection,
     table_snapshot_to_staging,
 )
 from airflow_sync_provider.core.cdc.manifest import CdcManifest
@@ -40,7 +39,7 @@ committed_cdc_state = committed_state
 
 def confirm_applied(source: sa.Engine, spec: CdcSpec, end_lsn: int) -> int:
     """Advance the slot to what the target committed (after the commit, never before)."""
-    with closing(open_source(source, spec.sync_id)) as conn:
+    with source_connection(source, spec.sync_id, f"confirming slot {spec.slot_name}") as conn:
         return slot.advance_slot(conn, spec.slot_name, end_lsn)
 
 

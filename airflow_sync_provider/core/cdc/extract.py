@@ -13,8 +13,8 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from contextlib import closing
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from airflow_sync_provider.core.cdc.manifest import (
 )
 from airflow_sync_provider.core.cdc.spec import CdcSpec
 from airflow_sync_provider.core.cdc.watch import Watch
-from airflow_sync_provider.core.errors import ConfigurationError, DataError, SchemaError, SyncError
+from airflow_sync_provider.core.errors import ConfigurationError, DataError, SchemaError, SyncError, database_error
 from airflow_sync_provider.core.extract import extract_to_staging
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger, Progress
@@ -146,6 +146,19 @@ def open_source(engine: sa.Engine, sync_id: str) -> psycopg.Connection[Any]:
     return conn
 
 
+@contextmanager
+def source_connection(engine: sa.Engine, sync_id: str, doing: str) -> Iterator[psycopg.Connection[Any]]:
+    """:func:`open_source`, closed after the block; a connection lost in it (the source restarted,
+    the backend was terminated) is a :class:`~..errors.SourceUnavailableError`, which a retry may fix."""
+    conn = open_source(engine, sync_id)
+    try:
+        yield conn
+    except (psycopg.OperationalError, psycopg.InterfaceError) as error:
+        raise database_error(error, doing, sync_id=sync_id, table=None) from error
+    finally:
+        conn.close()
+
+
 #: Why a value of a SQL_ASCII source cannot be staged (the CDC and the snapshot errors say it).
 NOT_UTF8 = (
     "the source database's encoding is SQL_ASCII, so PostgreSQL does not know what encoding its text is in "
@@ -193,7 +206,7 @@ def snapshot_to_staging(
     """Create publication and slot, then copy every table from one snapshot (see the module doc)."""
     log = logger or LOG
     started = time.monotonic()
-    with closing(open_source(engine, spec.sync_id)) as conn:
+    with source_connection(engine, spec.sync_id, "creating the slot") as conn:
         tables = slot.check_source(conn, spec)
         slot.ensure_publication(conn, spec, tables)
         info = slot.ensure_slot(conn, spec)
@@ -350,7 +363,7 @@ def table_snapshot_to_staging(
             f"re-snapshot needs tables of the sync ({', '.join(declared)}); got {', '.join(unknown) or 'none'}",
             sync_id=spec.sync_id,
         )
-    with closing(open_source(engine, spec.sync_id)) as conn:
+    with source_connection(engine, spec.sync_id, "checking the source") as conn:
         infos = slot.check_source(conn, spec)
         chosen = [t for t in infos if t.qualified in wanted]
         # The other tables must still be published as the snapshot left them (else their changes were
@@ -587,7 +600,7 @@ def changes_to_staging(
         return snapshot_to_staging(engine, spec, state=state, staging=staging, run_id=run_id, logger=log)
     manifest_id = _new_manifest_id()
     staging_dir = staging.batch_uri(spec.sync_id, manifest_id)
-    with closing(open_source(engine, spec.sync_id)) as conn:
+    with source_connection(engine, spec.sync_id, f"reading slot {spec.slot_name}") as conn:
         tables = slot.check_source(conn, spec)
         slot.check_publication(conn, spec, tables)
         info = slot.slot_info(conn, spec.slot_name)
