@@ -346,9 +346,12 @@ def test_byte_limits_cut_the_batch_at_the_same_commit(cdc: CdcEnv, max_batch_byt
     catch_up(cdc, spec, [("a", ["id"])])
 
 
-def test_parts_split_anywhere_decode_the_same(cdc: CdcEnv, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Parts of a few messages: transactions, key changes and relation messages span part boundaries."""
+@pytest.mark.parametrize("whole", [True, False])
+def test_parts_split_anywhere_decode_the_same(cdc: CdcEnv, monkeypatch: pytest.MonkeyPatch, whole: bool) -> None:
+    """Parts of a few messages: transactions, key changes and relation messages span part boundaries
+    (parts cut from one fetch, or fetched one by one)."""
     monkeypatch.setattr(bulk, "PART_BYTES", 300)
+    monkeypatch.setattr(bulk, "WHOLE_READ_WAL_BYTES", 2**62 if whole else 0)
     spec = _start(cdc, [TOAST], ("t",), schema_drift="evolve")
     _source(
         cdc,
@@ -369,12 +372,15 @@ def test_parts_arrive_in_stream_order_and_add_up(cdc: CdcEnv) -> None:
         with open_source(engine, spec.sync_id) as conn:
             _, upto = slot.emit_heartbeat(conn)
             one_by_one = list(slot.read_changes(conn, spec, upto))
-            parts = list(slot.read_change_parts(conn, spec, upto, part_bytes=1_000))
+            fetched = list(slot.read_change_parts(conn, spec, upto, part_bytes=1_000))
+            cut = list(slot.read_change_parts(conn, spec, upto, part_bytes=1_000, whole=True))
     finally:
         engine.dispose()
-    assert len(parts) > 5
-    joined = [p.data[s : s + n] for p in parts for s, n in zip(p.starts.tolist(), p.lengths.tolist(), strict=True)]
-    assert joined == one_by_one
+    for parts in (fetched, cut):
+        assert len(parts) > 5
+        assert all(sum(p.lengths.tolist()) <= 1_000 or len(p.lengths) == 1 for p in parts)
+        joined = [p.data[s : s + n] for p in parts for s, n in zip(p.starts.tolist(), p.lengths.tolist(), strict=True)]
+        assert joined == one_by_one
 
 
 def test_decoder_must_be_known() -> None:

@@ -49,6 +49,8 @@ _OP_I, _OP_U, _OP_D = 0, 1, 2
 
 #: Bytes of messages per part read from the server (a part's rows are decoded at once).
 PART_BYTES = 8 * 1024 * 1024
+#: Pending WAL up to which the slot is read in one fetch (see ``slot.read_change_parts``).
+WHOLE_READ_WAL_BYTES = 64 * 1024 * 1024
 
 
 def _be(buf: np.ndarray, pos: np.ndarray, width: int, dtype: str) -> np.ndarray:
@@ -643,7 +645,10 @@ def _part_bytes(spec: CdcSpec) -> int:
 def read_bulk(read: ChangeRead) -> None:
     """Read and stage the slot's changes with the bulk decoder (the counterpart of ``_read_per_message``)."""
     decoder = BulkDecoder(read)
-    parts = slot.read_change_parts(read.conn, read.spec, read.upto, _part_bytes(read.spec))
+    # A read of at most WHOLE_READ_WAL_BYTES of WAL is fetched in one row (its messages are rarely more
+    # than the WAL that holds them: only compressed TOAST values grow); a bigger one part by part.
+    whole = read.upto - read.position.end_lsn <= WHOLE_READ_WAL_BYTES
+    parts = slot.read_change_parts(read.conn, read.spec, read.upto, _part_bytes(read.spec), whole=whole)
     try:
         for part in parts:
             if not decoder.feed(part):

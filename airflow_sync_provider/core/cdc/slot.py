@@ -329,13 +329,58 @@ class MessagePart:
     lengths: Any  # numpy int64 array
 
 
+#: The same peek in one row: every message's bytes and their lengths, and their order ``n`` to check
+#: that the concatenation is the stream (the plain aggregate takes its rows in the scan's order).
+_PEEK_WHOLE = (
+    "SELECT count(*), string_agg(int4send(octet_length(data)), ''::bytea), string_agg(data, ''::bytea), "
+    "string_agg(int8send(n), ''::bytea) FROM pg_logical_slot_peek_binary_changes("
+    "%(slot)s, %(upto_lsn)s::pg_lsn, %(upto_n)s, 'proto_version', '1', 'publication_names', %(publication)s, "
+    "'messages', 'true') WITH ORDINALITY AS m(lsn, xid, data, n)"
+)
+
+
 def read_change_parts(
-    conn: psycopg.Connection[Any], spec: CdcSpec, upto_lsn: int, part_bytes: int = 8 * 1024 * 1024
+    conn: psycopg.Connection[Any],
+    spec: CdcSpec,
+    upto_lsn: int,
+    part_bytes: int = 8 * 1024 * 1024,
+    *,
+    whole: bool = False,
 ) -> Generator[MessagePart, None, None]:
     """The messages :func:`read_changes` yields, as parts of about ``part_bytes`` (see ``_PEEK_PARTS``).
 
     One binary fetch per part and no Python object per message: what the bulk decoder reads.
+    ``whole``: fetch everything in one row (no server-side sort: as fast as the slot can be read,
+    measured ~1.7x faster than the parts for 100k changes) and cut it into parts here; for a read
+    known to be small, since it holds the whole read in memory.  Should the server find it too big
+    for one value (1 GB), the parts are read instead.
     """
+    if whole:
+        try:
+            with _peek_cursor(conn, spec, _PEEK_WHOLE, {"upto_lsn": int_to_lsn(upto_lsn)}) as cursor:
+                row = cursor.fetchone()
+        except (psycopg.errors.ProgramLimitExceeded, psycopg.errors.OutOfMemory):
+            row = None
+        if row is not None:
+            count, lengths_raw, data, order = row
+            if not count:
+                return
+            if not np.array_equal(np.frombuffer(order, dtype=">i8"), np.arange(1, count + 1)):
+                raise SyncError(
+                    "the server did not keep the stream's order in one read; set decoder='per_message'",
+                    sync_id=spec.sync_id,
+                )
+            lengths = np.frombuffer(lengths_raw, dtype=">i4").astype(np.int64)
+            starts = np.zeros(len(lengths), dtype=np.int64)
+            np.cumsum(lengths[:-1], out=starts[1:])
+            if len(lengths) != count or int(lengths.sum()) != len(data):
+                raise SyncError("the slot's messages do not add up", sync_id=spec.sync_id)
+            data = bytes(data)
+            # Cut where the running size (each message counting 64 bytes more, as the parts do) crosses part_bytes.
+            cuts = np.flatnonzero(np.diff(np.cumsum(lengths + 64) // max(1, part_bytes))) + 1
+            for first, last in zip([0, *cuts.tolist()], [*cuts.tolist(), count], strict=True):
+                yield MessagePart(data, starts[first:last], lengths[first:last])
+            return
     params = {"upto_lsn": int_to_lsn(upto_lsn), "part_bytes": max(1, part_bytes)}
     expected = 1
     with _peek_cursor(conn, spec, _PEEK_PARTS, params) as cursor:
