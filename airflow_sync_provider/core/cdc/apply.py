@@ -54,11 +54,11 @@ from airflow_sync_provider.core.load import apply_table_batch, copy_files, notif
 from airflow_sync_provider.core.manifest import Manifest, StagedFile
 from airflow_sync_provider.core.merge import merge_stage
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver
-from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN
+from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SYNCED_AT_COLUMN
 from airflow_sync_provider.core.sqltext import execute
 from airflow_sync_provider.core.staging import StagingArea, filesystem_for, remove_staged
 from airflow_sync_provider.core.state import lock_state, write_state
-from airflow_sync_provider.core.target import TargetTable, ensure_target_table, metadata_columns
+from airflow_sync_provider.core.target import TargetTable, comparable, ensure_target_table, metadata_columns
 
 
 @dataclass(frozen=True)
@@ -283,6 +283,11 @@ def apply_changes(
         phase(f"copying {manifest.rows:,} staged changes")
         copy_files(conn, manifest, target, stage, log, names=[*names, *CHANGE_COLUMNS], what="staged changes")
         _net_effect_in_sql(conn, manifest, target, stage, label, applied_lsn, last_truncate, phase)
+    if net is not None and manifest.delete_mode == "hard" and not manifest.history_table:
+        phase("merging (inserts, updates and deletes in one statement)")
+        merged = _merge_with_deletes(conn, manifest, target, stage, run_id)
+        if merged is not None:
+            return {"inserted": merged[0], "updated": merged[1], "deleted": deleted + merged[2]}
     phase("applying deletes")
     deleted += _apply_deletes(conn, manifest, target, stage, run_id)
     upserts = sql.SQL("s.{} <> 'D'").format(sql.Identifier(OP_COLUMN))
@@ -410,6 +415,68 @@ def _net_effect_in_sql(
             ).format(stage=stage, same=_keys(manifest, "n", "s"), seq=sql.Identifier(SEQ_COLUMN)),
             (),  # with parameters (a % in a column name reads as one)
         )
+
+
+def _merge_with_deletes(
+    conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, stage: sql.Identifier, run_id: str
+) -> tuple[int, int, int] | None:
+    """Apply a stage holding one change per key with one ``MERGE`` (PostgreSQL 17+): delete, update
+    what changed, insert; returns (inserted, updated, deleted), or None to take the two-statement path.
+
+    One join of the stage with the target instead of two (a DELETE, then :func:`~..merge.merge_stage`).
+    Should a concurrent writer insert one of the keys first (a unique violation), the savepoint is
+    rolled back and the two-statement path (which falls back to ON CONFLICT) applies the batch.
+    """
+    if conn.info.server_version < 170000:
+        return None
+    keys, names = list(manifest.primary_key), [c.name for c in manifest.columns]
+    values = [n for n in names if n not in keys]
+    op = sql.Identifier("s", OP_COLUMN)
+    update: sql.Composable = sql.SQL("")
+    if values:
+        update = sql.SQL(" WHEN MATCHED AND ({}) IS DISTINCT FROM ({}) THEN UPDATE SET {}").format(
+            sql.SQL(", ").join(comparable("t", c, target) for c in values),
+            sql.SQL(", ").join(comparable("s", c, target) for c in values),
+            sql.SQL(", ").join(
+                [
+                    *(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Identifier("s", c)) for c in values),
+                    sql.SQL("{} = %(run_id)s").format(sql.Identifier(RUN_ID_COLUMN)),
+                    sql.SQL("{} = now()").format(sql.Identifier(SYNCED_AT_COLUMN)),
+                ]
+            ),
+        )
+    statement = sql.SQL(
+        "WITH merged AS (MERGE INTO {target} AS t USING {stage} AS s ON {match}"
+        " WHEN MATCHED AND {op} = 'D' THEN DELETE{update}"
+        " WHEN NOT MATCHED AND {op} <> 'D' THEN INSERT ({columns}) VALUES ({values}, %(run_id)s, now())"
+        " RETURNING merge_action() AS action)"
+        " SELECT count(*) FILTER (WHERE action = 'INSERT'), count(*) FILTER (WHERE action = 'UPDATE'),"
+        " count(*) FILTER (WHERE action = 'DELETE') FROM merged"
+    ).format(
+        target=target.ident,
+        stage=stage,
+        match=_keys(manifest, "t", "s"),
+        op=op,
+        update=update,
+        columns=sql.SQL(", ").join(map(sql.Identifier, [*names, RUN_ID_COLUMN, SYNCED_AT_COLUMN])),
+        values=sql.SQL(", ").join(sql.Identifier("s", c) for c in names),
+    )
+    try:
+        with conn.transaction():
+            row = execute(conn, statement, {"run_id": run_id}).fetchone()
+    except psycopg.errors.UniqueViolation:
+        return None
+    except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as error:
+        raise DataError(
+            f"merge rejected by the target: {error.diag.message_primary}"
+            + (f" ({error.diag.message_detail})" if error.diag.message_detail else ""),
+            sync_id=manifest.sync_id,
+            table=target.display,
+            column=error.diag.column_name,
+            rule=error.diag.constraint_name or "target constraint",
+        ) from error
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2])
 
 
 def _refuse_dropped_columns(manifest: Manifest, target: TargetTable) -> None:
