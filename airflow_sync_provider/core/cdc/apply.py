@@ -330,12 +330,15 @@ def _net_files(manifest: Manifest, applied_lsn: int, last_truncate: int | None) 
     live = pc.greater(changes.column(LSN_COLUMN), applied_lsn)
     if last_truncate is not None:
         live = pc.and_(live, pc.greater(changes.column(SEQ_COLUMN), last_truncate))
+    live_rows = pc.sum(live).as_py() or 0
     last = (
         changes.filter(live)
         .group_by(list(manifest.primary_key), use_threads=False)
         .aggregate([(SEQ_COLUMN, "max")])
         .column(f"{SEQ_COLUMN}_max")
     )
+    if len(last) == live_rows == changes.num_rows:  # every change is its key's only one: copy the files as they are
+        return list(manifest.files)
     net: list[StagedFile] = []
     for staged, part in zip(manifest.files, parts, strict=True):
         keep = pc.is_in(part.column(SEQ_COLUMN), value_set=last)
