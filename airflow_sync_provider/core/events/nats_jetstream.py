@@ -45,6 +45,8 @@ class NatsJetStreamSource:
         self._js = self._nc.jetstream()
         self._subscription: Any = None
         self._next_seq: int | None = None
+        #: Messages fetched but not yet returned (a page cut short by max_bytes or max_events).
+        self._pending: list[Any] = []
 
     def _run(self, coroutine: Any) -> Any:
         return self._loop.run_until_complete(coroutine)
@@ -69,30 +71,30 @@ class NatsJetStreamSource:
                 rule="stream gap",
             )
         if self._subscription is None or self._next_seq != last + 1:
-            await self._subscribe(last + 1)
+            await self._subscribe(last + 1)  # fetched messages the consumer moved past are in _pending
         events: list[RawEvent] = []
         size = 0
         while len(events) < max_events and size < max_bytes:
-            want = min(_PAGE, max_events - len(events))
-            try:
-                messages = await self._subscription.fetch(want, timeout=wait if not events else _TAIL_WAIT)
-            except NatsTimeout:
-                break
-            for message in messages:
-                sequence = message.metadata.sequence.stream
-                events.append(
-                    RawEvent(
-                        message.data,
-                        f"{self.name}/{sequence}",
-                        message.subject,
-                        redelivered=message.metadata.num_delivered > 1,
-                    )
+            if not self._pending:
+                want = min(_PAGE, max_events - len(events))
+                try:
+                    fetched = await self._subscription.fetch(want, timeout=wait if not events else _TAIL_WAIT)
+                except NatsTimeout:
+                    break
+                self._pending.extend(fetched)
+            message = self._pending.pop(0)
+            sequence = message.metadata.sequence.stream
+            events.append(
+                RawEvent(
+                    message.data,
+                    f"{self.name}/{sequence}",
+                    message.subject,
+                    redelivered=message.metadata.num_delivered > 1,
                 )
-                size += len(message.data)
-                last = sequence
+            )
+            size += len(message.data)
+            last = sequence
             self._next_seq = last + 1
-            if len(messages) < want:
-                break
         return EventBatch(events, after, {"nats": self.name, "seq": last})
 
     async def _subscribe(self, start: int) -> None:
@@ -110,10 +112,12 @@ class NatsJetStreamSource:
             subject = subjects[0] if len(subjects) == 1 else ">"
         self._subscription = await self._js.pull_subscribe(subject, durable=None, stream=self.name, config=config)
         self._next_seq = start
+        self._pending = []
 
     def _drop_subscription(self) -> None:
         self._subscription = None
         self._next_seq = None
+        self._pending = []
 
     def acknowledge(self, batch: EventBatch) -> None:
         pass  # the committed sequence in the target is the position; nothing to tell the server
