@@ -222,15 +222,15 @@ def open_broker(kind: str, mosquitto: PrivateMosquitto | None = None) -> Broker:
     return RedisBroker() if kind == "redis" else NatsBroker()
 
 
-@pytest.fixture(scope="session")
-def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateMosquitto]:
+@pytest.fixture(scope="session", name="mosquitto")
+def mosquitto_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateMosquitto]:
     server = PrivateMosquitto(tmp_path_factory.mktemp("mosquitto"))
     yield server
     server.stop()
 
 
-@pytest.fixture(params=KINDS)
-def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
+@pytest.fixture(params=KINDS, name="broker")
+def broker_fixture(request: pytest.FixtureRequest) -> Iterator[Broker]:
     opened = open_broker(request.param, request.getfixturevalue("mosquitto") if request.param == "mqtt" else None)
     yield opened
     opened.cleanup()
@@ -239,7 +239,7 @@ def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
 def read_all(source: EventSource, *, max_events: int, wait: float = 0.5) -> list[list[bytes]]:
     """Every batch until an empty read, acknowledging each (what a drain with a perfect target does)."""
     after = None
-    batches = []
+    batches: list[list[bytes]] = []
     while True:
         batch = source.read(after, max_events=max_events, max_bytes=1 << 30, wait=wait)
         if not batch.events:

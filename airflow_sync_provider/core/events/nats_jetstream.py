@@ -79,11 +79,13 @@ class NatsJetStreamSource:
                 want = min(_PAGE, max_events - len(events))
                 try:
                     fetched = await self._subscription.fetch(want, timeout=wait if not events else _TAIL_WAIT)
-                except NatsTimeout:
+                except (TimeoutError, NatsTimeout):
                     break
                 self._pending.extend(fetched)
             message = self._pending.pop(0)
             sequence = message.metadata.sequence.stream
+            if sequence <= last:
+                continue  # delivered twice (a pull request that outlived its fetch): already in this batch
             events.append(
                 RawEvent(
                     message.data,
