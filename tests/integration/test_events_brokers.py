@@ -61,6 +61,8 @@ class PrivateMosquitto:
         self.config.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
             f"persistence_location {directory}/\nmax_queued_messages 0\nautosave_interval 1\n"
+            # As root, Mosquitto switches to user "mosquitto", who cannot write the test's folder.
+            + ("user root\n" if os.geteuid() == 0 else "")
         )
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
@@ -105,6 +107,7 @@ class RedisBroker:
     def __init__(self, host: str = REDIS[0], port: int = REDIS[1]) -> None:
         import redis
 
+        self.address = (host, port)
         self.client = redis.Redis(host, port)
         self.key = f"events-test-{uuid.uuid4().hex[:10]}"
 
@@ -113,7 +116,7 @@ class RedisBroker:
 
         from airflow_sync_provider.core.events.redis_streams import RedisStreamSource
 
-        return RedisStreamSource(redis.Redis(*REDIS), self.key, **options)
+        return RedisStreamSource(redis.Redis(*self.address), self.key, **options)
 
     def publish(self, payloads: Sequence[bytes]) -> None:
         with self.client.pipeline(transaction=False) as pipe:
@@ -156,9 +159,11 @@ class NatsBroker:
         self.loop.run_until_complete(send())
 
     def cleanup(self) -> None:
+        from airflow_sync_provider.core.events.nats_jetstream import close_loop
+
         self.loop.run_until_complete(self.js.delete_stream(self.stream))
         self.loop.run_until_complete(self.nc.close())
-        self.loop.close()
+        close_loop(self.loop)
 
 
 class MqttBroker:

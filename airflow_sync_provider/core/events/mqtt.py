@@ -67,6 +67,7 @@ class MqttSource:
         self._inbox: queue.Queue[paho.MQTTMessage] = queue.Queue()
         self._client: paho.Client | None = None
         self._connected = threading.Event()
+        self._disconnected = threading.Event()
         self._connect_error: str | None = None
 
     # ----------------------------------------------------------------------------------- session
@@ -82,10 +83,12 @@ class MqttSource:
             client.tls_set()
         client.on_connect = self._on_connect
         client.on_message = self._on_message
+        client.on_disconnect = self._on_disconnect
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = self.session_expiry
         properties.ReceiveMaximum = self.receive_maximum
         self._connected.clear()
+        self._disconnected.clear()
         self._connect_error = None
         try:
             client.connect(self.host, self.port, keepalive=30, clean_start=False, properties=properties)
@@ -106,6 +109,9 @@ class MqttSource:
         else:
             client.subscribe(self.name, qos=1)
         self._connected.set()
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._disconnected.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         self._inbox.put(message)
@@ -146,7 +152,9 @@ class MqttSource:
         """Disconnect; what was received but not acknowledged is redelivered on the next connection."""
         client, self._client = self._client, None
         if client is not None:
-            client.disconnect()
+            # The PUBACKs just queued go out before the DISCONNECT: wait for it to be sent.
+            if client.disconnect() == paho.MQTT_ERR_SUCCESS:
+                self._disconnected.wait(self.connect_timeout)
             client.loop_stop()
         self._inbox = queue.Queue()  # packet ids belong to the closed connection
 

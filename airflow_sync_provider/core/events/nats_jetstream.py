@@ -40,7 +40,7 @@ class NatsJetStreamSource:
         try:
             self._nc: Any = self._run(nats.connect(servers, allow_reconnect=False, **options))
         except (OSError, NatsError) as error:
-            self._loop.close()
+            close_loop(self._loop)
             raise SourceUnavailableError(f"NATS {servers!r}: {first_line(error)}") from error
         self._js = self._nc.jetstream()
         self._subscription: Any = None
@@ -137,7 +137,20 @@ class NatsJetStreamSource:
         except (OSError, NatsError):
             pass  # closing a lost connection: nothing left to release
         finally:
-            self._loop.close()
+            close_loop(self._loop)
 
 
-__all__ = ["NatsJetStreamSource"]
+def close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what the client left running on ``loop`` (readers, flushers of a lost connection), then close it."""
+
+    async def cancel_all() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    loop.run_until_complete(cancel_all())
+    loop.close()
+
+
+__all__ = ["NatsJetStreamSource", "close_loop"]
