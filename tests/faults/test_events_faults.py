@@ -216,6 +216,7 @@ def reconnect(broker: Broker, server: Any) -> None:
 
         broker.client = redis.Redis("127.0.0.1", server.port)
     else:
+        assert isinstance(broker, MqttBroker)
         deadline = time.monotonic() + 10
         while not broker.publisher.is_connected():  # paho's loop reconnects by itself
             assert time.monotonic() < deadline, "the MQTT publisher did not reconnect"
