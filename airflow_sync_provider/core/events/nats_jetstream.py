@@ -78,7 +78,9 @@ class NatsJetStreamSource:
             if not self._pending:
                 want = min(_PAGE, max_events - len(events))
                 try:
-                    fetched = await self._subscription.fetch(want, timeout=wait if not events else _TAIL_WAIT)
+                    fetched = await self._subscription.fetch(
+                        want, timeout=max(wait, _TAIL_WAIT) if not events else _TAIL_WAIT
+                    )
                 except (TimeoutError, NatsTimeout):
                     break
                 self._pending.extend(fetched)
