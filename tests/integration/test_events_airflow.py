@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import Any, cast
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
+from airflow.triggers.base import TriggerEvent
 
 from airflow_sync_provider.core.errors import SourceUnavailableError
 from airflow_sync_provider.hooks.events import event_source
@@ -75,10 +77,10 @@ def test_the_operator_drains_through_airflow_connections(
 ) -> None:
     stream = connect_airflow(monkeypatch, env, broker)
     broker.publish([movement(n) for n in range(250)] + [b"not json"])
-    result = operator(stream, batch_events=100).execute({"run_id": "manual__1"})  # type: ignore[arg-type]
+    result = operator(stream, batch_events=100).execute({"run_id": "manual__1"})
     assert (result["events"], result["inserted"], result["quarantined"], result["batches"]) == (251, 250, 1, 3)
     assert rows(env, "SELECT count(*) FROM movements") == [(250,)]
-    again = operator(stream).execute({"run_id": "manual__2"})  # type: ignore[arg-type]
+    again = operator(stream).execute({"run_id": "manual__2"})
     assert again["events"] == 0 and again["version"] == 3
 
 
@@ -100,7 +102,7 @@ def test_the_trigger_fires_for_events_the_sync_has_not_loaded(
         else:
             fired = asyncio.run(_first_event(trigger))
             assert fired["status"] == "events" and fired["position"] is None
-            operator(stream).execute({"run_id": "manual__1"})  # type: ignore[arg-type]
+            operator(stream).execute({"run_id": "manual__1"})
             assert trigger.poll() is None  # loaded: nothing pending after the committed position
             broker.publish([movement(10)])
             pending = trigger.poll()
@@ -110,7 +112,7 @@ def test_the_trigger_fires_for_events_the_sync_has_not_loaded(
 
 
 async def _first_event(trigger: EventStreamTrigger) -> dict[str, Any]:
-    runner = trigger.run()
+    runner = cast(AsyncGenerator[TriggerEvent, None], trigger.run())
     try:
         event = await asyncio.wait_for(runner.__anext__(), timeout=30)
     finally:
@@ -141,4 +143,4 @@ def test_a_bad_declaration_fails_the_task_without_retries(env: SyncEnv, monkeypa
             target_table="t",
             columns=COLUMNS,
             event_time="qty",
-        ).execute({"run_id": "manual__1"})  # type: ignore[arg-type]
+        ).execute({"run_id": "manual__1"})
