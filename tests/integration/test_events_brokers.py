@@ -11,20 +11,17 @@ and it must not be restarted; the private one is configured as docs/events.md sa
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
 import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
 from airflow_sync_provider.core.events.source import EventSource
+from sync_dev.device_simulator import PrivateMosquitto, free_port, mosquitto_binary
+
+__all__ = ["PrivateMosquitto", "free_port"]
 
 REDIS = ("127.0.0.1", 6379)
 NATS = ("127.0.0.1", 4222)
@@ -37,56 +34,6 @@ def reachable(address: tuple[str, int]) -> bool:
             return True
     except OSError:
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class PrivateMosquitto:
-    """A Mosquitto of the tests' own on a free port, configured as an event sync needs it
-    (``max_queued_messages 0``: the shared broker's default of 1,000 drops QoS 1 messages of a
-    session past that), persistent, and safe to stop and restart (the shared one is not ours to)."""
-
-    def __init__(self, directory: Path) -> None:
-        binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-        if binary is None:
-            pytest.skip("the mosquitto binary is not installed (Debian package mosquitto)")
-        self.binary = binary
-        self.port = free_port()
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config = directory / "mosquitto.conf"
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {directory}/\nmax_queued_messages 0\nautosave_interval 1\n"
-            # As root, Mosquitto switches to user "mosquitto", who cannot write the test's folder.
-            + ("user root\n" if os.geteuid() == 0 else "")
-        )
-        self.process: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        while not reachable(("127.0.0.1", self.port)):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError(f"private mosquitto did not start on port {self.port}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        """SIGTERM: Mosquitto writes its persistence file (sessions, queued messages) and exits."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
 
 class Broker(Protocol):
@@ -229,6 +176,8 @@ def open_broker(kind: str, mosquitto: PrivateMosquitto | None = None) -> Broker:
 
 @pytest.fixture(scope="session", name="mosquitto")
 def mosquitto_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateMosquitto]:
+    if mosquitto_binary() is None:
+        pytest.skip("the mosquitto binary is not installed (Debian package mosquitto)")
     server = PrivateMosquitto(tmp_path_factory.mktemp("mosquitto"))
     yield server
     server.stop()
