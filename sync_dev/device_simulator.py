@@ -35,6 +35,25 @@ from pathlib import Path
 from typing import Any
 
 TOPIC_FILTER = "warehouse/+/+/+"
+
+
+def movement_columns() -> tuple[Any, ...]:
+    """The declared columns of a movement (the reference DAG declares the same; a test keeps them equal)."""
+    from airflow_sync_provider.core.events import EventColumn
+
+    return (
+        EventColumn("event_id", "text"),
+        EventColumn("device_id", "text", path="device.id"),
+        EventColumn("device_kind", "text", path="device.kind"),
+        EventColumn("warehouse", "text"),
+        EventColumn("sku", "text"),
+        EventColumn("delta", "integer"),
+        EventColumn("reason", "text"),
+        EventColumn("seq", "bigint"),
+        EventColumn("at", "timestamptz"),
+    )
+
+
 REASONS = {"rfid_gate": ("received", "shipped"), "scanner": ("picked", "counted", "returned")}
 
 
@@ -62,7 +81,7 @@ class PrivateMosquitto:
 
     ``max_queued_messages 0``: Mosquitto's default (1,000 per session) drops QoS 1 messages of a
     session past that while a sync holds its acknowledgements until the target commit.  Persistent
-    (sessions and queued messages survive a restart), saved every second.
+    (sessions and queued messages survive a restart: saved on SIGTERM and every minute).
     """
 
     def __init__(self, directory: Path) -> None:
@@ -75,7 +94,7 @@ class PrivateMosquitto:
         self.config = directory / "mosquitto.conf"
         self.config.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {directory}/\nmax_queued_messages 0\nautosave_interval 1\n"
+            f"persistence_location {directory}/\nmax_queued_messages 0\nautosave_interval 60\n"
             # As root, Mosquitto switches to user "mosquitto", who cannot write a private folder.
             + ("user root\n" if os.geteuid() == 0 else "")
         )

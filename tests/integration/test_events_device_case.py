@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from sync_dev.device_simulator import Fleet, PrivateMosquitto, publish
+from sync_dev.device_simulator import Fleet, PrivateMosquitto, movement_columns, publish
 
 from ..conftest import SyncEnv
 from .test_events_brokers import mosquitto_fixture  # noqa: F401  (fixture)
@@ -50,6 +50,7 @@ def test_device_movements_reach_the_central_inventory_exactly_once(
     env: SyncEnv, device_dag: Any, mosquitto: PrivateMosquitto
 ) -> None:
     assert {t.task_id for t in device_dag.device_inventory_sync.tasks} == {"drain_movements", "net_on_hand"}
+    assert movement_columns() == device_dag.MOVEMENT_COLUMNS  # what the simulator sends is what the DAG declares
     fleet = Fleet(skus=60, seed=11)
     run_dag_tasks(device_dag, env, "manual__0")  # the first run creates the persistent session
     for round_number in range(1, 4):
