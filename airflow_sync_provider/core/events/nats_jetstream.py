@@ -23,7 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from airflow_sync_provider.core.errors import DataError, SourceUnavailableError, first_line
 from airflow_sync_provider.core.events.source import EventBatch, Position, RawEvent
 
-_PAGE = 256
+_PAGE = 2_000
 _TAIL_WAIT = 0.05
 
 

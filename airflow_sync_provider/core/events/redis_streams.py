@@ -19,7 +19,7 @@ import redis
 from airflow_sync_provider.core.errors import DataError, SourceUnavailableError, first_line
 from airflow_sync_provider.core.events.source import EventBatch, Position, RawEvent
 
-_PAGE = 1_000
+_PAGE = 5_000
 
 
 def _next_id(entry_id: str) -> str:
