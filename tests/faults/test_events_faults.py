@@ -185,7 +185,10 @@ def restartable(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tupl
         server = PrivateServer("redis", tmp_path / "redis")
         opened = RedisBroker(port=server.port)
     yield opened, server
-    server.stop()
+    try:
+        opened.cleanup()  # stops the publisher's threads too
+    finally:
+        server.stop()
 
 
 def test_a_broker_restart_between_and_during_runs_loses_and_duplicates_nothing(
@@ -195,7 +198,7 @@ def test_a_broker_restart_between_and_during_runs_loses_and_duplicates_nothing(
     broker.publish([movement(n) for n in range(300)])
     spec = spec_for("restarted", batch_events=100)
     first = run(env, broker, spec, max_batches=1)
-    assert first.inserted == 100
+    assert 0 < first.inserted <= 100  # MQTT ends a batch early when delivery pauses for 50 ms
     server.restart()
     reconnect(broker, server)
     broker.publish([movement(n) for n in range(300, 400)])
