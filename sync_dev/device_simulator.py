@@ -76,20 +76,51 @@ def mosquitto_binary() -> str | None:
     return found or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None)
 
 
-class PrivateMosquitto:
-    """A Mosquitto on a free local port, configured for event syncs, that can be stopped and restarted.
+class LocalServer:
+    """A broker process of our own on a free local port: started, stopped with SIGTERM (brokers
+    save their state on it), restarted.  Subclasses set ``command``."""
+
+    name = "server"
+    command: list[str]
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while not reachable("127.0.0.1", self.port):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"private {self.name} did not start on port {self.port}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=15)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class PrivateMosquitto(LocalServer):
+    """A Mosquitto configured for event syncs.
 
     ``max_queued_messages 0``: Mosquitto's default (1,000 per session) drops QoS 1 messages of a
     session past that while a sync holds its acknowledgements until the target commit.  Persistent
     (sessions and queued messages survive a restart: saved on SIGTERM and every minute).
     """
 
+    name = "mosquitto"
+
     def __init__(self, directory: Path) -> None:
+        super().__init__()
         binary = mosquitto_binary()
         if binary is None:
             raise FileNotFoundError("the mosquitto binary is not installed (Debian package mosquitto)")
-        self.binary = binary
-        self.port = free_port()
         directory.mkdir(parents=True, exist_ok=True)
         self.config = directory / "mosquitto.conf"
         self.config.write_text(
@@ -98,28 +129,7 @@ class PrivateMosquitto:
             # As root, Mosquitto switches to user "mosquitto", who cannot write a private folder.
             + ("user root\n" if os.geteuid() == 0 else "")
         )
-        self.process: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        while not reachable("127.0.0.1", self.port):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError(f"private mosquitto did not start on port {self.port}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        """SIGTERM: Mosquitto writes its persistence file (sessions, queued messages) and exits."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def restart(self) -> None:
-        self.stop()
+        self.command = [binary, "-c", str(self.config)]
         self.start()
 
 

@@ -21,17 +21,16 @@ from typing import Any
 
 import pytest
 
+from sync_dev.device_simulator import LocalServer, PrivateMosquitto
+
 from ..conftest import SyncEnv
 from ..integration.test_events_brokers import (
     Broker,
     MqttBroker,
     NatsBroker,
-    PrivateMosquitto,
     RedisBroker,
     broker_fixture,  # noqa: F401  (fixture)
-    free_port,
     mosquitto_fixture,  # noqa: F401  (fixture)
-    reachable,
 )
 from ..integration.test_events_sync import movement, rows, run, spec_for
 
@@ -130,43 +129,29 @@ def test_sigkill_before_the_target_commit_changes_nothing(env: SyncEnv, broker: 
 # ------------------------------------------------------------------------------ broker restarts
 
 
-class PrivateServer:
+class PrivateServer(LocalServer):
     """A NATS (JetStream, file storage) or Redis (append-only file, fsync always) of the test's own."""
 
     def __init__(self, kind: str, directory: Path) -> None:
-        binary = shutil.which({"nats": "nats-server", "redis": "redis-server"}[kind])
-        binary = binary or next(
+        super().__init__()
+        binary = shutil.which(f"{kind}-server") or next(
             (p for p in (f"/usr/sbin/{kind}-server", f"/usr/bin/{kind}-server") if Path(p).exists()), None
         )
         if binary is None:
             pytest.skip(f"the {kind}-server binary is not installed")
-        self.kind, self.port = kind, free_port()
+        self.name = kind
         directory.mkdir(parents=True, exist_ok=True)
         if kind == "nats":
             self.command = [binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(directory)]
         else:
             self.command = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(directory),
                             "--appendonly", "yes", "--appendfsync", "always", "--save", ""]  # fmt: skip
-        self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while not reachable(("127.0.0.1", self.port)):
-            assert time.monotonic() < deadline and self.process.poll() is None, f"private {self.kind} did not start"
-            time.sleep(0.05)
-        time.sleep(0.3 if self.kind == "nats" else 0)  # JetStream recovers its streams after listening
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=15)
-        self.process = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+        super().start()
+        if self.name == "nats":
+            time.sleep(0.3)  # JetStream recovers its streams after it listens
 
 
 @pytest.fixture(params=["mqtt", "nats", "redis"])

@@ -11,7 +11,6 @@ and it must not be restarted; the private one is configured as docs/events.md sa
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
@@ -19,21 +18,11 @@ from typing import Any, Protocol
 import pytest
 
 from airflow_sync_provider.core.events.source import EventSource
-from sync_dev.device_simulator import PrivateMosquitto, free_port, mosquitto_binary
-
-__all__ = ["PrivateMosquitto", "free_port"]
+from sync_dev.device_simulator import PrivateMosquitto, mosquitto_binary, reachable
 
 REDIS = ("127.0.0.1", 6379)
 NATS = ("127.0.0.1", 4222)
 MQTT = ("127.0.0.1", 1883)
-
-
-def reachable(address: tuple[str, int]) -> bool:
-    try:
-        with socket.create_connection(address, timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 class Broker(Protocol):
@@ -169,7 +158,7 @@ def open_broker(kind: str, mosquitto: PrivateMosquitto | None = None) -> Broker:
         assert mosquitto is not None
         return MqttBroker(port=mosquitto.port)
     address = BROKERS[kind]
-    if not reachable(address):
+    if not reachable(*address):
         pytest.skip(f"{kind} broker not reachable on {address[0]}:{address[1]}")
     return RedisBroker() if kind == "redis" else NatsBroker()
 
