@@ -35,7 +35,7 @@ from psycopg import sql
 
 from airflow_sync_provider.core.catalog import table_exists
 from airflow_sync_provider.core.errors import DataError
-from airflow_sync_provider.core.events.quarantine import quarantine_events
+from airflow_sync_provider.core.events.quarantine import EVENT_QUARANTINE_TABLE, quarantine_events
 from airflow_sync_provider.core.events.schema import EventSchema, EventTransform, decode_events
 from airflow_sync_provider.core.events.source import EventBatch, EventSource, Position
 from airflow_sync_provider.core.events.spec import EventSpec
@@ -191,7 +191,7 @@ def load_next_batch(
             log.warning(
                 "event sync %s: %d of %d event(s) quarantined in %s.%s (%d new), first: %s",
                 spec.sync_id, len(decoded.rejected), len(batch.events), spec.target_schema,
-                "_sync_event_quarantine", quarantined, decoded.rejected[0].reason,
+                EVENT_QUARANTINE_TABLE, quarantined, decoded.rejected[0].reason,
             )  # fmt: skip
         rows = apply_transform(decoded.rows, spec, transform)
         newest = newest_per_key(rows, spec.schema)
