@@ -25,6 +25,7 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_sync_provider.hooks.source",
                     "airflow_sync_provider.hooks.target",
                     "airflow_sync_provider.hooks.cdc",
+                    "airflow_sync_provider.hooks.events",
                 ],
             }
         ],
@@ -36,6 +37,7 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_sync_provider.operators.cdc",
                     "airflow_sync_provider.operators.reconcile",
                     "airflow_sync_provider.operators.quality",
+                    "airflow_sync_provider.operators.events",
                 ],
             }
         ],
@@ -48,7 +50,7 @@ def get_provider_info() -> dict[str, Any]:
         "triggers": [
             {
                 "integration-name": "Database Sync",
-                "python-modules": ["airflow_sync_provider.triggers.cdc"],
+                "python-modules": ["airflow_sync_provider.triggers.cdc", "airflow_sync_provider.triggers.events"],
             }
         ],
         "connection-types": [
@@ -63,7 +65,17 @@ def get_provider_info() -> dict[str, Any]:
                         "extra": '{"sqlalchemy_drivername": "mssql+pymssql"}  or  {"sqlalchemy_url": "..."}',
                     },
                 },
-            }
+            },
+            {
+                "connection-type": "nats",
+                "hook-class-name": "airflow_sync_provider.hooks.events.NatsJetStreamHook",
+                "hook-name": "NATS JetStream (Database Sync)",
+            },
+            {
+                "connection-type": "mqtt",
+                "hook-class-name": "airflow_sync_provider.hooks.events.MqttHook",
+                "hook-name": "MQTT (Database Sync)",
+            },
         ],
         "config": {
             "sync": {
