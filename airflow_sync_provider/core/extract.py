@@ -211,8 +211,13 @@ def extract_to_staging(
     connection: sa.Connection | None = None,
     window: tuple[Any, Any] | None = None,
     recorded_columns: Sequence[tuple[str, str]] | None = None,
+    on_file: Callable[[Manifest], None] | None = None,
 ) -> Manifest:
     """Extract the rows past the committed watermark (or the whole table) into staged Parquet files.
+
+    ``on_file``: called after each staged file with the batch so far (its files, no final watermark
+    or key files yet), so a load can take the files while the next page is read (see
+    :func:`~.sync.run_sync`); whatever it raises ends the extraction like any error.
 
     ``recorded_columns``: the ``(name, type)`` columns the last committed load of this sync synced
     (its transformed schema, from the state row); a run that extracts nothing takes from them the
@@ -269,6 +274,44 @@ def extract_to_staging(
     order_index = [next(i for i, p in enumerate(source.plans) if p.name == c.name) for c in order]
 
     key_files: list[StagedFile] = []
+
+    def batch(
+        columns: tuple[ManifestColumn, ...],
+        files: Sequence[StagedFile],
+        high: tuple[Any, ...] | None,
+        key_files: Sequence[StagedFile],
+    ) -> Manifest:
+        return Manifest(
+            sync_id=spec.sync_id,
+            run_id=run_id,
+            manifest_id=manifest_id,
+            mode=spec.mode,
+            source_table=spec.qualified_source,
+            target_schema=spec.target_schema,
+            target_table=spec.target_table,
+            primary_key=source.primary_key,
+            cursor_column=spec.cursor_column,
+            columns=columns,
+            files=tuple(files),
+            rows=sum(f.rows for f in files),
+            base_version=base_version,
+            watermark_low=low,
+            watermark_high=encode_row(high) if high is not None and spec.mode == "incremental" and not window else low,
+            upper_bound=encode_value(upper),
+            extracted_at=dt.datetime.now(dt.UTC).isoformat(),
+            staging_dir=staging_dir,
+            delete_mode=spec.delete_mode,
+            detect_deletes=bool(spec.detect_deletes) and window is None,
+            key_files=tuple(key_files),
+            state_table=spec.state_table,
+            max_delete_fraction=spec.max_delete_fraction,
+            history_table=spec.history_table,
+            window=[encode_value(v) for v in window_bounds] if window_bounds is not None else None,
+            extract_seconds=round(time.monotonic() - started, 3),
+            notes=tuple(notes),
+            schema_drift=spec.schema_drift,
+        )
+
     owned = connection is None
     if connection is None:
         connection = engine.connect()
@@ -292,17 +335,19 @@ def extract_to_staging(
                 after = tuple(rows[-1][i] for i in order_index)
                 if high is None or spec.mode == "full" or _later(after, high):
                     high = after
-                batch = rows_to_table(rows, source, spec)
+                page = rows_to_table(rows, source, spec)
                 if transform is not None:
-                    batch = apply_transform(batch, transform, spec, len(files) + 1)
-                    _check_transformed(batch, source, spec)
+                    page = apply_transform(page, transform, spec, len(files) + 1)
+                    _check_transformed(page, source, spec)
                 if schema is None:
-                    schema = batch.schema
-                elif batch.schema != schema:
-                    batch = _conform(batch, schema, spec)
-                if batch.num_rows:
-                    files.append(_write(staging, f"{staging_dir}/part-{len(files):05d}.parquet", batch))
-                progress.add(batch.num_rows)
+                    schema = page.schema
+                elif page.schema != schema:
+                    page = _conform(page, schema, spec)
+                if page.num_rows:
+                    files.append(_write(staging, f"{staging_dir}/part-{len(files):05d}.parquet", page))
+                    if on_file is not None:
+                        on_file(batch(_manifest_columns(schema, source), files, high, ()))
+                progress.add(page.num_rows)
             if spec.mode == "incremental" and spec.detect_deletes and window is None:
                 key_files = _stage_keys(connection, source, spec, staging, staging_dir, log)
     except BaseException as error:
@@ -319,36 +364,7 @@ def extract_to_staging(
     else:
         columns = _manifest_columns(schema, source)
     progress.done(f"{len(files)} staged file(s) in {staging_dir}")
-    manifest = Manifest(
-        sync_id=spec.sync_id,
-        run_id=run_id,
-        manifest_id=manifest_id,
-        mode=spec.mode,
-        source_table=spec.qualified_source,
-        target_schema=spec.target_schema,
-        target_table=spec.target_table,
-        primary_key=source.primary_key,
-        cursor_column=spec.cursor_column,
-        columns=columns,
-        files=tuple(files),
-        rows=sum(f.rows for f in files),
-        base_version=base_version,
-        watermark_low=low,
-        watermark_high=encode_row(high) if high is not None and spec.mode == "incremental" and not window else low,
-        upper_bound=encode_value(upper),
-        extracted_at=dt.datetime.now(dt.UTC).isoformat(),
-        staging_dir=staging_dir,
-        delete_mode=spec.delete_mode,
-        detect_deletes=bool(spec.detect_deletes) and window is None,
-        key_files=tuple(key_files),
-        state_table=spec.state_table,
-        max_delete_fraction=spec.max_delete_fraction,
-        history_table=spec.history_table,
-        window=[encode_value(v) for v in window_bounds] if window_bounds is not None else None,
-        extract_seconds=round(time.monotonic() - started, 3),
-        notes=tuple(notes),
-        schema_drift=spec.schema_drift,
-    )
+    manifest = batch(columns, files, high, key_files)
     staging.write_manifest(manifest)
     return manifest
 

@@ -16,9 +16,9 @@ import io
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import psycopg
 import pyarrow as pa
@@ -27,7 +27,7 @@ import pyarrow.csv as pacsv
 from psycopg import sql
 
 from airflow_sync_provider.core import drift
-from airflow_sync_provider.core.audit import AuditEntry, append_entry, ensure_audit_table, stage_checksum
+from airflow_sync_provider.core.audit import AuditEntry, BatchChecksum, append_entry, ensure_audit_table
 from airflow_sync_provider.core.errors import (
     DataError,
     TargetUnavailableError,
@@ -38,6 +38,7 @@ from airflow_sync_provider.core.manifest import Manifest, StagedFile
 from airflow_sync_provider.core.merge import delete_missing, merge_stage
 from airflow_sync_provider.core.pgcopy import BoundedQueuedWriter, hex_bytea, naive_utc, utc_session
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver, Progress
+from airflow_sync_provider.core.spec import RUN_ID_COLUMN, SYNCED_AT_COLUMN
 from airflow_sync_provider.core.staging import iter_staged_batches, remove_staged
 from airflow_sync_provider.core.state import SyncState, ensure_state_table, lock_state, write_state
 from airflow_sync_provider.core.target import TargetTable, ensure_target_table, idle_autocommit
@@ -88,8 +89,13 @@ def load_manifest(
     logger: Logger | None = None,
     observer: PhaseObserver | None = None,
     keep_staged: bool = False,
+    feed: BatchFeed | None = None,
 ) -> LoadResult:
     """Apply a staged batch and its watermark to the target in one transaction.
+
+    ``feed``: the batch is still being extracted (see :func:`~.sync.run_sync`); ``manifest`` is its
+    head (no files yet) and the load takes the files as the feed hands them over, then the final
+    manifest.  Anything the feed raises rolls the whole load back.
 
     A lost target connection (killed, server restart) raises :class:`TargetUnavailableError` (a
     retryable error naming the sync and table): the transaction did not commit, or its commit was
@@ -97,7 +103,7 @@ def load_manifest(
     recognised as already applied).
     """
     try:
-        return _load_manifest(conn, manifest, run_id, logger, observer, keep_staged)
+        return _load_manifest(conn, feed or CompleteBatch(manifest), run_id, logger, observer, keep_staged)
     except psycopg.OperationalError as error:
         raise TargetUnavailableError(
             f"the target connection was lost during the load of manifest {manifest.manifest_id} "
@@ -110,7 +116,7 @@ def load_manifest(
 
 def _load_manifest(
     conn: psycopg.Connection[Any],
-    manifest: Manifest,
+    feed: BatchFeed,
     run_id: str | None,
     logger: Logger | None,
     observer: PhaseObserver | None,
@@ -118,18 +124,21 @@ def _load_manifest(
 ) -> LoadResult:
     log = logger or LOG
     started = time.monotonic()
+    manifest = feed.head()
     run_id = run_id or manifest.run_id
     prepare_load(conn, manifest.sync_id, manifest.target_schema, manifest.state_table)
 
     with conn.transaction():
         state = lock_state(conn, manifest.target_schema, manifest.state_table, manifest.sync_id)
         if manifest.window is None and state.version != manifest.base_version:
+            manifest = feed.final()
             result = _skip(manifest, state, started)
             log.warning("sync %s: %s", manifest.sync_id, result.message)
             append_entry(conn, manifest.target_schema, _audit_entry(manifest, run_id, result, None))
             return result
 
-        applied = apply_table_batch(conn, manifest, run_id, log, observer)
+        applied = apply_table_batch(conn, manifest, run_id, log, observer, feed)
+        manifest = feed.final()
         target, staged = applied.target, applied.staged
         inserted, updated, deleted = applied.inserted, applied.updated, applied.deleted
         new_state = state
@@ -192,7 +201,7 @@ class TableApplied:
     inserted: int
     updated: int
     deleted: int
-    #: Order-independent checksum of the staged rows (for the audit ledger).
+    #: Order-independent checksum of the staged rows (for the audit ledger, see :class:`.BatchChecksum`).
     checksum: str
     #: SCD2 history versions opened and closed (when the sync keeps a history table).
     history_opened: int = 0
@@ -222,47 +231,119 @@ def _audit_entry(manifest: Manifest, run_id: str, result: LoadResult, checksum: 
     )
 
 
+class BatchFeed(Protocol):
+    """A staged batch as the load takes it: the head (everything but the files, known when the
+    first file is staged), the files one by one, then the final manifest (watermark, key files)."""
+
+    def head(self) -> Manifest: ...
+
+    def files(self) -> Iterator[StagedFile]: ...
+
+    def final(self) -> Manifest: ...
+
+
+class CompleteBatch:
+    """The feed of a batch whose extraction is complete (the split operators, a retry)."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self._manifest = manifest
+
+    def head(self) -> Manifest:
+        return self._manifest
+
+    def files(self) -> Iterator[StagedFile]:
+        return iter(self._manifest.files)
+
+    def final(self) -> Manifest:
+        return self._manifest
+
+
 def apply_table_batch(
     conn: psycopg.Connection[Any],
     manifest: Manifest,
     run_id: str,
     log: Logger,
     observer: PhaseObserver | None = None,
+    feed: BatchFeed | None = None,
 ) -> TableApplied:
     """Inside the caller's transaction: create/check the target, COPY the batch, merge, delete missing,
     and keep the SCD2 history when the sync has one.
 
-    A backfill window's rows never overwrite a target row whose cursor is newer (a live run may
-    have committed a later version of the row since the window was read).
+    An empty target takes the batch by COPY straight into it (no stage, no merge, nothing to
+    delete); any value it rejects rolls that back and the batch goes the staged way, whose COPY
+    names the row.  A backfill window's rows never overwrite a target row whose cursor is newer (a
+    live run may have committed a later version of the row since the window was read).
     """
+    feed = feed or CompleteBatch(manifest)
     target = ensure_target_table(conn, manifest)
     if target.discarded:
         manifest = drift.narrowed(manifest, target.discarded)
+    checksum = BatchChecksum()
+    files = _Replay(feed.files())
+    if _straight_copy_fits(conn, manifest, target):
+        try:
+            staged = copy_files(
+                conn, manifest, target, target.ident, log, files, checksum=checksum, metadata=run_id, name_rows=False
+            )
+        except _Rejected:
+            log.info("sync %s: the COPY into the empty target was refused; loading through a stage", manifest.sync_id)
+        else:
+            notify(observer, "staged", {"rows": staged})
+            return TableApplied(target, staged, staged, 0, 0, checksum.value)
     stage = _create_stage(conn, manifest, target)
-    staged = copy_files(conn, manifest, target, stage, log)
+    staged = copy_files(conn, manifest, target, stage, log, files, checksum=checksum)
     notify(observer, "staged", {"rows": staged})
-    checksum = stage_checksum(conn, stage, [c.name for c in manifest.columns])
-    where = _not_older_than_target(manifest, target) if manifest.window is not None else None
+    final = feed.final()
+    if target.discarded:
+        final = drift.narrowed(final, target.discarded)
+    where = _not_older_than_target(final, target) if final.window is not None else None
     opened = closed = 0
-    if manifest.history_table:  # before the merge: the merge's counts do not depend on it
-        opened, closed = record_history(conn, manifest, stage, run_id, where)
-    inserted, updated = merge_stage(conn, manifest, target, stage, run_id, where)
+    if final.history_table:  # before the merge: the merge's counts do not depend on it
+        opened, closed = record_history(conn, final, stage, run_id, where)
+    inserted, updated = merge_stage(conn, final, target, stage, run_id, where)
     deleted = 0
-    if manifest.detect_deletes:
-        keys = stage if manifest.mode == "full" else _stage_keys(conn, manifest, target, log)
-        deleted = delete_missing(conn, manifest, target, keys, run_id)
-        if deleted and manifest.history_table:
-            closed += close_deleted(conn, manifest, target.ident, run_id)
-    if manifest.history_table:
+    if final.detect_deletes:
+        keys = stage if final.mode == "full" else _stage_keys(conn, final, target, log)
+        deleted = delete_missing(conn, final, target, keys, run_id)
+        if deleted and final.history_table:
+            closed += close_deleted(conn, final, target.ident, run_id)
+    if final.history_table:
         log.info(
             "sync %s: history %s.%s: %d version(s) opened, %d closed",
-            manifest.sync_id,
-            manifest.target_schema,
-            manifest.history_table,
+            final.sync_id,
+            final.target_schema,
+            final.history_table,
             opened,
             closed,
         )
-    return TableApplied(target, staged, inserted, updated, deleted, checksum, opened, closed)
+    return TableApplied(target, staged, inserted, updated, deleted, checksum.value, opened, closed)
+
+
+def _straight_copy_fits(conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable) -> bool:
+    """Whether the batch can be COPYed straight into the target: it is empty (so every row is new
+    and no row can be missing from the source), and no history or backfill rule needs a stage."""
+    if manifest.history_table or manifest.window is not None:
+        return False
+    row = conn.execute(sql.SQL("SELECT NOT EXISTS (SELECT FROM {})").format(target.ident)).fetchone()
+    return bool(row and row[0])
+
+
+class _Rejected(Exception):
+    """The server refused a value of a COPY that was not asked to name the row (rolled back)."""
+
+
+class _Replay:
+    """The staged files of a feed, taken once, that a second pass (naming a rejected row) replays."""
+
+    def __init__(self, files: Iterable[StagedFile]) -> None:
+        self._source = iter(files)
+        self._seen: list[StagedFile] = []
+
+    def __iter__(self) -> Iterator[StagedFile]:
+        yield from list(self._seen)
+        for staged in self._source:
+            self._seen.append(staged)
+            yield staged
 
 
 def _not_older_than_target(manifest: Manifest, target: TargetTable) -> sql.Composable:
@@ -360,22 +441,52 @@ def copy_files(
     target: TargetTable,
     stage: sql.Identifier,
     log: Logger,
-    files: Sequence[StagedFile] | None = None,
+    files: Iterable[StagedFile] | None = None,
     names: Sequence[str] | None = None,
     what: str = "staged into PostgreSQL",
+    *,
+    checksum: BatchChecksum | None = None,
+    metadata: str | None = None,
+    name_rows: bool = True,
 ) -> int:
     """COPY the staged files into ``stage``.
 
     Inside a transaction all batches go through one COPY (from a savepoint), written by a
     background thread, so the server parses one batch while Arrow renders the next.  If the server
     rejects a value, the savepoint is rolled back and the files are copied again batch by batch:
-    that COPY fails on the same row, and its line number names the row key in the error.
+    that COPY fails on the same row, and its line number names the row key in the error.  With
+    ``name_rows`` false that second pass is left to the caller: :class:`_Rejected` is raised.
+
+    ``files`` may still be arriving (an overlapped extraction): they are taken as they come.
+    ``checksum`` adds the rows sent (the ``names`` columns).  ``metadata``: the run id of a COPY
+    straight into the target, whose ``_sync_*`` columns get it and the transaction's ``now()``.
     """
     names = list(names or [c.name for c in manifest.columns])
+    extra: list[tuple[str, pa.Scalar]] = []
+    if metadata is not None:
+        row = conn.execute("SELECT now()").fetchone()
+        assert row is not None
+        extra = [
+            (RUN_ID_COLUMN, pa.scalar(metadata, pa.string())),
+            (SYNCED_AT_COLUMN, pa.scalar(row[0].astimezone(dt.UTC).replace(tzinfo=None), pa.timestamp("us"))),
+        ]
     copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
-        stage, sql.SQL(", ").join(map(sql.Identifier, names))
+        stage, sql.SQL(", ").join(map(sql.Identifier, [*names, *(name for name, _ in extra)]))
     )
-    staged_files = list(manifest.files if files is None else files)
+    staged_files = files if isinstance(files, _Replay) else _Replay(manifest.files if files is None else files)
+
+    def batches() -> Iterator[tuple[pa.RecordBatch, pa.Table]]:
+        if checksum is not None:
+            checksum.reset()  # a second pass counts the rows again
+        for staged in staged_files:
+            for batch in iter_staged_batches(staged.uri, _COPY_ROWS):
+                table = _csv_ready(batch, names)
+                for name, value in extra:
+                    table = table.append_column(name, pa.repeat(value, table.num_rows))
+                if checksum is not None:
+                    checksum.add(batch, names)
+                yield batch, table
+
     with utc_session(conn):
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
             progress = Progress(f"sync {manifest.sync_id}: {what}", log)
@@ -385,26 +496,25 @@ def copy_files(
                     conn.cursor() as cursor,
                     cursor.copy(copy_sql, writer=BoundedQueuedWriter(cursor)) as copy,
                 ):
-                    for staged in staged_files:
-                        for batch in iter_staged_batches(staged.uri, _COPY_ROWS):
-                            copy.write(_csv_payload(_csv_ready(batch, names)))
-                            progress.add(batch.num_rows)
+                    for batch, table in batches():
+                        copy.write(_csv_payload(table))
+                        progress.add(batch.num_rows)
                 progress.done()
                 return progress.rows
-            except (psycopg.errors.DataError, psycopg.errors.IntegrityError):
-                pass  # find and name the offending row below
+            except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as error:
+                if not name_rows:
+                    raise _Rejected(first_line(error)) from error
+                # find and name the offending row below
         progress = Progress(f"sync {manifest.sync_id}: {what}", log)
         with conn.cursor() as cursor:
-            for staged in staged_files:
-                for batch in iter_staged_batches(staged.uri, _COPY_ROWS):
-                    table = _csv_ready(batch, names)
-                    payload = _csv_payload(table)
-                    try:
-                        with cursor.copy(copy_sql) as copy:
-                            copy.write(memoryview(payload))
-                    except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as error:
-                        raise _row_error(error, manifest, target, table, payload.to_pybytes()) from error
-                    progress.add(batch.num_rows)
+            for batch, table in batches():
+                payload = _csv_payload(table)
+                try:
+                    with cursor.copy(copy_sql) as copy:
+                        copy.write(memoryview(payload))
+                except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as error:
+                    raise _row_error(error, manifest, target, table, payload.to_pybytes()) from error
+                progress.add(batch.num_rows)
         progress.done()
         return progress.rows
 

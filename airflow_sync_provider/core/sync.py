@@ -1,10 +1,17 @@
 """The whole flow in one call: read state, extract, (transform), load.  Used by the all-in-one
 operator, the demo and the tests; the split operators call the same two halves.
+
+In one call the two halves overlap: the extraction runs in a thread and hands each staged file to
+the load as soon as it is written, so the target's COPY of page *k* runs while the source serves
+page *k+1*.  Still one target transaction with the state row: an extraction that fails mid-way
+rolls back everything the run had loaded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -12,7 +19,7 @@ import sqlalchemy as sa
 
 from airflow_sync_provider.core.extract import BatchTransform, extract_to_staging
 from airflow_sync_provider.core.load import LoadResult, load_manifest
-from airflow_sync_provider.core.manifest import Manifest
+from airflow_sync_provider.core.manifest import Manifest, StagedFile
 from airflow_sync_provider.core.progress import Logger, PhaseObserver
 from airflow_sync_provider.core.spec import SyncSpec
 from airflow_sync_provider.core.staging import StagingArea
@@ -36,8 +43,7 @@ def extract_for(
     (older than ``staging.abandoned_after`` and no longer loadable: see
     :meth:`StagingArea.sweep_abandoned`).
     """
-    state = committed_state(target, spec)
-    staging.sweep_abandoned(spec.sync_id, pending=loadable_at(state), log=logger)
+    state, recorded = _before_extract(target, spec, staging, transform, logger)
     return extract_to_staging(
         source,
         spec,
@@ -47,8 +53,21 @@ def extract_for(
         transform=transform,
         logger=logger,
         window=window,
-        recorded_columns=recorded_columns(target, spec) if transform is not None else None,
+        recorded_columns=recorded,
     )
+
+
+def _before_extract(
+    target: psycopg.Connection[Any],
+    spec: SyncSpec,
+    staging: StagingArea,
+    transform: BatchTransform | None,
+    logger: Logger | None,
+) -> tuple[SyncState | None, tuple[tuple[str, str], ...] | None]:
+    """The committed state and recorded columns an extraction starts from, after the sweep."""
+    state = committed_state(target, spec)
+    staging.sweep_abandoned(spec.sync_id, pending=loadable_at(state), log=logger)
+    return state, recorded_columns(target, spec) if transform is not None else None
 
 
 def loadable_at(state: SyncState | None) -> Callable[[dict[str, Any]], bool]:
@@ -86,15 +105,120 @@ def run_sync(
 
     ``keep_staged`` keeps the staged files after the load (they are removed by default).
     """
-    manifest = extract_for(
-        source,
-        target,
-        spec,
-        staging=staging or StagingArea(),
-        run_id=run_id,
-        transform=transform,
-        logger=logger,
-        window=window,
-    )
-    result = load_manifest(target, manifest, run_id=run_id, logger=logger, observer=observer, keep_staged=keep_staged)
-    return manifest, result
+    staging = staging or StagingArea()
+    state, recorded = _before_extract(target, spec, staging, transform, logger)
+    feed = _ExtractionFeed()
+
+    def extract() -> None:
+        feed.run(
+            lambda on_file: extract_to_staging(
+                source,
+                spec,
+                state=state,
+                staging=staging,
+                run_id=run_id,
+                transform=transform,
+                logger=logger,
+                window=window,
+                recorded_columns=recorded,
+                on_file=on_file,
+            )
+        )
+
+    worker = threading.Thread(target=extract, name=f"extract {spec.sync_id}", daemon=True)
+    worker.start()
+    try:
+        result = load_manifest(
+            target, feed.head(), logger=logger, observer=observer, keep_staged=keep_staged, feed=feed, run_id=run_id
+        )
+    except _ExtractionFailed as failed:
+        raise failed.error from None
+    finally:
+        feed.cancel()
+        worker.join()
+    return feed.final(), result
+
+
+class _ExtractionFailed(Exception):
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Cancelled(Exception):
+    """The load ended (failed): the extraction stops at its next file."""
+
+
+class _ExtractionFeed:
+    """A :class:`~.load.BatchFeed` filled by an extraction thread: a bounded queue of staged files.
+
+    The extraction blocks once the load is :attr:`MAX_AHEAD` files behind (the queue holds
+    manifests, never rows).  Its error is raised in the load (wrapped, so a source's lost
+    connection is not taken for the target's).
+    """
+
+    MAX_AHEAD = 4
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=self.MAX_AHEAD)
+        self._cancelled = threading.Event()
+        self._head: Manifest | None = None
+        self._latest: Manifest | None = None
+        self._final: Manifest | None = None
+        self._taken = 0
+
+    # the extraction's side
+    def run(self, extract: Callable[[Callable[[Manifest], None]], Manifest]) -> None:
+        try:
+            final = extract(lambda snapshot: self._put(("file", snapshot)))
+        except _Cancelled:
+            return
+        except BaseException as error:  # handed to the load, which raises it
+            self._put(("error", error), cancellable=False)
+            return
+        self._put(("done", final), cancellable=False)
+
+    def _put(self, item: tuple[str, Any], cancellable: bool = True) -> None:
+        while not self._cancelled.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        if cancellable:
+            raise _Cancelled
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    # the load's side
+    def _next(self) -> Manifest:
+        kind, value = self._queue.get()
+        if kind == "error":
+            raise _ExtractionFailed(value)
+        if kind == "done":
+            self._final = value
+        self._latest = value
+        return value
+
+    def head(self) -> Manifest:
+        if self._head is None:
+            self._head = self._next()
+        return self._head
+
+    def files(self) -> Iterator[StagedFile]:
+        self.head()
+        while True:
+            assert self._latest is not None
+            while self._taken < len(self._latest.files):
+                self._taken += 1
+                yield self._latest.files[self._taken - 1]
+            if self._final is not None:
+                return
+            self._next()
+
+    def final(self) -> Manifest:
+        for _ in self.files():
+            pass
+        assert self._final is not None
+        return self._final
