@@ -9,6 +9,7 @@ not state.  Quality-gate results (``_sync_quality_results``) and reconciliations
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 from collections.abc import Sequence
@@ -20,9 +21,10 @@ import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg import sql
+from psycopg.rows import dict_row
 
 from airflow_sync_provider.core.catalog import ddl_lock, table_exists
-from airflow_sync_provider.core.sqltext import insert_row
+from airflow_sync_provider.core.sqltext import bindable, insert_row
 
 AUDIT_TABLE = "_sync_audit"
 QUALITY_TABLE = "_sync_quality_results"
@@ -300,3 +302,47 @@ def _long_hash(data: np.ndarray[Any, np.dtype[np.uint8]]) -> int:
         total = (total + part * scale) % 2**64
         scale = scale * step % 2**64
     return total
+
+
+def read_ledger(
+    conn: psycopg.Connection[Any], schema: str = "public", sync_id: str | None = None
+) -> list[dict[str, Any]]:
+    """One dict per (sync, run): its loads, quality results and reconciliations, oldest first."""
+    parts = []
+    for table in (AUDIT_TABLE, QUALITY_TABLE, RECONCILE_TABLE):
+        if table_exists(conn, schema, table):
+            parts.append(table)
+    if not parts:
+        return []
+    runs = sql.SQL(" UNION ").join(
+        sql.SQL("SELECT sync_id, run_id FROM {}").format(sql.Identifier(schema, t)) for t in parts
+    )
+
+    def aggregate(table: str, order: str) -> sql.Composable:
+        if table not in parts:
+            return sql.SQL("'[]'::jsonb")
+        return sql.SQL(
+            "(SELECT coalesce(jsonb_agg(to_jsonb(x) ORDER BY x.{order}), '[]') FROM {t} x "
+            "WHERE x.sync_id = r.sync_id AND x.run_id = r.run_id)"
+        ).format(t=sql.Identifier(schema, table), order=sql.Identifier(order))
+
+    query = sql.SQL(
+        "SELECT r.sync_id, r.run_id, {loads} AS loads, {quality} AS quality, {recon} AS reconciliations "
+        "FROM ({runs}) r WHERE %(sync)s::text IS NULL OR r.sync_id = %(sync)s"
+    ).format(
+        loads=aggregate(AUDIT_TABLE, "entry_id"),
+        quality=aggregate(QUALITY_TABLE, "validated_at"),
+        recon=aggregate(RECONCILE_TABLE, "reconciled_at"),
+        runs=runs,
+    )
+    with conn.cursor(row_factory=dict_row) as cursor:
+        rows = cursor.execute(bindable(query, cursor), {"sync": sync_id}).fetchall()
+
+    def first_time(row: dict[str, Any]) -> str:
+        times = [
+            e.get("recorded_at") or e.get("validated_at") or e.get("reconciled_at") or ""
+            for e in (*row["loads"], *row["quality"], *row["reconciliations"])
+        ]
+        return min((str(t) for t in times if t), default=dt.datetime.max.isoformat())
+
+    return sorted(rows, key=first_time)

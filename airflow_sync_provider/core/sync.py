@@ -131,11 +131,13 @@ def run_sync(
         result = load_manifest(
             target, feed.head(), logger=logger, observer=observer, keep_staged=keep_staged, feed=feed, run_id=run_id
         )
-    except _ExtractionFailed as failed:
-        raise failed.error from None
-    finally:
+    except BaseException:
         feed.cancel()
         worker.join()
+        if feed.failure is not None:  # the cause (the load may have failed on its removed files first)
+            raise feed.failure from None
+        raise
+    worker.join()
     return feed.final(), result
 
 
@@ -166,6 +168,8 @@ class _ExtractionFeed:
         self._latest: Manifest | None = None
         self._final: Manifest | None = None
         self._taken = 0
+        #: What ended the extraction, if it failed.
+        self.failure: BaseException | None = None
 
     # the extraction's side
     def run(self, extract: Callable[[Callable[[Manifest], None]], Manifest]) -> None:
@@ -174,6 +178,7 @@ class _ExtractionFeed:
         except _Cancelled:
             return
         except BaseException as error:  # handed to the load, which raises it
+            self.failure = error
             self._put(("error", error), cancellable=False)
             return
         self._put(("done", final), cancellable=False)

@@ -9,7 +9,8 @@ import pytest
 from psycopg import sql
 
 from airflow_sync_provider.core import StagingArea, SyncSpec, extract_for, load_manifest
-from airflow_sync_provider.core.audit import read_ledger, stage_checksum
+from airflow_sync_provider.core.audit import read_ledger, table_checksum
+from airflow_sync_provider.core.staging import staged_schema
 from airflow_sync_provider.core.cdc import CdcSpec
 
 from ..conftest import CdcEnv, SyncEnv
@@ -57,8 +58,8 @@ def test_each_load_appends_one_row_with_counts_and_checksum(env: SyncEnv) -> Non
     assert entries[0]["target_table"] == "public.orders" and entries[0]["load_seconds"] > 0
     assert "stale manifest" in entries[3]["details"]["message"]
     with env.target() as target:  # a full batch's checksum is the checksum of what the target then held
-        columns = ["id", "customer", "amount"]
-        assert entries[1]["batch_checksum"] == stage_checksum(target, sql.Identifier("orders"), columns)
+        schema = staged_schema(fresh.files[0].uri)
+        assert entries[1]["batch_checksum"] == table_checksum(target, sql.Identifier("orders"), schema)
         assert entries[0]["batch_checksum"] != entries[1]["batch_checksum"]
 
 
