@@ -288,11 +288,11 @@ def apply_table_batch(
         except _Rejected:
             log.info("sync %s: the COPY into the empty target was refused; loading through a stage", manifest.sync_id)
         else:
-            notify(observer, "staged", {"rows": staged})
+            notify(observer, "staged", {"rows": staged, "into": "target"})
             return TableApplied(target, staged, staged, 0, 0, checksum.value)
     stage = _create_stage(conn, manifest, target)
     staged = copy_files(conn, manifest, target, stage, log, files, checksum=checksum)
-    notify(observer, "staged", {"rows": staged})
+    notify(observer, "staged", {"rows": staged, "into": "stage"})
     final = feed.final()
     if target.discarded:
         final = drift.narrowed(final, target.discarded)
