@@ -121,7 +121,8 @@ def test_a_bad_value_on_the_fast_path_names_its_row_and_commits_nothing(env: Syn
                     load_manifest(target, manifest)
             engine.dispose()
         error = raised.value
-        assert (error.table, error.column, error.key, error.rule) == ("public.narrow", "qty", {"id": 777}, "target type")
+        expected = ("public.narrow", "qty", {"id": 777}, "target type")
+        assert (error.table, error.column, error.key, error.rule) == expected
         with env.target() as conn:
             assert conn.execute("SELECT count(*) FROM narrow").fetchone() == (0,)
         assert env.state("sync_narrow") is None
@@ -150,9 +151,7 @@ def test_a_duplicate_key_on_the_fast_path_is_named_as_in_the_batch(env: SyncEnv)
 
 
 @pytest.mark.parametrize("first_sync", [False, True])
-def test_an_extraction_failing_after_the_load_took_files_rolls_everything_back(
-    env: SyncEnv, first_sync: bool
-) -> None:
+def test_an_extraction_failing_after_the_load_took_files_rolls_everything_back(env: SyncEnv, first_sync: bool) -> None:
     _seed(env, rows=3000)  # pages of ~40 kB: psycopg sends a COPY's data in chunks of 32 kB
     spec = replace(_spec("t", cursor_column="updated_at"), batch_rows=500)
     if first_sync:  # the target has rows: the failing run loads through a stage
