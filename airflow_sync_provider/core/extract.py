@@ -211,12 +211,12 @@ def extract_to_staging(
     connection: sa.Connection | None = None,
     window: tuple[Any, Any] | None = None,
     recorded_columns: Sequence[tuple[str, str]] | None = None,
-    on_file: Callable[[Manifest], None] | None = None,
+    on_file: Callable[[Manifest, pa.Table], None] | None = None,
 ) -> Manifest:
     """Extract the rows past the committed watermark (or the whole table) into staged Parquet files.
 
     ``on_file``: called after each staged file with the batch so far (its files, no final watermark
-    or key files yet), so a load can take the files while the next page is read (see
+    or key files yet) and the rows just staged, so a load can take them while the next page is read (see
     :func:`~.sync.run_sync`); whatever it raises ends the extraction like any error.
 
     ``recorded_columns``: the ``(name, type)`` columns the last committed load of this sync synced
@@ -346,7 +346,7 @@ def extract_to_staging(
                 if page.num_rows:
                     files.append(_write(staging, f"{staging_dir}/part-{len(files):05d}.parquet", page))
                     if on_file is not None:
-                        on_file(batch(_manifest_columns(schema, source), files, high, ()))
+                        on_file(batch(_manifest_columns(schema, source), files, high, ()), page)
                 progress.add(page.num_rows)
             if spec.mode == "incremental" and spec.detect_deletes and window is None:
                 key_files = _stage_keys(connection, source, spec, staging, staging_dir, log)

@@ -16,7 +16,7 @@ import io
 import re
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Protocol
 
@@ -47,7 +47,7 @@ LoadStatus = Literal["applied", "backfilled", "stale", "already_applied"]
 
 _LINE = re.compile(r"\bline (\d+)\b")
 _COLUMN = re.compile(r'\bcolumn "?([^":]+)"?:')
-_COPY_ROWS = 65_536
+COPY_ROWS = 65_536
 
 
 @dataclass(frozen=True)
@@ -241,6 +241,8 @@ class BatchFeed(Protocol):
 
     def final(self) -> Manifest: ...
 
+    def batches(self, staged: StagedFile) -> Iterator[pa.RecordBatch]: ...
+
 
 class CompleteBatch:
     """The feed of a batch whose extraction is complete (the split operators, a retry)."""
@@ -256,6 +258,9 @@ class CompleteBatch:
 
     def final(self) -> Manifest:
         return self._manifest
+
+    def batches(self, staged: StagedFile) -> Iterator[pa.RecordBatch]:
+        return _read_file(staged)
 
 
 def apply_table_batch(
@@ -283,7 +288,16 @@ def apply_table_batch(
     if _straight_copy_fits(conn, manifest, target):
         try:
             staged = copy_files(
-                conn, manifest, target, target.ident, log, files, checksum=checksum, metadata=run_id, name_rows=False
+                conn,
+                manifest,
+                target,
+                target.ident,
+                log,
+                files,
+                checksum=checksum,
+                metadata=run_id,
+                name_rows=False,
+                read=feed.batches,
             )
         except _Rejected:
             log.info("sync %s: the COPY into the empty target was refused; loading through a stage", manifest.sync_id)
@@ -291,7 +305,7 @@ def apply_table_batch(
             notify(observer, "staged", {"rows": staged, "into": "target"})
             return TableApplied(target, staged, staged, 0, 0, checksum.value)
     stage = _create_stage(conn, manifest, target)
-    staged = copy_files(conn, manifest, target, stage, log, files, checksum=checksum)
+    staged = copy_files(conn, manifest, target, stage, log, files, checksum=checksum, read=feed.batches)
     notify(observer, "staged", {"rows": staged, "into": "stage"})
     final = feed.final()
     if target.discarded:
@@ -448,6 +462,7 @@ def copy_files(
     checksum: BatchChecksum | None = None,
     metadata: str | None = None,
     name_rows: bool = True,
+    read: Callable[[StagedFile], Iterator[pa.RecordBatch]] | None = None,
 ) -> int:
     """COPY the staged files into ``stage``.
 
@@ -460,6 +475,7 @@ def copy_files(
     ``files`` may still be arriving (an overlapped extraction): they are taken as they come.
     ``checksum`` adds the rows sent (the ``names`` columns).  ``metadata``: the run id of a COPY
     straight into the target, whose ``_sync_*`` columns get it and the transaction's ``now()``.
+    ``read``: a staged file's batches (default: read from the file).
     """
     names = list(names or [c.name for c in manifest.columns])
     extra: list[tuple[str, pa.Scalar]] = []
@@ -479,7 +495,7 @@ def copy_files(
         if checksum is not None:
             checksum.reset()  # a second pass counts the rows again
         for staged in staged_files:
-            for batch in iter_staged_batches(staged.uri, _COPY_ROWS):
+            for batch in (read or _read_file)(staged):
                 table = _csv_ready(batch, names)
                 for name, value in extra:
                     table = table.append_column(name, pa.repeat(value, table.num_rows))
@@ -517,6 +533,10 @@ def copy_files(
                 progress.add(batch.num_rows)
         progress.done()
         return progress.rows
+
+
+def _read_file(staged: StagedFile) -> Iterator[pa.RecordBatch]:
+    return iter_staged_batches(staged.uri, COPY_ROWS)
 
 
 def _csv_payload(table: pa.Table) -> pa.Buffer:

@@ -15,14 +15,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
+import pyarrow as pa
 import sqlalchemy as sa
 
 from airflow_sync_provider.core.extract import BatchTransform, extract_to_staging
-from airflow_sync_provider.core.load import LoadResult, load_manifest
+from airflow_sync_provider.core.load import COPY_ROWS, LoadResult, load_manifest
 from airflow_sync_provider.core.manifest import Manifest, StagedFile
 from airflow_sync_provider.core.progress import Logger, PhaseObserver
 from airflow_sync_provider.core.spec import SyncSpec
-from airflow_sync_provider.core.staging import StagingArea
+from airflow_sync_provider.core.staging import StagingArea, iter_staged_batches
 from airflow_sync_provider.core.state import SyncState, committed_state, read_source_schema
 
 
@@ -154,8 +155,9 @@ class _Cancelled(Exception):
 class _ExtractionFeed:
     """A :class:`~.load.BatchFeed` filled by an extraction thread: a bounded queue of staged files.
 
-    The extraction blocks once the load is :attr:`MAX_AHEAD` files behind (the queue holds
-    manifests, never rows).  Its error is raised in the load (wrapped, so a source's lost
+    The extraction blocks once the load is :attr:`MAX_AHEAD` files behind; the queue holds each
+    file's rows too (at most that many pages in memory), so the load sends them without reading the
+    Parquet file back.  Its error is raised in the load (wrapped, so a source's lost
     connection is not taken for the target's).
     """
 
@@ -168,13 +170,14 @@ class _ExtractionFeed:
         self._latest: Manifest | None = None
         self._final: Manifest | None = None
         self._taken = 0
+        self._pages: dict[str, pa.Table] = {}
         #: What ended the extraction, if it failed.
         self.failure: BaseException | None = None
 
     # the extraction's side
-    def run(self, extract: Callable[[Callable[[Manifest], None]], Manifest]) -> None:
+    def run(self, extract: Callable[[Callable[[Manifest, pa.Table], None]], Manifest]) -> None:
         try:
-            final = extract(lambda snapshot: self._put(("file", snapshot)))
+            final = extract(lambda snapshot, page: self._put(("file", (snapshot, page))))
         except _Cancelled:
             return
         except BaseException as error:  # handed to the load, which raises it
@@ -203,6 +206,9 @@ class _ExtractionFeed:
             raise _ExtractionFailed(value)
         if kind == "done":
             self._final = value
+        else:  # the file's rows, in memory: the load need not read them back
+            value, page = value
+            self._pages[value.files[-1].uri] = page
         self._latest = value
         return value
 
@@ -221,6 +227,13 @@ class _ExtractionFeed:
             if self._final is not None:
                 return
             self._next()
+
+    def batches(self, staged: StagedFile) -> Iterator[pa.RecordBatch]:
+        page = self._pages.pop(staged.uri, None)
+        if page is None:  # a second pass (naming a rejected row) reads the file
+            yield from iter_staged_batches(staged.uri, COPY_ROWS)
+        else:
+            yield from page.to_batches(max_chunksize=COPY_ROWS)
 
     def final(self) -> Manifest:
         for _ in self.files():
