@@ -35,7 +35,7 @@ from airflow_sync_provider.core.errors import (
 )
 from airflow_sync_provider.core.history import close_deleted, record_history
 from airflow_sync_provider.core.manifest import Manifest, StagedFile
-from airflow_sync_provider.core.merge import delete_missing, merge_stage
+from airflow_sync_provider.core.merge import delete_missing, merge_and_delete
 from airflow_sync_provider.core.pgcopy import BoundedQueuedWriter, hex_bytea, naive_utc, utc_session
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver, Progress
 from airflow_sync_provider.core.spec import RUN_ID_COLUMN, SYNCED_AT_COLUMN
@@ -305,7 +305,9 @@ def apply_table_batch(
             notify(observer, "staged", {"rows": staged, "into": "target"})
             return TableApplied(target, staged, staged, 0, 0, checksum.value)
     stage = _create_stage(conn, manifest, target)
-    staged = copy_files(conn, manifest, target, stage, log, files, checksum=checksum, read=feed.batches)
+    staged = copy_files(
+        conn, manifest, target, stage, log, files, checksum=checksum, read=feed.batches, key=manifest.primary_key
+    )
     notify(observer, "staged", {"rows": staged, "into": "stage"})
     final = feed.final()
     if target.discarded:
@@ -314,9 +316,12 @@ def apply_table_batch(
     opened = closed = 0
     if final.history_table:  # before the merge: the merge's counts do not depend on it
         opened, closed = record_history(conn, final, stage, run_id, where)
-    inserted, updated = merge_stage(conn, final, target, stage, run_id, where)
-    deleted = 0
-    if final.detect_deletes:
+    full_deletes = final.detect_deletes and final.mode == "full" and not final.history_table
+    inserted, updated, merged_deletes = merge_and_delete(
+        conn, final, target, stage, run_id, where, delete_missing_keys=full_deletes
+    )
+    deleted = merged_deletes or 0
+    if final.detect_deletes and merged_deletes is None:
         keys = stage if final.mode == "full" else _stage_keys(conn, final, target, log)
         deleted = delete_missing(conn, final, target, keys, run_id)
         if deleted and final.history_table:
@@ -407,10 +412,11 @@ def _skip(manifest: Manifest, state: SyncState, started: float) -> LoadResult:
 def _create_stage(
     conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, columns: Sequence[str] | None = None
 ) -> sql.Identifier:
-    """A temp table with the target's column types and a primary key on the sync key.
+    """A temp table with the target's column types (its primary key on the sync key comes with
+    :func:`copy_files`'s ``key``).
 
-    COPY into it checks every value against the target types and rejects NULL or duplicate keys
-    with the line number, which we turn into the row key for the error message.
+    COPY into it checks every value against the target types; the key rejects NULL or duplicate
+    keys, with the line number (on the row-naming pass) that we turn into the row key of the error.
     """
     stage = sql.Identifier(f"_sync_stage_{uuid.uuid4().hex[:16]}")
     names = columns or [c.name for c in manifest.columns]
@@ -419,19 +425,20 @@ def _create_stage(
             stage, sql.SQL(", ").join(map(sql.Identifier, names)), target.ident
         )
     )
-    conn.execute(
-        sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
-            stage, sql.SQL(", ").join(map(sql.Identifier, manifest.primary_key))
-        )
-    )
     return stage
+
+
+def _add_primary_key(conn: psycopg.Connection[Any], table: sql.Identifier, key: Sequence[str]) -> None:
+    conn.execute(
+        sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(table, sql.SQL(", ").join(map(sql.Identifier, key)))
+    )
 
 
 def _stage_keys(conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, log: Logger) -> sql.Identifier:
     """Load the staged source key set (incremental delete detection) into its own keyed temp table."""
     keys = list(manifest.primary_key)
     table = _create_stage(conn, manifest, target, keys)
-    copy_files(conn, manifest, target, table, log, manifest.key_files, keys, "loaded source keys")
+    copy_files(conn, manifest, target, table, log, manifest.key_files, keys, "loaded source keys", key=keys)
     return table
 
 
@@ -463,6 +470,7 @@ def copy_files(
     metadata: str | None = None,
     name_rows: bool = True,
     read: Callable[[StagedFile], Iterator[pa.RecordBatch]] | None = None,
+    key: Sequence[str] = (),
 ) -> int:
     """COPY the staged files into ``stage``.
 
@@ -475,7 +483,9 @@ def copy_files(
     ``files`` may still be arriving (an overlapped extraction): they are taken as they come.
     ``checksum`` adds the rows sent (the ``names`` columns).  ``metadata``: the run id of a COPY
     straight into the target, whose ``_sync_*`` columns get it and the transaction's ``now()``.
-    ``read``: a staged file's batches (default: read from the file).
+    ``read``: a staged file's batches (default: read from the file).  ``key``: the primary key
+    ``stage`` gets, built after the one COPY (a sorted build is cheaper than keeping the index up
+    row by row) and before the row-naming pass (whose COPY then fails on the duplicate's line).
     """
     names = list(names or [c.name for c in manifest.columns])
     extra: list[tuple[str, pa.Scalar]] = []
@@ -507,14 +517,13 @@ def copy_files(
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
             progress = Progress(f"sync {manifest.sync_id}: {what}", log)
             try:
-                with (
-                    conn.transaction(),
-                    conn.cursor() as cursor,
-                    cursor.copy(copy_sql, writer=BoundedQueuedWriter(cursor)) as copy,
-                ):
-                    for batch, table in batches():
-                        copy.write(_csv_payload(table))
-                        progress.add(batch.num_rows)
+                with conn.transaction():  # the COPY and the key: a duplicate rolls both back
+                    with conn.cursor() as cursor, cursor.copy(copy_sql, writer=BoundedQueuedWriter(cursor)) as copy:
+                        for batch, table in batches():
+                            copy.write(_csv_payload(table))
+                            progress.add(batch.num_rows)
+                    if key:
+                        _add_primary_key(conn, stage, key)
                 progress.done()
                 return progress.rows
             except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as error:
@@ -522,6 +531,8 @@ def copy_files(
                     raise _Rejected(first_line(error)) from error
                 # find and name the offending row below
         progress = Progress(f"sync {manifest.sync_id}: {what}", log)
+        if key:
+            _add_primary_key(conn, stage, key)
         with conn.cursor() as cursor:
             for batch, table in batches():
                 payload = _csv_payload(table)

@@ -32,7 +32,29 @@ def merge_stage(
     run_id: str,
     where: sql.Composable | None = None,
 ) -> tuple[int, int]:
+    """One set-based statement that inserts new keys, updates changed rows, skips unchanged ones
+    (see :func:`merge_and_delete`)."""
+    inserted, updated, _ = merge_and_delete(conn, manifest, target, stage, run_id, where)
+    return inserted, updated
+
+
+def merge_and_delete(
+    conn: psycopg.Connection[Any],
+    manifest: Manifest,
+    target: TargetTable,
+    stage: sql.Identifier,
+    run_id: str,
+    where: sql.Composable | None = None,
+    *,
+    delete_missing_keys: bool = False,
+) -> tuple[int, int, int | None]:
     """One set-based statement that inserts new keys, updates changed rows, skips unchanged ones.
+
+    ``delete_missing_keys`` (``stage`` is the complete source: a full refresh): the same MERGE also
+    removes (or marks) the target rows the stage lacks, ``WHEN NOT MATCHED BY SOURCE``: one full
+    join instead of the merge's join plus :func:`delete_missing`'s anti-join (PostgreSQL 17+, no
+    ``where``).  The third count is None when the statement could not do it (older server, the ON
+    CONFLICT fallback): the caller then runs :func:`delete_missing`.
 
     ``where`` filters the stage rows (alias ``s``), e.g. to leave out CDC deletes.  On PostgreSQL 17+
     it is a ``MERGE ... RETURNING merge_action()`` (measured 20-50% faster than ON CONFLICT here);
@@ -89,6 +111,7 @@ def merge_stage(
         on_conflict=on_conflict,
     )
     merge: sql.Composed | None = None
+    deleting = delete_missing_keys and where is None
     if conn.info.server_version >= 170000:
         when_matched: sql.Composable = sql.SQL("")
         if changed("s"):
@@ -102,13 +125,32 @@ def merge_stage(
             when_matched = sql.SQL(" WHEN MATCHED AND ({}) THEN UPDATE SET {}").format(
                 sql.SQL(" OR ").join(changed("s")), sql.SQL(", ").join(assignments)
             )
+        when_missing: sql.Composable = sql.SQL("")
+        if deleting:
+            when_missing = (
+                sql.SQL(
+                    " WHEN NOT MATCHED BY SOURCE AND {} IS NULL THEN UPDATE SET {} = now(), {} = %(run_id)s"
+                ).format(
+                    sql.Identifier("t", DELETED_AT_COLUMN),
+                    sql.Identifier(DELETED_AT_COLUMN),
+                    sql.Identifier(RUN_ID_COLUMN),
+                )
+                if soft
+                else sql.SQL(" WHEN NOT MATCHED BY SOURCE THEN DELETE")
+            )
+        # a row the source lacks has no stage row: its stage key is NULL (stage keys never are)
+        missing = sql.Identifier("s", keys[0])
         merge = sql.SQL(
             "WITH merged AS ("
             " MERGE INTO {target} AS t USING (SELECT * FROM {stage} s{where}) AS s ON {match}{when_matched}"
             " WHEN NOT MATCHED THEN INSERT ({insert_columns}) VALUES ({select_columns}, %(run_id)s, now())"
-            " RETURNING merge_action() AS action)"
-            " SELECT count(*) FILTER (WHERE action = 'INSERT'), count(*) FILTER (WHERE action = 'UPDATE') FROM merged"
+            "{when_missing}"
+            " RETURNING merge_action() AS action, {missing} IS NULL AS missing)"
+            " SELECT count(*) FILTER (WHERE action = 'INSERT'),"
+            " count(*) FILTER (WHERE action = 'UPDATE' AND NOT missing), count(*) FILTER (WHERE missing) FROM merged"
         ).format(
+            when_missing=when_missing,
+            missing=missing,
             target=ident,
             stage=stage,
             where=filtered,
@@ -125,6 +167,7 @@ def merge_stage(
     insert = sql.SQL(
         "INSERT INTO {target} ({insert_columns}) SELECT {select_columns}, %(run_id)s, now() FROM {stage} s{where}"
     )
+    deleted: int | None = None
     try:
         row: tuple[Any, ...] | None = None
         if empty and empty[0]:
@@ -142,12 +185,17 @@ def merge_stage(
                         {"run_id": run_id},
                     ).rowcount
                 row = (inserted, 0)
+                deleted = 0  # an empty target has no row the source lacks
             except psycopg.errors.UniqueViolation:
                 row = None
         if row is None and merge is not None:
             try:
                 with conn.transaction():  # a savepoint: a lost race with a concurrent insert is retried below
+                    before = _count_before_deletes(conn, manifest, target) if deleting else None
                     row = execute(conn, merge, {"run_id": run_id}).fetchone()
+                    if deleting and row is not None:
+                        deleted = int(row[2])
+                        _check_delete_fraction(manifest, target, deleted, before)
             except psycopg.errors.UniqueViolation:
                 row = None
         if row is None:
@@ -162,7 +210,7 @@ def merge_stage(
             rule=error.diag.constraint_name or "target constraint",
         ) from error
     assert row is not None
-    return int(row[0]), int(row[1])
+    return int(row[0]), int(row[1]), deleted
 
 
 def delete_missing(
@@ -188,22 +236,31 @@ def delete_missing(
     else:
         statement = sql.SQL("DELETE FROM {} t WHERE {}").format(target.ident, missing)
         params = ()
-    before = None
-    if manifest.max_delete_fraction is not None:
-        before = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target.ident)).fetchone()
+    before = _count_before_deletes(conn, manifest, target)
     deleted = execute(conn, statement, params).rowcount
-    if before is not None and manifest.max_delete_fraction is not None:
-        total = int(before[0])
-        if total and deleted / total > manifest.max_delete_fraction:
-            raise UnsafeOperationError(
-                f"delete detection would delete {deleted} of {total} target rows "
-                f"({deleted / total:.1%} > max_delete_fraction {manifest.max_delete_fraction:.1%}); "
-                "nothing was changed. Check the source, or raise max_delete_fraction",
-                sync_id=manifest.sync_id,
-                table=target.display,
-                rule="max_delete_fraction",
-            )
+    _check_delete_fraction(manifest, target, deleted, before)
     return deleted
 
 
-__all__ = ["delete_missing", "merge_stage"]
+def _count_before_deletes(conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable) -> int | None:
+    """The target's row count a ``max_delete_fraction`` is a fraction of (None: no limit set)."""
+    if manifest.max_delete_fraction is None:
+        return None
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target.ident)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _check_delete_fraction(manifest: Manifest, target: TargetTable, deleted: int, total: int | None) -> None:
+    """Refuse (raise, so the load's transaction rolls back) deleting more than ``max_delete_fraction``."""
+    if total and manifest.max_delete_fraction is not None and deleted / total > manifest.max_delete_fraction:
+        raise UnsafeOperationError(
+            f"delete detection would delete {deleted} of {total} target rows "
+            f"({deleted / total:.1%} > max_delete_fraction {manifest.max_delete_fraction:.1%}); "
+            "nothing was changed. Check the source, or raise max_delete_fraction",
+            sync_id=manifest.sync_id,
+            table=target.display,
+            rule="max_delete_fraction",
+        )
+
+
+__all__ = ["delete_missing", "merge_and_delete", "merge_stage"]
