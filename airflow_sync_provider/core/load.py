@@ -287,18 +287,23 @@ def apply_table_batch(
     files = _Replay(feed.files())
     if _straight_copy_fits(conn, manifest, target):
         try:
-            staged = copy_files(
-                conn,
-                manifest,
-                target,
-                target.ident,
-                log,
-                files,
-                checksum=checksum,
-                metadata=run_id,
-                name_rows=False,
-                read=feed.batches,
-            )
+            with conn.transaction():
+                if target.created:  # nobody else sees it: the metadata columns' values come from defaults
+                    _metadata_defaults(conn, target, run_id)
+                staged = copy_files(
+                    conn,
+                    manifest,
+                    target,
+                    target.ident,
+                    log,
+                    files,
+                    checksum=checksum,
+                    metadata=None if target.created else run_id,
+                    name_rows=False,
+                    read=feed.batches,
+                )
+                if target.created:
+                    _metadata_defaults(conn, target, None)
         except _Rejected:
             log.info("sync %s: the COPY into the empty target was refused; loading through a stage", manifest.sync_id)
         else:
@@ -345,6 +350,27 @@ def _straight_copy_fits(conn: psycopg.Connection[Any], manifest: Manifest, targe
         return False
     row = conn.execute(sql.SQL("SELECT NOT EXISTS (SELECT FROM {})").format(target.ident)).fetchone()
     return bool(row and row[0])
+
+
+def _metadata_defaults(conn: psycopg.Connection[Any], target: TargetTable, run_id: str | None) -> None:
+    """Give the ``_sync_*`` columns of a target created in this transaction the run's values as
+    defaults (so a COPY need not send them: ~35% fewer bytes to render and parse), or drop them.
+
+    The run id reaches the default through a transaction-local setting (a bound parameter)."""
+    if run_id is not None:
+        conn.execute("SELECT set_config('airflow_sync.run_id', %s, true)", (run_id,))
+        conn.execute(
+            sql.SQL(
+                "ALTER TABLE {} ALTER COLUMN {} SET DEFAULT current_setting('airflow_sync.run_id'), "
+                "ALTER COLUMN {} SET DEFAULT now()"
+            ).format(target.ident, sql.Identifier(RUN_ID_COLUMN), sql.Identifier(SYNCED_AT_COLUMN))
+        )
+    else:
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP DEFAULT, ALTER COLUMN {} DROP DEFAULT").format(
+                target.ident, sql.Identifier(RUN_ID_COLUMN), sql.Identifier(SYNCED_AT_COLUMN)
+            )
+        )
 
 
 class _Rejected(Exception):

@@ -30,6 +30,8 @@ class TargetTable:
     column_types: dict[str, str]
     #: Source columns ``schema_drift="discard"`` leaves out of this load.
     discarded: tuple[str, ...] = ()
+    #: Created by this load's transaction (no other session can see it yet).
+    created: bool = False
 
     @property
     def ident(self) -> sql.Identifier:
@@ -111,7 +113,7 @@ def ensure_target_table(conn: psycopg.Connection[Any], manifest: Manifest) -> Ta
         existing = column_types(conn, schema, name)
         assert existing is not None
         record()
-        return TargetTable(schema, name, existing)
+        return TargetTable(schema, name, existing, created=True)
 
     same_kind = known is not None and known.kind == kind
     plan = drift.apply_drift(conn, manifest, known.columns if known else None, existing, LOG, check_types=same_kind)

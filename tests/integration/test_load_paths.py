@@ -68,23 +68,34 @@ def test_an_empty_target_takes_the_batch_straight_and_ends_as_the_staged_path_do
     _seed(env)
     cursor = {"cursor_column": "updated_at"} if mode == "incremental" else {}
     with env.target() as conn:  # b: not empty (a row the source does not have), so the batch goes through a stage
-        conn.execute(
-            "CREATE TABLE b (id bigint PRIMARY KEY, sku text, qty int, amount numeric(12, 2), "
-            "updated_at timestamptz NOT NULL, note text, blob bytea)"
-        )
+        for table in ("b", "c"):  # c: created empty beforehand (the metadata columns come with the COPY)
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE {} (id bigint PRIMARY KEY, sku text, qty int, amount numeric(12, 2), "
+                    "updated_at timestamptz NOT NULL, note text, blob bytea)"
+                ).format(sql.Identifier(table))
+            )
         conn.execute("INSERT INTO b (id, updated_at) VALUES (-1, now())")
     paths: list[str] = []
     manifest_a, result_a = env.sync(
         _spec("a", mode=mode, **cursor), run_id="r1", observer=_phases(paths), keep_staged=True
     )
     _, result_b = env.sync(_spec("b", mode=mode, detect_deletes=True, **cursor), run_id="r1", observer=_phases(paths))
-    assert paths == ["target", "stage"]
+    _, result_c = env.sync(_spec("c", mode=mode, **cursor), run_id="r1", observer=_phases(paths))
+    assert paths == ["target", "stage", "target"]
     assert (result_a.inserted, result_a.updated, result_a.deleted) == (1000, 0, 0)
     assert (result_b.inserted, result_b.updated, result_b.deleted) == (1000, 0, 1)
+    assert (result_c.inserted, result_c.updated, result_c.deleted) == (1000, 0, 0)
     with env.target() as conn:
-        assert content_checksum(conn, "a", COLUMNS, ["id"]) == content_checksum(conn, "b", COLUMNS, ["id"])
-        assert content_checksum(conn, "a", COLUMNS, ["id"])[0] == 1000
-        for table in ("a", "b"):  # the metadata columns as the merge writes them
+        expected = content_checksum(conn, "b", COLUMNS, ["id"])
+        assert content_checksum(conn, "a", COLUMNS, ["id"]) == expected == content_checksum(conn, "c", COLUMNS, ["id"])
+        assert expected[0] == 1000
+        defaults = conn.execute(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name IN ('a', 'b', 'c') "
+            "AND column_default IS NOT NULL"
+        ).fetchone()
+        assert defaults == (0,)  # the created target's COPY-time defaults are gone
+        for table in ("a", "b", "c"):  # the metadata columns as the merge writes them
             row = conn.execute(
                 sql.SQL(
                     "SELECT count(*) FILTER (WHERE _sync_run_id = 'r1'), count(*) FILTER (WHERE _sync_synced_at "
@@ -95,8 +106,8 @@ def test_an_empty_target_takes_the_batch_straight_and_ends_as_the_staged_path_do
         assert source_columns(conn, "a") == [*COLUMNS, "_sync_run_id", "_sync_synced_at"]
         schema = staged_schema(manifest_a.files[0].uri)
         recomputed = table_checksum(conn, sql.Identifier("a"), schema)
-    ledger_a, ledger_b = _ledger(env, "sync_a"), _ledger(env, "sync_b")
-    assert ledger_a[0]["batch_checksum"] == ledger_b[0]["batch_checksum"] == recomputed
+    checksums = {_ledger(env, f"sync_{t}")[0]["batch_checksum"] for t in ("a", "b", "c")}
+    assert checksums == {recomputed}
     assert recomputed.startswith("1000:")
 
 
