@@ -134,12 +134,16 @@ def run_sync(
         )
     except BaseException:
         feed.cancel()
-        worker.join()
+        worker.join(timeout=_STOP_WAIT)  # it stops at its next page; a hung source must not hold the error back
         if feed.failure is not None:  # the cause (the load may have failed on its removed files first)
             raise feed.failure from None
         raise
     worker.join()
     return feed.final(), result
+
+
+#: Seconds a failed run waits for its extraction thread to stop (a daemon: it cannot keep the process).
+_STOP_WAIT = 60.0
 
 
 class _ExtractionFailed(Exception):
