@@ -182,7 +182,7 @@ def table_checksum(conn: psycopg.Connection[Any], table: sql.Composable, schema:
 _ROW_PRIME = np.uint64(0x100000001B3)
 _NULL_HASH = np.uint64(0x9E3779B97F4A7C15)
 _BYTE_PRIME = 0x100000001B3
-_CHUNK_BYTES = 1 << 20  # variable-width values are hashed in slices of at most this many bytes
+_CHUNK_BYTES = 1 << 18  # variable-width values are hashed in slices of at most this many bytes (tables: 2 x 2 MB)
 _powers: tuple[np.ndarray[Any, np.dtype[np.uint64]], np.ndarray[Any, np.dtype[np.uint64]]] | None = None
 
 
