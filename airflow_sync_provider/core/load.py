@@ -1,4 +1,5 @@
-"""Load a staged batch into PostgreSQL: COPY into a temp stage, one set-based merge, one commit.
+"""Load a staged batch into PostgreSQL: COPY into a temp stage, one set-based merge, one commit
+(or, into an empty target, COPY straight into it: nothing to merge or delete).
 
 Everything a load changes happens in one transaction: the target rows, the deletes and the sync
 state (new version and watermark).  A crash before the commit leaves all of them as they were; a
