@@ -10,8 +10,8 @@ from psycopg import sql
 
 from airflow_sync_provider.core import StagingArea, SyncSpec, extract_for, load_manifest
 from airflow_sync_provider.core.audit import read_ledger, table_checksum
-from airflow_sync_provider.core.staging import staged_schema
 from airflow_sync_provider.core.cdc import CdcSpec
+from airflow_sync_provider.core.staging import staged_schema
 
 from ..conftest import CdcEnv, SyncEnv
 
