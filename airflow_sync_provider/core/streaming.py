@@ -1,0 +1,275 @@
+"""Streaming by micro-batches: one exactly-once batch after another, for a bounded time.
+
+A streaming task is a loop over an ordinary batch (for CDC, :func:`~.cdc.run_cdc_sync`): each batch
+commits its data with its position in one target transaction, so stopping between batches, or
+killing the process inside one, loses and duplicates nothing, and the next run resumes from the
+committed position.  The loop
+
+* ends by itself after ``stream_for`` seconds, so the scheduler's next run takes over (a worker slot
+  is held only while a run streams, and no replication slot stays active between runs);
+* asks a cheap ``probe`` before each batch when it has one (for CDC: a peek at the slot, which writes
+  nothing on the source) and sleeps ``poll_interval`` when there is nothing to do; after a batch
+  that applied changes it goes on at once, to catch up;
+* stops at once when asked (:class:`StopFlag`, set by ``on_kill``, SIGTERM or a test): a sleep is
+  cut short, a batch in flight finishes its one transaction (or is rolled back with its process);
+* logs throughput and lag every ``log_every`` seconds.
+
+Nothing here knows Airflow; the operator and the reference DAG give it their step and stop flag.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import asdict, dataclass, field
+from types import FrameType
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+
+from airflow_sync_provider.core.cdc import CdcSpec, run_cdc_sync
+from airflow_sync_provider.core.cdc import slot as cdc_slot
+from airflow_sync_provider.core.cdc.extract import open_source
+from airflow_sync_provider.core.errors import SyncError
+from airflow_sync_provider.core.progress import Logger
+from airflow_sync_provider.core.staging import StagingArea
+
+#: Seconds between two throughput/lag lines of a stream.
+LOG_EVERY = 30.0
+#: An idle CDC stream still runs a batch (whose heartbeat lets the slot advance) once the slot
+#: retains this much WAL written by others, so peeks stay cheap and the source can recycle WAL.
+IDLE_ADVANCE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What one micro-batch did: ``changes`` applied (0: nothing to do) and, when the step knows it,
+    ``lag_seconds`` from the newest applied change's commit at the source to its commit here."""
+
+    changes: int
+    lag_seconds: float | None = None
+    detail: str = ""
+
+
+class StopFlag:
+    """Ask a running stream to stop; thread- and signal-safe (a :class:`threading.Event`)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def request(self, reason: str = "stop requested") -> None:
+        if not self._event.is_set():
+            self.reason = reason
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; return early (True) when a stop is requested."""
+        return self._event.wait(max(seconds, 0.0))
+
+
+@contextmanager
+def stop_on_signals(stop: StopFlag, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[StopFlag]:
+    """Turn ``signals`` into a stop request while the block runs (main thread only; else a no-op).
+
+    The previous handler is called too (Airflow's task runner calls ``on_kill`` from its own), and
+    restored on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.request(f"signal {signal.Signals(signum).name}")
+        earlier = previous.get(signum)
+        if callable(earlier) and signum != signal.SIGINT:
+            earlier(signum, frame)
+
+    for signum in signals:
+        previous[signum] = signal.signal(signum, handler)
+    try:
+        yield stop
+    finally:
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
+
+
+@dataclass
+class StreamStats:
+    """What a stream did; logged every ``log_every`` seconds and returned at the end."""
+
+    batches: int = 0
+    changes: int = 0
+    idle_polls: int = 0
+    seconds: float = 0.0
+    busy_seconds: float = 0.0
+    last_lag_seconds: float | None = None
+    max_lag_seconds: float | None = None
+    ended: str = ""
+    lags: list[float] = field(default_factory=list, repr=False)
+
+    def add(self, outcome: BatchOutcome, seconds: float) -> None:
+        self.busy_seconds += seconds
+        if outcome.changes <= 0:
+            self.idle_polls += 1
+            return
+        self.batches += 1
+        self.changes += outcome.changes
+        if outcome.lag_seconds is not None:
+            self.last_lag_seconds = outcome.lag_seconds
+            self.max_lag_seconds = max(self.max_lag_seconds or 0.0, outcome.lag_seconds)
+            if len(self.lags) < 100_000:
+                self.lags.append(outcome.lag_seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "lags"}
+        out["changes_per_s"] = round(self.changes / self.seconds, 2) if self.seconds else 0.0
+        if self.lags:
+            ordered = sorted(self.lags)
+            out["p50_lag_seconds"] = ordered[len(ordered) // 2]
+            out["p95_lag_seconds"] = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+        return out
+
+
+def _describe(what: str, stats: StreamStats, window: StreamStats, seconds: float) -> str:
+    lag = "" if window.last_lag_seconds is None else f"; lag {window.last_lag_seconds:.2f} s"
+    if window.max_lag_seconds is not None:
+        lag += f" (max {window.max_lag_seconds:.2f} s)"
+    return (
+        f"{what}: {window.changes:,} changes in {window.batches} batches over the last {seconds:.0f} s "
+        f"({window.changes / max(seconds, 1e-9):,.1f}/s, {window.idle_polls} idle polls, busy "
+        f"{100 * window.busy_seconds / max(seconds, 1e-9):.0f}%){lag}; {stats.changes:,} changes in all"
+    )
+
+
+def run_stream(
+    step: Callable[[], BatchOutcome],
+    *,
+    stream_for: float,
+    poll_interval: float = 1.0,
+    probe: Callable[[], bool] | None = None,
+    stop: StopFlag | None = None,
+    logger: Logger | None = None,
+    log_every: float = LOG_EVERY,
+    what: str = "stream",
+    clock: Callable[[], float] = time.monotonic,
+) -> StreamStats:
+    """Run ``step`` (one exactly-once micro-batch) again and again for ``stream_for`` seconds.
+
+    ``probe`` (optional) says cheaply whether a batch would find anything; when it says no, or a
+    batch applied nothing, the loop sleeps ``poll_interval``.  The first batch always runs (it may
+    have a snapshot to take).  An error in a batch ends the stream with that error: its transaction
+    was rolled back, so a retry resumes from the committed position.
+    """
+    if stream_for < 0 or poll_interval < 0:
+        raise ValueError("stream_for and poll_interval must not be negative")
+    stop = stop or StopFlag()
+    stats, window = StreamStats(), StreamStats()
+    started = clock()
+    deadline, logged = started + stream_for, started
+    first = True
+    while not stop.requested:
+        now = clock()
+        if now >= deadline and not first:
+            stats.ended = "stream_for elapsed"
+            break
+        outcome = step() if first or probe is None or probe() else BatchOutcome(0)
+        first = False
+        after = clock()
+        stats.add(outcome, after - now)
+        window.add(outcome, after - now)
+        if logger is not None and after - logged >= log_every:
+            logger.info("%s", _describe(what, stats, window, after - logged))
+            window, logged = StreamStats(), after
+        if outcome.changes <= 0 and stop.wait(min(poll_interval, deadline - after)):
+            break
+    stats.ended = stats.ended or stop.reason or "stream_for elapsed"
+    stats.seconds = clock() - started
+    if logger is not None:
+        logger.info("%s ended (%s): %s", what, stats.ended, stats.to_dict())
+    return stats
+
+
+class CdcStream:
+    """The probe and the step of a streaming CDC sync: each batch is one :func:`run_cdc_sync`.
+
+    The probe peeks at the slot on a connection kept open for the stream (a peek writes nothing on
+    the source: no heartbeat, no WAL); a batch runs when the slot holds a data change, on the first
+    poll (snapshot or catch-up), or when the slot retains more than ``idle_advance_bytes`` of WAL
+    written by others (the batch's heartbeat then lets the slot advance).
+    """
+
+    def __init__(
+        self,
+        source: sa.Engine,
+        target: psycopg.Connection[Any],
+        spec: CdcSpec,
+        *,
+        staging: StagingArea | None = None,
+        run_id: str = "stream",
+        logger: Logger | None = None,
+        idle_advance_bytes: int = IDLE_ADVANCE_BYTES,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.spec = spec
+        self.staging = staging or StagingArea()
+        self.run_id = run_id
+        self.logger = logger
+        self.idle_advance_bytes = idle_advance_bytes
+        self._probe_conn: psycopg.Connection[Any] | None = None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._probe_conn is None or self._probe_conn.closed:
+            self._probe_conn = open_source(self.source, self.spec.sync_id)
+        return self._probe_conn
+
+    def probe(self) -> bool:
+        """Whether a batch would find something to do (never writes on the source)."""
+        try:
+            conn = self._connection()
+            info = cdc_slot.slot_info(conn, self.spec.slot_name)
+            if not info.exists or info.retained_bytes > self.idle_advance_bytes:
+                return True  # the batch takes the snapshot, reports the lost slot, or lets the slot advance
+            return cdc_slot.has_pending_changes(conn, self.spec.slot_name, self.spec.publication)
+        except psycopg.errors.ObjectInUse:
+            return True  # someone else holds the slot for a moment: let the batch wait for it
+        except (psycopg.OperationalError, SyncError):
+            self.close()
+            return True  # the batch reports a lost source with the engine's own error
+
+    def step(self) -> BatchOutcome:
+        manifest, result = run_cdc_sync(
+            self.source, self.target, self.spec, staging=self.staging, run_id=self.run_id, logger=self.logger
+        )
+        changes = manifest.changes if result.status == "applied" else 0
+        if result.status == "applied" and manifest.kind != "changes":
+            changes = max(manifest.rows, 1)
+        return BatchOutcome(changes, detail=f"{result.status} {result.commit_lsn or ''}".strip())
+
+    def close(self) -> None:
+        if self._probe_conn is not None:
+            with closing(self._probe_conn):
+                pass
+            self._probe_conn = None
+
+
+__all__ = [
+    "IDLE_ADVANCE_BYTES",
+    "LOG_EVERY",
+    "BatchOutcome",
+    "CdcStream",
+    "StopFlag",
+    "StreamStats",
+    "run_stream",
+    "stop_on_signals",
+]
