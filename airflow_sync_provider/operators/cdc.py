@@ -8,6 +8,7 @@ LSN range) and the load result, never rows.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from contextlib import closing
 from typing import Any, Protocol
@@ -27,6 +28,14 @@ from airflow_sync_provider.core.cdc import (
 )
 from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
 from airflow_sync_provider.core.spec import DEFAULT_SCHEMA_DRIFT
+from airflow_sync_provider.core.streaming import (
+    IDLE_ADVANCE_BYTES,
+    LOG_EVERY,
+    CdcStream,
+    StopFlag,
+    run_stream,
+    stop_on_signals,
+)
 from airflow_sync_provider.hooks.cdc import PostgresCdcHook
 from airflow_sync_provider.hooks.source import source_connection_defined, source_engine
 from airflow_sync_provider.hooks.target import target_connection
@@ -315,11 +324,12 @@ class CdcLoadOperator(BaseOperator):
 
 
 class CdcSyncOperator(BaseOperator):
-    """Stage, apply and confirm one CDC batch in a single task: the simple case.
+    """Stage, apply and confirm one CDC batch in a single task: the simple case; or stream.
 
     Runs :func:`~airflow_sync_provider.core.cdc.run_cdc_sync`.  Returns ``{"manifest": <manifest
-    summary>, "load": <load result>}``.  The declaration (``tables`` ... ``history``) is that of
-    :class:`~airflow_sync_provider.core.cdc.CdcSpec`.
+    summary>, "load": <load result>}``.  With ``stream_for`` it runs such batches one after another
+    (:func:`~airflow_sync_provider.core.streaming.run_stream`) and returns ``{"stream": <stats>}``.
+    The declaration (``tables`` ... ``history``) is that of :class:`~airflow_sync_provider.core.cdc.CdcSpec`.
 
     :param source_conn_id: Airflow ``postgres`` connection of the source (PostgreSQL 14+,
         ``wal_level=logical``, a user with ``REPLICATION``). (templated)
@@ -342,9 +352,18 @@ class CdcSyncOperator(BaseOperator):
     :param history: keep an SCD type 2 history of every table in ``<table>_history``.
     :param staging_uri: where batches are staged; default ``[sync] staging_uri``, else
         ``$SYNC_STAGING_DIR``, else a local cache folder. (templated)
+    :param stream_for: stream: run micro-batches (each one exactly-once batch as above) for this
+        long, then end so the next run takes over (``schedule="@continuous"``, ``max_active_runs=1``);
+        a ``timedelta`` or seconds.  ``None`` (default): one batch.  The task holds a worker slot
+        while it streams. (templated)
+    :param poll_interval: streaming: seconds to wait when the slot holds no change (each poll is a
+        peek at the slot, which writes nothing on the source). (templated)
+    :param log_every: streaming: seconds between two throughput and lag log lines.
+    :param idle_advance_bytes: streaming: run a batch even without changes once the slot retains
+        this much WAL written by others, so the slot advances and the source can recycle it.
     """
 
-    template_fields: Sequence[str] = CDC_TEMPLATE_FIELDS
+    template_fields: Sequence[str] = (*CDC_TEMPLATE_FIELDS, "stream_for", "poll_interval")
     ui_color = "#fcf0dc"
 
     def __init__(
@@ -367,6 +386,10 @@ class CdcSyncOperator(BaseOperator):
         schema_drift: str = DEFAULT_SCHEMA_DRIFT,
         history: bool = False,
         staging_uri: str | None = None,
+        stream_for: dt.timedelta | float | str | None = None,
+        poll_interval: float | str = 1.0,
+        log_every: float = LOG_EVERY,
+        idle_advance_bytes: int = IDLE_ADVANCE_BYTES,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -387,6 +410,11 @@ class CdcSyncOperator(BaseOperator):
         self.schema_drift = schema_drift
         self.history = history
         self.staging_uri = staging_uri
+        self.stream_for = stream_for
+        self.poll_interval = poll_interval
+        self.log_every = log_every
+        self.idle_advance_bytes = idle_advance_bytes
+        self._stop: StopFlag | None = None  # made by execute: an Event cannot be deep-copied with the task
 
     def build_spec(self) -> CdcSpec:
         """The :class:`CdcSpec` of the (rendered) arguments; raises ``ConfigurationError``."""
@@ -398,8 +426,16 @@ class CdcSyncOperator(BaseOperator):
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
 
+    def on_kill(self) -> None:
+        """Cancelled or marked failed: a stream stops after the batch in flight (one transaction)."""
+        if self._stop is not None:
+            self._stop.request("task killed")
+
     def execute(self, context: Context) -> dict[str, Any]:
         spec = self._spec()
+        stream_seconds = seconds_of(self.stream_for, "stream_for")
+        if stream_seconds is not None:
+            return self._stream(spec, stream_seconds, context["run_id"])
         try:
             log_slot_lag(self.log, self.source_conn_id, spec)
             with (
@@ -418,6 +454,58 @@ class CdcSyncOperator(BaseOperator):
             raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
         self.log.info("%s", manifest.summary())
         return {"manifest": manifest_summary(manifest), "load": result.to_dict()}
+
+    def _stream(self, spec: CdcSpec, stream_seconds: float, run_id: str) -> dict[str, Any]:
+        poll = seconds_of(self.poll_interval, "poll_interval") or 0.0
+        stop = self._stop = StopFlag()
+        try:
+            log_slot_lag(self.log, self.source_conn_id, spec)
+            with (
+                source_engine(self.source_conn_id, sync_id=spec.sync_id) as engine,
+                closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target,
+                stop_on_signals(stop),
+            ):
+                stream = CdcStream(
+                    engine,
+                    target,
+                    spec,
+                    staging=StagingArea(self.staging_uri or default_staging_uri()),
+                    run_id=run_id,
+                    logger=self.log,
+                    idle_advance_bytes=int(self.idle_advance_bytes),
+                )
+                try:
+                    stats = run_stream(
+                        stream.step,
+                        probe=stream.probe,
+                        stream_for=stream_seconds,
+                        poll_interval=poll,
+                        stop=stop,
+                        logger=self.log,
+                        log_every=float(self.log_every),
+                        what=f"sync {spec.sync_id}: stream",
+                    )
+                finally:
+                    stream.close()
+        except SyncError as error:
+            raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
+        return {"stream": stats.to_dict()}
+
+
+def seconds_of(value: dt.timedelta | float | str | None, name: str) -> float | None:
+    """Seconds from a ``timedelta``, a number or a rendered template (``""``/``"None"``: not given)."""
+    if value is None or (isinstance(value, str) and value.strip() in ("", "None")):
+        return None
+    if isinstance(value, dt.timedelta):
+        seconds = value.total_seconds()
+    else:
+        try:
+            seconds = float(value)
+        except ValueError as error:
+            raise ConfigurationError(f"{name} must be a number of seconds or a timedelta, not {value!r}") from error
+    if seconds < 0:
+        raise ConfigurationError(f"{name} must not be negative, not {value!r}")
+    return seconds
 
 
 __all__: Sequence[str] = (
