@@ -384,6 +384,387 @@ def stock_freshness(central_uri: str) -> float | None:
     return None if row is None or row[0] is None else round(float(row[0]), 3)
 
 
+# --------------------------------------------------------------------------- real time
+
+
+_DIRTY_FUNCTION = """
+CREATE OR REPLACE FUNCTION inventory.mark_atp_dirty() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO inventory.atp_dirty SELECT sku FROM inventory.available_to_promise ON CONFLICT DO NOTHING;
+        RETURN NULL;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        INSERT INTO inventory.atp_dirty VALUES (OLD.sku) ON CONFLICT DO NOTHING;
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        INSERT INTO inventory.atp_dirty VALUES (NEW.sku) ON CONFLICT DO NOTHING;
+    END IF;
+    RETURN NULL;
+END $$
+"""
+
+
+def prepare_realtime(conn: psycopg.Connection[Any]) -> None:
+    """Idempotent DDL of the real-time variant, on top of :func:`prepare_central`.
+
+    * ``inventory.atp_dirty``: the SKUs whose inputs changed, written by triggers on the synced
+      copies in the same transaction as each micro-batch's apply, so only those are recomputed;
+    * ``inventory.allocation_outbox``: each recomputed allocation with a sequence number, the queue
+      the stores are pushed from (a store applies entries past its own position, exactly once);
+    * ``inventory.push_position``: a copy of each store's position (the store's own is authoritative),
+      to prune the outbox.
+    """
+    prepare_central(conn)
+    conn.execute("CREATE TABLE IF NOT EXISTS inventory.atp_dirty (sku text PRIMARY KEY)")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS inventory.allocation_outbox (seq bigserial PRIMARY KEY, sku text NOT NULL, "
+        "store_web_qty bigint NOT NULL, store_app_qty bigint NOT NULL, discontinued boolean NOT NULL)"
+    )
+    conn.execute("CREATE TABLE IF NOT EXISTS inventory.push_position (store text PRIMARY KEY, seq bigint NOT NULL)")
+    conn.execute(_DIRTY_FUNCTION)
+    ident = sql.Identifier
+    for table in (*(ident(w, "stock") for w in WAREHOUSES), *(ident(s, "orders") for s in STORES)):
+        conn.execute(
+            sql.SQL(
+                "CREATE OR REPLACE TRIGGER atp_dirty AFTER INSERT OR UPDATE OR DELETE ON {} "
+                "FOR EACH ROW EXECUTE FUNCTION inventory.mark_atp_dirty()"
+            ).format(table)
+        )
+        conn.execute(
+            sql.SQL(
+                "CREATE OR REPLACE TRIGGER atp_dirty_truncate AFTER TRUNCATE ON {} "
+                "FOR EACH STATEMENT EXECUTE FUNCTION inventory.mark_atp_dirty()"
+            ).format(table)
+        )
+
+
+def prepare_store(conn: psycopg.Connection[Any]) -> None:
+    """The store's side of the push: its sellable quantities and its position in the outbox."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS catalog_availability (sku text PRIMARY KEY, available_qty bigint NOT NULL)"
+    )
+    conn.execute("CREATE TABLE IF NOT EXISTS _allocation_position (one boolean PRIMARY KEY, seq bigint NOT NULL)")
+    conn.execute("INSERT INTO _allocation_position VALUES (true, 0) ON CONFLICT DO NOTHING")
+
+
+#: A store's sellable quantity per SKU: its allocation minus what it sold that the centre has not
+#: seen yet (its orders whose id the centre's copy lacks): the store already decremented those from
+#: the old value, and the new allocation does not count them.  Cancelled orders consume nothing.
+_STORE_VALUES = """
+WITH pushed(sku, qty, discontinued) AS (SELECT * FROM unnest(%(skus)s::text[], %(qtys)s::bigint[], %(gone)s::bool[])),
+unseen AS (
+    SELECT sku, sum(quantity) AS quantity FROM orders
+    WHERE sku = ANY(%(skus)s) AND status <> 'cancelled' AND NOT (order_id = ANY(%(known)s::bigint[]))
+    GROUP BY sku
+)
+SELECT pushed.sku, greatest(pushed.qty - coalesce(unseen.quantity, 0), 0)::bigint AS qty, pushed.discontinued
+FROM pushed LEFT JOIN unseen USING (sku)
+"""
+
+
+@dataclass
+class PushBatch:
+    """Outbox entries a store has not applied: the newest per SKU, and the sequence to record."""
+
+    store: str
+    skus: list[str]
+    quantities: list[int]
+    discontinued: list[bool]
+    known_orders: list[int]
+    upto: int
+
+
+class RealtimeInventory:
+    """One micro-batch of ``inventory_sync_realtime``: the step of a stream (see core/streaming.py).
+
+    In order: finish any push an earlier (killed) run left; sync the stores' orders (incremental);
+    stream the warehouses' stock (CDC, only when their slots hold changes); recompute ATP for the SKUs
+    the triggers marked, gate it with :data:`ATP_EXPECTATIONS` (Great Expectations, the same suite as
+    the batch DAGs), write it and its outbox entries in one central transaction; then push the new
+    allocations to every store in two passes: first every store only lowers (``least``), then every
+    store takes its new value and its position, in one store transaction each.  Orders are synced
+    before stock: a release reserves at the warehouse before the store marks the order released, so
+    the centre sees the order as open or the reservation (or both: under-promising), never neither.
+    """
+
+    def __init__(
+        self,
+        uris: Mapping[str, str],
+        *,
+        staging: Any = None,
+        run_id: str = "realtime",
+        logger: Any = None,
+        gate: bool = True,
+    ) -> None:
+        import sqlalchemy as sa
+
+        from airflow_sync_provider.core import StagingArea, SyncSpec
+        from airflow_sync_provider.core.cdc import CdcSpec
+        from airflow_sync_provider.core.streaming import CdcStream
+
+        self.uris = dict(uris)
+        self.staging = staging if staging is not None else StagingArea()
+        self.run_id = run_id
+        self.log = logger
+        self.central = connect(uris[CENTRAL])
+        prepare_realtime(self.central)
+        self.stores = {s: connect(uris[s]) for s in STORES}
+        for conn in self.stores.values():
+            prepare_store(conn)
+        url = {k: v.replace("postgres://", "postgresql+psycopg://", 1) for k, v in uris.items()}
+        self.engines = {k: sa.create_engine(url[k], poolclass=sa.NullPool) for k in (*WAREHOUSES, *STORES)}
+        self.stock = {
+            w: CdcStream(
+                self.engines[w],
+                self.central,
+                CdcSpec(sync_id=f"{w}_stock", tables=("stock",), target_schema=w),
+                staging=self.staging,
+                run_id=run_id,
+                logger=logger,
+            )
+            for w in WAREHOUSES
+        }
+        self.orders = {
+            s: SyncSpec(sync_id=f"{s}_orders", source_table="orders", target_schema=s, cursor_column="updated_at")
+            for s in STORES
+        }
+        self._gate: Any = None
+        if gate:
+            from airflow_sync_provider.core.quality.engine import GxEngine
+            from airflow_sync_provider.core.quality.suite import load_suite, plan_checks
+
+            engine = GxEngine()
+            checks = plan_checks(load_suite(ATP_EXPECTATIONS))
+            self._gate = (engine, engine.suite(checks), checks)
+
+    def __enter__(self) -> RealtimeInventory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for stream in self.stock.values():
+            stream.close()
+        for conn in (self.central, *self.stores.values()):
+            conn.close()
+        for engine in self.engines.values():
+            engine.dispose()
+
+    # ---- the micro-batch
+
+    def step(self) -> Any:
+        """One micro-batch; returns a :class:`~airflow_sync_provider.core.streaming.BatchOutcome`."""
+        from airflow_sync_provider.core import run_sync
+        from airflow_sync_provider.core.streaming import BatchOutcome
+
+        pushed = self.push()  # what a killed run committed centrally but did not push yet
+        changes = 0
+        for store, spec in self.orders.items():
+            _, result = run_sync(self.engines[store], self.central, spec, staging=self.staging, run_id=self.run_id)
+            changes += result.inserted + result.updated + result.deleted
+        for stream in self.stock.values():
+            if stream.probe():
+                changes += stream.step().changes
+        skus = self.recompute()
+        pushed += self.push()
+        lag = self._stock_lag(skus) if skus else None
+        return BatchOutcome(changes + pushed, lag_seconds=lag, detail=f"{len(skus)} SKUs recomputed")
+
+    def recompute(self) -> list[str]:
+        """ATP and allocations for the marked SKUs, gated, with their outbox entries: one transaction."""
+        with self.central.transaction():
+            skus = [r[0] for r in self.central.execute("DELETE FROM inventory.atp_dirty RETURNING sku")]
+            if not skus:
+                return []
+            rows = self.central.execute(
+                "SELECT sku, on_hand, reserved, open_orders FROM inventory.atp_inputs WHERE sku = ANY(%s)", (skus,)
+            ).fetchall()
+            frame = compute_atp(pd.DataFrame(rows, columns=["sku", "on_hand", "reserved", "open_orders"]))
+            self._check(frame)
+            columns = [c.split()[0] for c in ATP_COLUMNS.split(", ")]
+            statement = sql.SQL(
+                "INSERT INTO inventory.available_to_promise ({}) VALUES ({}) ON CONFLICT (sku) DO UPDATE SET {}"
+            ).format(
+                sql.SQL(", ").join(map(sql.Identifier, columns)),
+                sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+                sql.SQL(", ").join(
+                    sql.SQL("{} = excluded.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in columns[1:]
+                ),
+            )
+            values = [tuple(_plain(v) for v in row) for row in frame[columns].itertuples(index=False)]
+            with self.central.cursor() as cursor:
+                cursor.executemany(statement, values)
+            present = set(frame["sku"])
+            gone = [sku for sku in skus if sku not in present]
+            if gone:
+                self.central.execute("DELETE FROM inventory.available_to_promise WHERE sku = ANY(%s)", (gone,))
+            outbox = [(r["sku"], int(r["store_web_qty"]), int(r["store_app_qty"]), False) for _, r in frame.iterrows()]
+            outbox += [(sku, 0, 0, True) for sku in gone]
+            with self.central.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO inventory.allocation_outbox (sku, store_web_qty, store_app_qty, discontinued) "
+                    "VALUES (%s, %s, %s, %s)",
+                    outbox,
+                )
+        return skus
+
+    def _check(self, frame: pd.DataFrame) -> None:
+        if self._gate is None or frame.empty:
+            return
+        from airflow_sync_provider.core.quality.outcomes import QualityError
+
+        engine, suite, checks = self._gate
+        results = engine.validate(suite, frame, {"result_format": "SUMMARY"})
+        failed = [c.label for c in checks if c.severity == "error" and not results[c.index].success]
+        if failed:
+            raise QualityError(f"ATP of {len(frame)} SKUs failed the gate: {', '.join(failed)}; nothing was pushed")
+
+    # ---- the push
+
+    def push(self) -> int:
+        """Push pending outbox entries to every store: lower everywhere first, then raise."""
+        batches = [b for b in (self._pending(store) for store in STORES) if b is not None]
+        for batch in batches:
+            self._apply(batch, final=False)
+        for batch in batches:
+            self._apply(batch, final=True)
+            self.central.execute(
+                "INSERT INTO inventory.push_position VALUES (%s, %s) "
+                "ON CONFLICT (store) DO UPDATE SET seq = greatest(push_position.seq, excluded.seq)",
+                (batch.store, batch.upto),
+            )
+        if batches:
+            self.central.execute(
+                "DELETE FROM inventory.allocation_outbox WHERE seq <= (SELECT min(seq) FROM inventory.push_position "
+                "HAVING count(*) = %s)",
+                (len(STORES),),
+            )
+        return sum(len(b.skus) for b in batches)
+
+    def _pending(self, store: str) -> PushBatch | None:
+        row = self.stores[store].execute("SELECT seq FROM _allocation_position").fetchone()
+        position = int(row[0]) if row else 0
+        rows = self.central.execute(
+            sql.SQL(
+                "SELECT DISTINCT ON (sku) sku, {}, discontinued, seq FROM inventory.allocation_outbox "
+                "WHERE seq > %s ORDER BY sku, seq DESC"
+            ).format(sql.Identifier(f"{store}_qty")),
+            (position,),
+        ).fetchall()
+        if not rows:
+            return None
+        skus = [r[0] for r in rows]
+        known = self.central.execute(
+            sql.SQL("SELECT order_id FROM {} WHERE sku = ANY(%s)").format(sql.Identifier(store, "orders")), (skus,)
+        ).fetchall()
+        return PushBatch(
+            store,
+            skus,
+            [int(r[1]) for r in rows],
+            [bool(r[2]) for r in rows],
+            [int(k[0]) for k in known],
+            max(int(r[3]) for r in rows),
+        )
+
+    def _apply(self, batch: PushBatch, *, final: bool) -> None:
+        conn = self.stores[batch.store]
+        params = {
+            "skus": batch.skus,
+            "qtys": batch.quantities,
+            "gone": batch.discontinued,
+            "known": batch.known_orders,
+        }
+        with conn.transaction():
+            # lock first, read the store's orders after: a sale either committed before (and is
+            # counted) or waits for this transaction and decrements the new value
+            conn.execute(
+                "SELECT sku FROM catalog_availability WHERE sku = ANY(%s) ORDER BY sku FOR UPDATE", (batch.skus,)
+            )
+            values = sql.SQL(_STORE_VALUES)
+            if not final:
+                conn.execute(
+                    sql.SQL(
+                        "UPDATE catalog_availability c SET available_qty = v.qty FROM ({}) v "
+                        "WHERE c.sku = v.sku AND c.available_qty > v.qty"
+                    ).format(values),
+                    params,
+                )
+                return
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO catalog_availability (sku, available_qty) SELECT sku, qty FROM ({}) v "
+                    "WHERE NOT v.discontinued ON CONFLICT (sku) DO UPDATE SET available_qty = excluded.available_qty"
+                ).format(values),
+                params,
+            )
+            conn.execute(
+                "DELETE FROM catalog_availability WHERE sku = ANY(%s)",
+                ([s for s, gone in zip(batch.skus, batch.discontinued, strict=True) if gone],),
+            )
+            conn.execute("UPDATE _allocation_position SET seq = greatest(seq, %s)", (batch.upto,))
+
+    def _stock_lag(self, skus: list[str]) -> float | None:
+        """Seconds from the newest stock change of these SKUs (its ``updated_at``) to now: in every store."""
+        newest = sql.SQL(" UNION ALL ").join(
+            sql.SQL("SELECT max(updated_at) FROM {} WHERE sku = ANY(%(skus)s)").format(sql.Identifier(w, "stock"))
+            for w in WAREHOUSES
+        )
+        row = self.central.execute(
+            sql.SQL("SELECT extract(epoch FROM clock_timestamp() - max(m)) FROM ({}) t(m)").format(newest),
+            {"skus": skus},
+        ).fetchone()
+        return None if row is None or row[0] is None else round(float(row[0]), 3)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python values (psycopg adapts those)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def observe_oversell(uris: Mapping[str, str], attempts: int = 5) -> list[str]:
+    """What a store can observe right now, checked against the ground truth: the violations.
+
+    The stores are read first (each its sellable quantities and open orders in one snapshot), twice
+    for the first one, until it did not change around the other's read, so both values held at one
+    moment; the warehouses after, so a receipt in between can only raise the truth (no false alarm).
+    Meant for writers that receive stock, sell within ``catalog_availability`` and cancel orders
+    (releases reserve at the warehouse before the store marks the order: read in this order, they
+    would look like stock counted twice).
+    """
+
+    def read_store(store: str) -> tuple[dict[str, int], dict[str, int]]:
+        with connect(uris[store]) as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            shown = _store_availability(conn)
+            open_orders = dict(
+                conn.execute("SELECT sku, sum(quantity) FROM orders WHERE status = 'open' GROUP BY sku").fetchall()
+            )
+        return shown, {k: int(v) for k, v in open_orders.items()}
+
+    first, rest = STORES[0], STORES[1:]
+    for _ in range(attempts):
+        reads = {first: read_store(first)}
+        reads.update({s: read_store(s) for s in rest})
+        if read_store(first)[0] == reads[first][0]:
+            break
+    else:
+        return []  # pushes kept moving: no consistent moment observed this time
+    free: dict[str, int] = {}
+    for warehouse in WAREHOUSES:
+        with connect(uris[warehouse]) as conn:
+            for sku, qty in conn.execute("SELECT sku, on_hand - reserved FROM stock"):
+                free[sku] = free.get(sku, 0) + int(qty)
+    violations = []
+    for sku in sorted({sku for shown, _ in reads.values() for sku in shown}):
+        truth = free.get(sku, 0) - sum(open_orders.get(sku, 0) for _, open_orders in reads.values())
+        promised = sum(shown.get(sku, 0) for shown, _ in reads.values())
+        if promised > max(truth, 0):
+            violations.append(f"{sku}: stores may sell {promised} but only {max(truth, 0)} are available")
+    return violations
+
+
 __all__ = [
     "ATP_EXPECTATIONS",
     "CENTRAL",
@@ -391,9 +772,13 @@ __all__ = [
     "STORE_SHARES",
     "WAREHOUSES",
     "AvailabilityCheck",
+    "RealtimeInventory",
     "check_no_oversell",
     "compute_atp",
+    "observe_oversell",
     "prepare_central",
+    "prepare_realtime",
+    "prepare_store",
     "seed",
     "simulate_round",
     "stock_freshness",
