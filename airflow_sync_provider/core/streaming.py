@@ -254,7 +254,7 @@ class CdcStream:
         changes = manifest.changes if result.status == "applied" else 0
         if result.status == "applied" and manifest.kind != "changes":
             changes = max(manifest.rows, 1)
-        return BatchOutcome(changes, detail=f"{result.status} {result.commit_lsn or ''}".strip())
+        return BatchOutcome(changes, detail=f"{manifest.kind} {result.status} {result.commit_lsn or ''}".strip())
 
     def close(self) -> None:
         if self._probe_conn is not None:

@@ -560,17 +560,36 @@ class RealtimeInventory:
         from airflow_sync_provider.core.streaming import BatchOutcome
 
         pushed = self.push()  # what a killed run committed centrally but did not push yet
-        changes = 0
+        changes, snapshot = 0, False
         for store, spec in self.orders.items():
-            _, result = run_sync(self.engines[store], self.central, spec, staging=self.staging, run_id=self.run_id)
-            changes += result.inserted + result.updated + result.deleted
+            if self._orders_pending(store):
+                _, result = run_sync(self.engines[store], self.central, spec, staging=self.staging, run_id=self.run_id)
+                changes += result.inserted + result.updated + result.deleted
         for stream in self.stock.values():
             if stream.probe():
-                changes += stream.step().changes
+                outcome = stream.step()
+                changes += outcome.changes
+                snapshot = snapshot or outcome.detail.startswith("snapshot")
         skus = self.recompute()
         pushed += self.push()
-        lag = self._stock_lag(skus) if skus else None
+        lag = self._stock_lag(skus) if skus and not snapshot else None  # a snapshot's rows are old, not late
         return BatchOutcome(changes + pushed, lag_seconds=lag, detail=f"{len(skus)} SKUs recomputed")
+
+    def _orders_pending(self, store: str) -> bool:
+        """Whether the store has orders past the synced watermark (one indexed probe, no staging)."""
+        from airflow_sync_provider.core.state import committed_state
+        from airflow_sync_provider.core.values import decode_row
+
+        state = committed_state(self.central, self.orders[store])
+        if state is None or not isinstance(state.watermark, list) or len(state.watermark) != 2:
+            return True
+        cursor, key = decode_row(state.watermark)
+        row = (
+            self.stores[store]
+            .execute("SELECT EXISTS (SELECT 1 FROM orders WHERE (updated_at, order_id) > (%s, %s))", (cursor, key))
+            .fetchone()
+        )
+        return bool(row and row[0])
 
     def recompute(self) -> list[str]:
         """ATP and allocations for the marked SKUs, gated, with their outbox entries: one transaction."""
