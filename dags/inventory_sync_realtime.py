@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from typing import Any
 
 from airflow.sdk import DAG, BaseHook, Param, task
@@ -43,8 +44,19 @@ with DAG(
     description="inventory sync in real time: one streaming task, micro-batches for 10 minutes per run",
     doc_md=__doc__,
     params={
-        "stream_seconds": Param(600, type="number", minimum=0, description="how long one run streams"),
-        "poll_interval": Param(0.2, type="number", minimum=0, description="seconds between polls when idle"),
+        # defaults from the environment of the dag-processor (a deployment's knob; read, never a database)
+        "stream_seconds": Param(
+            float(os.environ.get("SYNC_REALTIME_STREAM_SECONDS", "600")),
+            type="number",
+            minimum=0,
+            description="how long one run streams",
+        ),
+        "poll_interval": Param(
+            float(os.environ.get("SYNC_REALTIME_POLL_INTERVAL", "0.2")),
+            type="number",
+            minimum=0,
+            description="seconds between polls when idle",
+        ),
         "log_every": Param(30, type="number", minimum=1, description="seconds between throughput/lag lines"),
     },
     default_args={"retries": 3, "retry_delay": dt.timedelta(seconds=5)},

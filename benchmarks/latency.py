@@ -1,0 +1,374 @@
+"""Latency under the real scheduler: warehouse commit -> visible in every store's ``catalog_availability``.
+
+``python -m benchmarks.latency`` (``--quick``: shorter phases; ``--compare``: also the AssetWatcher
+variant).  Starts an embedded PostgreSQL with the inventory case study's databases (seeded) and
+``airflow standalone`` (scheduler, dag-processor, triggerer, api-server; LocalExecutor; the metadata
+database on the same PostgreSQL server), unpauses ``inventory_sync_realtime`` and, per rate:
+
+* a writer commits stock changes at the warehouses at a steady rate (10, 100, 1,000 changes/s;
+  one row per transaction, both warehouses), receipts only;
+* a sampler sets a probe SKU's stock to a new value every half second (its own transaction, part of
+  the stream) and timestamps the commit; a watcher polls both stores until each shows the
+  allocation that value gives (``floor(share * on_hand)``): that interval is the sample;
+* a checker reads the stores throughout (:func:`case_studies.inventory.observe_oversell`).
+
+Results: ``benchmarks/results/latest-latency.json`` (per rate ``rate_per_s``, ``achieved_per_s``,
+``samples``, ``p50_s``, ``p95_s``, ``p99_s``, ``max_s``, ``oversell_observations``; top level
+``scheduler``, ``commit``), and a table on stdout.  With ``--compare`` the AssetWatcher variant
+(``inventory_sync_on_change``) is measured at 10 changes/s too.  The five-minute variant is not run
+(one sample costs up to five minutes): its latency is the schedule's period plus a run (~20 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from case_studies import databases, inventory
+from case_studies.databases import connect
+from sync_dev import DAGS_FOLDER
+from sync_dev.local_postgres import LocalPostgres, free_port, local_postgres
+from sync_dev.standalone import ui_environment
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+PROBES = 40
+SCALE = 500
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 3)
+
+
+class Airflow:
+    """``airflow standalone`` in a temporary home, its metadata on the benchmark's PostgreSQL."""
+
+    def __init__(self, server: LocalPostgres, uris: Mapping[str, str], home: Path, stream_seconds: float) -> None:
+        with server.connect() as admin:
+            admin.execute("CREATE DATABASE airflow_meta")
+        self.environment = {
+            **os.environ,
+            **databases.airflow_environment(uris),
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg://postgres@127.0.0.1:{server.port}/airflow_meta",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW_VAR_SYNC_TOKEN_KEY": "benchmark-token-key",
+            "SYNC_STAGING_DIR": str(home / "staging"),
+            "SYNC_REALTIME_STREAM_SECONDS": str(stream_seconds),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            **ui_environment(free_port()),
+        }
+        self.airflow = shutil.which("airflow", path=str(Path(sys.executable).parent)) or "airflow"
+        self.log = (home / "standalone.log").open("w")
+        self.process = subprocess.Popen(
+            [self.airflow, "standalone"], env=self.environment, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.airflow, *args], env=self.environment, capture_output=True, text=True, timeout=300, check=False
+        )
+
+    def unpause(self, dag_id: str, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while self.cli("dags", "unpause", dag_id).returncode != 0:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"cannot unpause {dag_id} (standalone exit {self.process.poll()})")
+            time.sleep(5)
+
+    def pause(self, dag_id: str) -> None:
+        self.cli("dags", "pause", dag_id)
+
+    def wait_no_running_run(self, dag_id: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            runs = self.cli("dags", "list-runs", dag_id, "--state", "running", "-o", "json").stdout.strip()
+            if runs in ("", "[]") or runs.startswith("No data"):
+                return
+            time.sleep(5)
+        raise RuntimeError(f"{dag_id} still has a running run")
+
+    def version(self) -> str:
+        return self.cli("version").stdout.strip()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+class Writer:
+    """Commits receipts at ``rate`` per second (one row per transaction), spread over both warehouses."""
+
+    def __init__(self, uris: Mapping[str, str], rate: float) -> None:
+        self.uris, self.rate = uris, rate
+        self.running = threading.Event()
+        self.running.set()
+        self.commits = 0
+        self.threads = [
+            threading.Thread(target=self._run, args=(w, i), daemon=True) for i, w in enumerate(inventory.WAREHOUSES)
+        ]
+        self.started = time.monotonic()
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, warehouse: str, seed: int) -> None:
+        rng = random.Random(seed)
+        period = len(self.threads) / self.rate
+        with connect(self.uris[warehouse]) as conn:
+            due = time.monotonic()
+            while self.running.is_set():
+                conn.execute(
+                    "UPDATE stock SET on_hand = on_hand + 1, updated_at = now() WHERE sku = %s",
+                    (f"SKU-{rng.randint(1, SCALE):06d}",),
+                )
+                self.commits += 1
+                due += period
+                pause = due - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+
+    def stop(self) -> float:
+        self.running.clear()
+        for thread in self.threads:
+            thread.join(30)
+        return self.commits / max(time.monotonic() - self.started, 1e-9)
+
+
+class Sampler:
+    """Sets a probe SKU to a new quantity every ``every`` seconds and times its arrival in every store."""
+
+    def __init__(self, uris: Mapping[str, str], every: float = 0.5, timeout: float = 120) -> None:
+        self.uris, self.every, self.timeout = uris, every, timeout
+        self.latencies: list[float] = []
+        self.lost = 0
+        self.pending: dict[str, tuple[float, dict[str, int]]] = {}
+        self.lock = threading.Lock()
+        self.running = threading.Event()
+        self.running.set()
+        self.value = 1000 + int(time.time()) % 1000 * 100
+        self.threads = [
+            threading.Thread(target=self._write, daemon=True),
+            threading.Thread(target=self._watch, daemon=True),
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _write(self) -> None:
+        n = 0
+        with connect(self.uris[inventory.WAREHOUSES[0]]) as conn:
+            while self.running.is_set():
+                sku = f"PROBE-{n % PROBES:03d}"
+                with self.lock:
+                    busy = sku in self.pending
+                if not busy:
+                    self.value += 7
+                    conn.execute("UPDATE stock SET on_hand = %s, updated_at = now() WHERE sku = %s", (self.value, sku))
+                    committed = time.monotonic()
+                    expected = {s: math.floor(self.value * inventory.STORE_SHARES[s]) for s in inventory.STORES}
+                    with self.lock:
+                        self.pending[sku] = (committed, expected)
+                n += 1
+                time.sleep(self.every)
+
+    def _watch(self) -> None:
+        stores = {s: connect(self.uris[s]) for s in inventory.STORES}
+        seen: dict[str, set[str]] = {}
+        try:
+            while self.running.is_set() or self.pending:
+                with self.lock:
+                    pending = dict(self.pending)
+                if not pending:
+                    time.sleep(0.005)
+                    continue
+                skus = list(pending)
+                for store, conn in stores.items():
+                    rows = conn.execute(
+                        "SELECT sku, available_qty FROM catalog_availability WHERE sku = ANY(%s)", (skus,)
+                    ).fetchall()
+                    for sku, qty in rows:
+                        if qty == pending[sku][1][store]:
+                            seen.setdefault(sku, set()).add(store)
+                now = time.monotonic()
+                with self.lock:
+                    for sku, (committed, _) in pending.items():
+                        if seen.get(sku, set()) >= set(inventory.STORES):
+                            self.latencies.append(now - committed)
+                            del self.pending[sku]
+                            seen.pop(sku, None)
+                        elif now - committed > self.timeout:
+                            self.lost += 1
+                            del self.pending[sku]
+                            seen.pop(sku, None)
+                time.sleep(0.005)
+        finally:
+            for conn in stores.values():
+                conn.close()
+
+    def stop(self) -> None:
+        self.running.clear()
+        for thread in self.threads:
+            thread.join(self.timeout + 30)
+
+
+class Checker:
+    def __init__(self, uris: Mapping[str, str]) -> None:
+        self.uris = uris
+        self.observations, self.violations = 0, []  # type: tuple[int, list[str]]
+        self.running = threading.Event()
+        self.running.set()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while self.running.is_set():
+            try:
+                self.violations += inventory.observe_oversell(self.uris)
+                self.observations += 1
+            except psycopg.errors.UndefinedTable:
+                pass
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.running.clear()
+        self.thread.join(60)
+
+
+def _wait_streaming(uris: Mapping[str, str], timeout: float) -> None:
+    """Until every store has received a push (the stream runs and took its snapshot)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ok = True
+            for store in inventory.STORES:
+                with connect(uris[store]) as conn:
+                    row = conn.execute("SELECT seq FROM _allocation_position").fetchone()
+                    ok = ok and bool(row and row[0])
+            if ok:
+                return
+        except psycopg.Error:
+            pass
+        time.sleep(2)
+    raise RuntimeError("the realtime stream did not push to the stores in time")
+
+
+def measure(uris: Mapping[str, str], rate: float, seconds: float, every: float = 0.5) -> dict[str, Any]:
+    checker = Checker(uris)
+    writer = Writer(uris, rate)
+    sampler = Sampler(uris, every=every)
+    time.sleep(seconds)
+    sampler.running.clear()
+    achieved = writer.stop()
+    sampler.stop()
+    checker.stop()
+    values = sampler.latencies
+    result = {
+        "rate_per_s": rate,
+        "achieved_per_s": round(achieved + (1 / every), 1),
+        "samples": len(values),
+        "lost_samples": sampler.lost,
+        "p50_s": _percentile(values, 0.50),
+        "p95_s": _percentile(values, 0.95),
+        "p99_s": _percentile(values, 0.99),
+        "max_s": round(max(values), 3) if values else None,
+        "oversell_observations": len(checker.violations),
+        "checker_observations": checker.observations,
+    }
+    print(
+        f"  {rate:>6,.0f}/s (achieved {result['achieved_per_s']:>7,.1f}/s): {len(values):>3} samples  "
+        f"p50 {result['p50_s']} s  p95 {result['p95_s']} s  p99 {result['p99_s']} s  max {result['max_s']} s  "
+        f"oversell {len(checker.violations)} in {checker.observations} observations",
+        flush=True,
+    )
+    return result
+
+
+def _add_probes(uris: Mapping[str, str]) -> None:
+    with connect(uris[inventory.WAREHOUSES[0]]) as conn:
+        conn.execute(
+            "INSERT INTO stock SELECT 'PROBE-' || lpad(g::text, 3, '0'), 0, 0, now() FROM generate_series(0, %s) g",
+            (PROBES - 1,),
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="10 s per rate instead of 40 s")
+    parser.add_argument("--compare", action="store_true", help="also the AssetWatcher variant at 10 changes/s")
+    parser.add_argument("--rates", default="10,100,1000")
+    parser.add_argument("--output", type=Path, default=RESULTS / "latest-latency.json")
+    args = parser.parse_args(argv)
+    seconds = 10.0 if args.quick else 40.0
+    work = Path(tempfile.mkdtemp(prefix="sync-latency-"))
+    results: dict[str, Any] = {
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=False
+        ).stdout.strip(),
+        "what": "warehouse commit -> visible in every store's catalog_availability (probe SKUs, one sample "
+        "every 0.5 s) while a writer commits receipts at the rate; the stream polls every 0.2 s",
+        "cpus": os.cpu_count(),
+        "rates": [],
+    }
+    with local_postgres(work / "pg") as server:
+        with server.connect() as admin:
+            databases.create_databases(admin, "", (*databases.INVENTORY_SOURCES, databases.INVENTORY_TARGET))
+        uris = databases.connection_uris("127.0.0.1", server.port)
+        inventory.seed(uris, scale=SCALE)
+        _add_probes(uris)
+        rates = [float(r) for r in args.rates.split(",")]
+        airflow = Airflow(server, uris, work / "airflow", stream_seconds=len(rates) * seconds + 240)
+        try:
+            print(f"airflow standalone starting in {work / 'airflow'} ...", flush=True)
+            airflow.unpause("inventory_sync_realtime")
+            _wait_streaming(uris, timeout=600)
+            results["scheduler"] = (
+                f"airflow standalone {airflow.version()} (scheduler, dag-processor, triggerer, api-server; "
+                "LocalExecutor; metadata on PostgreSQL); DAG inventory_sync_realtime (@continuous, one streaming task)"
+            )
+            print(f"inventory_sync_realtime is streaming; measuring {seconds:.0f} s per rate", flush=True)
+            for rate in rates:
+                results["rates"].append(measure(uris, rate, seconds))
+            if args.compare:
+                airflow.pause("inventory_sync_realtime")  # its run streams until stream_seconds, then ends
+                airflow.wait_no_running_run("inventory_sync_realtime", timeout=len(rates) * seconds + 300)
+                airflow.unpause("inventory_sync_on_change")
+                print("AssetWatcher variant (inventory_sync_on_change):", flush=True)
+                results["asset_watcher"] = measure(uris, 10, max(seconds, 90), every=5)
+                airflow.pause("inventory_sync_on_change")
+        finally:
+            airflow.stop()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {args.output}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
