@@ -81,6 +81,7 @@ class Airflow:
             **ui_environment(free_port()),
         }
         self.airflow = shutil.which("airflow", path=str(Path(sys.executable).parent)) or "airflow"
+        home.mkdir(parents=True, exist_ok=True)
         self.log = (home / "standalone.log").open("w")
         self.process = subprocess.Popen(
             [self.airflow, "standalone"], env=self.environment, stdout=self.log, stderr=subprocess.STDOUT
