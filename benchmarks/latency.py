@@ -73,7 +73,6 @@ class Airflow:
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg://postgres@127.0.0.1:{server.port}/airflow_meta",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW_VAR_SYNC_TOKEN_KEY": "benchmark-token-key",
             "SYNC_STAGING_DIR": str(home / "staging"),
             "SYNC_REALTIME_STREAM_SECONDS": str(stream_seconds),
@@ -92,9 +91,18 @@ class Airflow:
             [self.airflow, *args], env=self.environment, capture_output=True, text=True, timeout=300, check=False
         )
 
-    def unpause(self, dag_id: str, timeout: float = 600) -> None:
+    def unpause(self, dag_id: str, timeout: float = 900) -> None:
+        """Unpause once the dag-processor has stored the DAG (``unpause`` of an unknown DAG is a no-op)."""
         deadline = time.monotonic() + timeout
-        while self.cli("dags", "unpause", dag_id).returncode != 0:
+        while True:
+            self.cli("dags", "unpause", dag_id)
+            details = self.cli("dags", "details", dag_id, "-o", "json").stdout
+            try:
+                paused = json.loads(details[details.index("[") :])[0]["is_paused"]
+            except (ValueError, KeyError, IndexError):
+                paused = True
+            if paused in (False, "False", "false"):
+                return
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"cannot unpause {dag_id} (standalone exit {self.process.poll()})")
             time.sleep(5)
