@@ -22,12 +22,14 @@ Results: ``benchmarks/results/latest-latency.json`` (per rate ``rate_per_s``, ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -71,6 +73,8 @@ class Airflow:
             "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "4",  # LocalExecutor forks this many workers up front
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",  # a busy 2-CPU machine answers slowly
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg://postgres@127.0.0.1:{server.port}/airflow_meta",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW_VAR_SYNC_TOKEN_KEY": "benchmark-token-key",
@@ -82,8 +86,12 @@ class Airflow:
         self.airflow = shutil.which("airflow", path=str(Path(sys.executable).parent)) or "airflow"
         home.mkdir(parents=True, exist_ok=True)
         self.log = (home / "standalone.log").open("w")
-        self.process = subprocess.Popen(
-            [self.airflow, "standalone"], env=self.environment, stdout=self.log, stderr=subprocess.STDOUT
+        self.process = subprocess.Popen(  # its own process group: stop() ends every process it forked
+            [self.airflow, "standalone"],
+            env=self.environment,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -123,11 +131,14 @@ class Airflow:
         return self.cli("version").stdout.strip()
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
+        """SIGTERM to standalone's process group, SIGKILL to what is left of it after 60 s."""
+        group = os.getpgid(self.process.pid)
+        os.killpg(group, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            time.sleep(5)
+            os.killpg(group, signal.SIGKILL)
         self.log.close()
 
 
@@ -332,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default="10,100,1000")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest-latency.json")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks stop Airflow and PostgreSQL
     seconds = 10.0 if args.quick else 40.0
     work = Path(tempfile.mkdtemp(prefix="sync-latency-"))
     results: dict[str, Any] = {
