@@ -105,8 +105,9 @@ class Airflow:
         while True:
             self.cli("dags", "unpause", dag_id)
             details = self.cli("dags", "details", dag_id, "-o", "json").stdout
+            lines = [line for line in details.splitlines() if line.startswith("[{")]  # past the CLI's warnings
             try:
-                paused = json.loads(details[details.index("[") :])[0]["is_paused"]
+                paused = json.loads(lines[0])[0]["is_paused"]
             except (ValueError, KeyError, IndexError):
                 paused = True
             if paused in (False, "False", "false"):
@@ -336,6 +337,12 @@ def _add_probes(uris: Mapping[str, str]) -> None:
         )
 
 
+def _write(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {path}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="10 s per rate instead of 40 s")
@@ -375,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"inventory_sync_realtime is streaming; measuring {seconds:.0f} s per rate", flush=True)
             for rate in rates:
                 results["rates"].append(measure(uris, rate, seconds))
+            _write(args.output, results)
             if args.compare:
                 airflow.pause("inventory_sync_realtime")  # its run streams until stream_seconds, then ends
                 airflow.wait_no_running_run("inventory_sync_realtime", timeout=len(rates) * seconds + 300)
@@ -384,9 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 airflow.pause("inventory_sync_on_change")
         finally:
             airflow.stop()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written to {args.output}")
+    _write(args.output, results)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
