@@ -167,7 +167,7 @@ def test_sigkill_of_a_streaming_process_mid_stream(env: SyncEnv, trials: int, tm
     writer = Writer(source_dsn, rng)
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "dags")])}
     try:
-        for trial in range(trials):
+        for _ in range(trials):
             child = subprocess.Popen(
                 [sys.executable, "-c", _CHILD, env.source_url, target_dsn, env.staging.base_uri],
                 env=environ,
