@@ -178,7 +178,7 @@ def _all_pushed(uris: dict[str, str]) -> bool:
 
 def test_no_store_can_observe_an_oversell_while_the_stream_runs(uris: dict[str, str], tmp_path: Path) -> None:
     inventory.seed(uris, scale=SCALE)
-    stop, out = StopFlag(), {}
+    stop, out = StopFlag(), dict[str, Any]()
     thread = threading.Thread(target=_stream, args=(uris, StagingArea(tmp_path / "staging"), stop, out))
     thread.start()
     try:
