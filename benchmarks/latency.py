@@ -192,7 +192,9 @@ class Sampler:
         self.lock = threading.Lock()
         self.running = threading.Event()
         self.running.set()
-        self.value = 1000 + int(time.time()) % 1000 * 100
+        # rising across samplers too: a lower value would be a stock decrease, which stores can oversell
+        # until it arrives (the checker would count that window, not a push's fault)
+        self.value = int((time.time() - 1.79e9) * 20)
         self.threads = [
             threading.Thread(target=self._write, daemon=True),
             threading.Thread(target=self._watch, daemon=True),
