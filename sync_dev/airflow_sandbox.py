@@ -2,40 +2,125 @@
 
 The demo and the end-to-end tests use it: a SQLite metadata database in a temporary
 ``AIRFLOW_HOME``, the repository's ``dags/`` folder (on ``sys.path``, as Airflow puts it),
-connections and variables as ``AIRFLOW_CONN_*`` / ``AIRFLOW_VAR_*`` environment variables.  Each
-run is a subprocess, so the DAG files are parsed the way the dag-processor parses them and each
-run starts clean.
+connections and variables as ``AIRFLOW_CONN_*`` / ``AIRFLOW_VAR_*`` environment variables.
+
+Each run is its own process, so the DAG files are parsed the way the dag-processor parses them and
+each run starts clean.  What made that slow was paid again by every run: ``airflow db migrate``
+(once per sandbox: ~15 s) and importing Airflow, pandas, pyarrow and Great Expectations (~10-30 s
+per run on a loaded 2-CPU machine).  So the metadata database is migrated once per process and
+copied into each new home, and each sandbox keeps one runner process that imports all that once and
+forks a child per DAG run: the child starts from the same freshly imported, never-used state a new
+interpreter would reach, parses the DAG folder and runs ``dag.test()``, and exits.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
 import os
+import selectors
+import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import weakref
 from collections.abc import Mapping
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sync_dev import DAGS_FOLDER
 
+#: Modules the runner imports before it forks: what a reference DAG run imports, the slow ones first.
+PRELOAD = (
+    "airflow",
+    "airflow.sdk",
+    "airflow.dag_processing.dagbag",
+    "airflow.dag_processing.bundles.manager",
+    "airflow.models.dagrun",
+    "airflow.serialization.serialized_objects",
+    "airflow.sdk.execution_time.supervisor",
+    "airflow.sdk.execution_time.task_runner",
+    "airflow.providers.postgres.hooks.postgres",
+    "pandas",
+    "pyarrow.parquet",
+    "airflow_sync_provider.operators.sync",
+    "airflow_sync_provider.operators.cdc",
+    "airflow_sync_provider.operators.quality",
+    "airflow_sync_provider.operators.reconcile",
+    "airflow_sync_provider.triggers.cdc",
+    "great_expectations",
+)
+
 # BundleDagBag, as the dag-processor and the task runner parse: it puts the DAG folder on sys.path,
-# which is how the DAG files find their helper package, dags/case_studies.
-_RUN_SCRIPT = """
-import datetime as dt, json, pathlib, sys
-from airflow.dag_processing.dagbag import BundleDagBag
-bag = BundleDagBag(dag_folder=sys.argv[1], bundle_path=pathlib.Path(sys.argv[1]))
-if bag.import_errors:
-    errors = {k: str(v) for k, v in bag.import_errors.items()}
-    print("RESULT=" + json.dumps({"state": "import_error", "tasks": {}, "errors": errors}))
-    sys.exit(0)
-dag = bag.get_dag(sys.argv[2])
-run = dag.test(logical_date=dt.datetime.fromisoformat(sys.argv[3]), run_conf=json.loads(sys.argv[4]) or None)
-states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
-print("RESULT=" + json.dumps({"state": str(run.state), "tasks": states}))
+# which is how the DAG files find their helper package, dags/case_studies.  ``run`` is what a child
+# does; the loop around it imports PRELOAD once, then forks one child per request line on stdin and
+# answers ``{"pid": ...}`` at the fork and ``{"status": ...}`` when the child is gone.  A child's
+# stdout and stderr go to the run's log file, so the RESULT line is read from there.
+_RUNNER_SCRIPT = """
+import datetime as dt, importlib, json, os, pathlib, sys
+
+def run(dags_folder, dag_id, logical_date, conf):
+    from airflow.dag_processing.dagbag import BundleDagBag
+    bag = BundleDagBag(dag_folder=dags_folder, bundle_path=pathlib.Path(dags_folder))
+    if bag.import_errors:
+        errors = {k: str(v) for k, v in bag.import_errors.items()}
+        print("RESULT=" + json.dumps({"state": "import_error", "tasks": {}, "errors": errors}))
+        return
+    dag = bag.get_dag(dag_id)
+    run = dag.test(logical_date=dt.datetime.fromisoformat(logical_date), run_conf=json.loads(conf) or None)
+    states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+    print("RESULT=" + json.dumps({"state": str(run.state), "tasks": states}))
+
+def child(request):
+    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    code = 0
+    try:
+        run(request["dags_folder"], request["dag_id"], request["logical_date"], request["conf"])
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    finally:
+        import logging
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+control = os.fdopen(os.dup(1), "w")  # replies; whatever an import prints goes to stderr
+os.dup2(2, 1)
+for name in json.loads(sys.argv[1]):
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+try:  # dag.test() runs each task against an in-process Execution API: build its app (slow) once, here
+    from airflow.sdk.execution_time.supervisor import in_process_api_server
+    in_process_api_server().app
+except Exception:
+    pass
+print(json.dumps({"ready": True}), file=control, flush=True)
+for line in sys.stdin:
+    request = json.loads(line)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        child(request)
+    print(json.dumps({"pid": pid}), file=control, flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"status": os.waitstatus_to_exitcode(status)}), file=control, flush=True)
 """
 
 
@@ -55,6 +140,114 @@ class DagRunOutcome:
         return [task for task, state in self.tasks.items() if state != "success"]
 
 
+# --------------------------------------------------------------------------- migrated metadata template
+
+_template_lock = threading.Lock()
+_template: Path | None = None
+
+
+def _migrated_template() -> Path:
+    """A metadata database migrated by ``airflow db migrate``, once per process (the schema does not
+    depend on the home: connections and variables come from the environment)."""
+    global _template
+    with _template_lock:
+        if _template is None or not _template.exists():
+            home = Path(tempfile.mkdtemp(prefix="sync-airflow-template-"))
+            atexit.register(shutil.rmtree, home, ignore_errors=True)
+            environment = {
+                **os.environ,
+                "AIRFLOW_HOME": str(home),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+                "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            }
+            done = subprocess.run(
+                [sys.executable, "-m", "airflow", "db", "migrate"],
+                env=environment,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"airflow db migrate failed:\n{done.stderr[-3000:]}")
+            _template = home / "airflow.db"
+        return _template
+
+
+def _copy_database(source: Path, target: Path) -> None:
+    """SQLite's online backup: a consistent copy even when the source still has a write-ahead log."""
+    with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(target)) as dst:
+        src.backup(dst)
+
+
+# --------------------------------------------------------------------------- the forking runner
+
+
+class _Runner:
+    """One process per sandbox that imports Airflow and the DAGs' libraries once, then forks a
+    child per DAG run (see the module docstring)."""
+
+    def __init__(self, environment: Mapping[str, str], log_file: Path) -> None:
+        self.log_file = log_file
+        with log_file.open("a") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _RUNNER_SCRIPT, json.dumps(PRELOAD)],
+                env=dict(environment),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                start_new_session=True,  # a Ctrl-C of the caller does not reach it half-way
+            )
+        self._ready = False
+        self._finalizer = weakref.finalize(self, _stop_process, self.process)
+
+    def _reply(self, deadline: float) -> dict[str, Any]:
+        stdout: IO[str] | None = self.process.stdout
+        assert stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(stdout, selectors.EVENT_READ)
+            if not selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                raise TimeoutError
+        line = stdout.readline()
+        if not line:
+            log = self.log_file.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the Airflow runner process ended (exit {self.process.wait()}):\n{log}")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def run(self, request: Mapping[str, Any], timeout: float) -> int:
+        """Fork a child for ``request``; its exit code (negative: killed by that signal)."""
+        deadline = time.monotonic() + timeout
+        if not self._ready:
+            self._reply(time.monotonic() + 600)  # imports: minutes at worst on a loaded machine
+            self._ready = True
+        stdin = self.process.stdin
+        assert stdin is not None
+        stdin.write(json.dumps(dict(request)) + "\n")
+        stdin.flush()
+        pid = int(self._reply(deadline)["pid"])
+        try:
+            return int(self._reply(deadline)["status"])
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            self._reply(time.monotonic() + 60)
+            raise subprocess.TimeoutExpired(f"dag.test() in child {pid}", timeout) from None
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _stop_process(process: subprocess.Popen[str]) -> None:
+    """Its children are gone (each run waits for its child), so nothing is lost: no slow interpreter exit."""
+    process.kill()
+    process.wait()
+    for pipe in (process.stdin, process.stdout):
+        if pipe is not None:
+            pipe.close()
+
+
 class AirflowSandbox:
     """A temporary Airflow home with a migrated SQLite metadata database."""
 
@@ -72,47 +265,50 @@ class AirflowSandbox:
             **environment,
         }
         self.runs = 0
+        self._runner: _Runner | None = None
 
     def migrate(self) -> None:
-        done = subprocess.run(
-            [sys.executable, "-m", "airflow", "db", "migrate"],
-            env=self.environment,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"airflow db migrate failed:\n{done.stderr[-3000:]}")
+        """Give the home a migrated metadata database (a copy of the process's template) and start
+        the runner, whose imports then overlap with whatever the caller does before the first run."""
+        _copy_database(_migrated_template(), self.home / "airflow.db")
+        self._start()
+
+    def _start(self) -> _Runner:
+        if self._runner is None or self._runner.process.poll() is not None:
+            self._runner = _Runner(self.environment, self.home / "runner.log")
+        return self._runner
+
+    def close(self) -> None:
+        """Stop the runner process (also done when the sandbox is garbage-collected or at exit)."""
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+
+    def __enter__(self) -> AirflowSandbox:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     def run_dag(
         self, dag_id: str, logical_date: dt.datetime, conf: Mapping[str, Any] | None = None, timeout: float = 900
     ) -> DagRunOutcome:
-        """``dag.test()`` one run; its whole log goes to a file in the Airflow home."""
+        """``dag.test()`` one run in a fresh child process; its whole log goes to a file in the home."""
         self.runs += 1
         log_file = self.home / f"{self.runs:02d}-{dag_id}.log"
         started = time.monotonic()
-        with log_file.open("w") as log:
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    _RUN_SCRIPT,
-                    str(self.dags_folder),
-                    dag_id,
-                    logical_date.isoformat(),
-                    json.dumps(dict(conf or {})),
-                ],
-                env=self.environment,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                timeout=timeout,
-            )
-            log.write(done.stdout)
+        request = {
+            "log": str(log_file),
+            "dags_folder": str(self.dags_folder),
+            "dag_id": dag_id,
+            "logical_date": logical_date.isoformat(),
+            "conf": json.dumps(dict(conf or {})),
+        }
+        exit_code = self._start().run(request, timeout)
         seconds = time.monotonic() - started
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT=")]
+        lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.startswith("RESULT=")]
         if not lines:
-            return DagRunOutcome(dag_id, f"crashed (exit {done.returncode})", seconds, {}, log_file)
+            return DagRunOutcome(dag_id, f"crashed (exit {exit_code})", seconds, {}, log_file)
         result = json.loads(lines[-1].removeprefix("RESULT="))
         state = str(result["state"]).removeprefix("DagRunState.").lower()
         tasks = {k: str(v).removeprefix("TaskInstanceState.").lower() for k, v in result["tasks"].items()}

@@ -247,10 +247,11 @@ def case_study_systems(
             **(environment or {}),
         },
     )
-    box.migrate()
     try:
+        box.migrate()
         yield box, {**uris, **extra}
     finally:
+        box.close()
         for system in databases.ALL_SYSTEMS:  # CDC slots are server-wide: never leave one behind
             with databases.connect(uris[system]) as conn:
                 conn.execute(
