@@ -55,6 +55,11 @@ PRELOAD = (
     "airflow_sync_provider.operators.quality",
     "airflow_sync_provider.operators.reconcile",
     "airflow_sync_provider.triggers.cdc",
+    "airflow_sync_provider.assets",
+    "airflow_sync_provider.core.masking",
+    "airflow.sdk.definitions.decorators",
+    "airflow.providers.standard.decorators.python",
+    "airflow.providers.standard.operators.python",
     "great_expectations",
 )
 
@@ -105,11 +110,19 @@ for name in json.loads(sys.argv[1]):
         importlib.import_module(name)
     except ImportError:
         pass
-try:  # dag.test() runs each task against an in-process Execution API: build its app (slow) once, here
+try:  # dag.test() runs each task against an in-process Execution API: build its app and have its
+    # first request generate the versioned routes (cadwyn; tens of seconds on a loaded machine) once, here
+    import asyncio, httpx
     from airflow.sdk.execution_time.supervisor import in_process_api_server
-    in_process_api_server().app
+    app = in_process_api_server().app
+    async def first_request():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://warm-up.invalid") as client:
+            await client.get("/warm-up")
+    asyncio.run(first_request())
 except Exception:
-    pass
+    import traceback
+    traceback.print_exc()
 print(json.dumps({"ready": True}), file=control, flush=True)
 for line in sys.stdin:
     request = json.loads(line)
@@ -142,37 +155,73 @@ class DagRunOutcome:
 
 # --------------------------------------------------------------------------- migrated metadata template
 
+
+@dataclass
+class _Template:
+    home: Path
+    migrate: subprocess.Popen[str]
+    error: str | None = None
+
+    @property
+    def database(self) -> Path:
+        return self.home / "airflow.db"
+
+
 _template_lock = threading.Lock()
-_template: Path | None = None
+_template: _Template | None = None
+
+
+def prepare_template() -> None:
+    """Start ``airflow db migrate`` of the process's template metadata database in the background (a
+    test session calls it at its start, so the migration overlaps with collection); returns at once."""
+    global _template
+    with _template_lock:
+        if _template is not None:
+            return
+        home = Path(tempfile.mkdtemp(prefix="sync-airflow-template-"))
+        environment = {
+            **os.environ,
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        }
+        migrate = subprocess.Popen(
+            [sys.executable, "-m", "airflow", "db", "migrate"],
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _template = _Template(home, migrate)
+        atexit.register(_discard_template, _template)
+
+
+def _discard_template(template: _Template) -> None:
+    if template.migrate.poll() is None:
+        template.migrate.kill()
+        template.migrate.communicate()
+    shutil.rmtree(template.home, ignore_errors=True)
 
 
 def _migrated_template() -> Path:
-    """A metadata database migrated by ``airflow db migrate``, once per process (the schema does not
-    depend on the home: connections and variables come from the environment)."""
-    global _template
+    """The template metadata database, migrated once per process: the schema does not depend on
+    the home (connections and variables come from the environment)."""
+    prepare_template()
+    assert _template is not None
     with _template_lock:
-        if _template is None or not _template.exists():
-            home = Path(tempfile.mkdtemp(prefix="sync-airflow-template-"))
-            atexit.register(shutil.rmtree, home, ignore_errors=True)
-            environment = {
-                **os.environ,
-                "AIRFLOW_HOME": str(home),
-                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-                "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-                "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-            }
-            done = subprocess.run(
-                [sys.executable, "-m", "airflow", "db", "migrate"],
-                env=environment,
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-            if done.returncode != 0:
-                raise RuntimeError(f"airflow db migrate failed:\n{done.stderr[-3000:]}")
-            _template = home / "airflow.db"
-        return _template
+        if _template.migrate.returncode is None:
+            try:
+                _, stderr = _template.migrate.communicate(timeout=600)
+            except subprocess.TimeoutExpired:
+                _template.migrate.kill()
+                _, stderr = _template.migrate.communicate()
+            if _template.migrate.returncode != 0:
+                _template.error = f"airflow db migrate failed:\n{stderr[-3000:]}"
+    if _template.error:
+        raise RuntimeError(_template.error)
+    return _template.database
 
 
 def _copy_database(source: Path, target: Path) -> None:

@@ -36,6 +36,20 @@ if TYPE_CHECKING:
 _counter = itertools.count()
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """When the run may include the DAG tests, migrate the Airflow template metadata database in the
+    background now, so that it overlaps with collection (see sync_dev.airflow_sandbox)."""
+    from sync_dev.airflow_sandbox import prepare_template
+
+    config = session.config
+    if "not airflow" in (config.option.markexpr or ""):
+        return
+    dags = (Path(__file__).parent / "airflow_layer").resolve()
+    paths = [(config.invocation_params.dir / arg.split("::")[0]).resolve() for arg in config.args]
+    if any(dags.is_relative_to(path) or path.is_relative_to(dags) for path in paths):
+        prepare_template()
+
+
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
     """The suite's own PostgreSQL server, stopped and deleted at the end of the session."""
@@ -119,9 +133,13 @@ def source_columns(conn: psycopg.Connection[Any], table: str, schema: str = "pub
 
 @pytest.fixture
 def env(pg_server: LocalPostgres, tmp_path: Path) -> Iterator[SyncEnv]:
+    """Two new, empty databases (names unique in the session), dropped afterwards.  FILE_COPY copies
+    the small template's files instead of WAL-logging every page: ~2x faster with fsync off."""
     n = next(_counter)
-    source_db = pg_server.create_database(f"src_{os.getpid()}_{n}")
-    target_db = pg_server.create_database(f"tgt_{os.getpid()}_{n}")
+    source_db, target_db = f"src_{os.getpid()}_{n}", f"tgt_{os.getpid()}_{n}"
+    with pg_server.connect() as conn:
+        for db in (source_db, target_db):
+            conn.execute(sql.SQL("CREATE DATABASE {} STRATEGY FILE_COPY").format(sql.Identifier(db)))
     yield SyncEnv(pg_server, source_db, target_db, StagingArea(tmp_path / "staging"))
     with pg_server.connect() as conn:
         for db in (source_db, target_db):

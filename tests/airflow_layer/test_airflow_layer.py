@@ -5,12 +5,9 @@ templating, failure modes, the example DAGs parsing without database access, and
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -334,39 +331,14 @@ def test_example_dags_parse_without_touching_a_database(monkeypatch: pytest.Monk
     assert [t.task_id for t in bag.dags["orders_sync_split"].topological_sort()] == ["extract_orders", "load_orders"]
 
 
-DAG_TEST_SCRIPT = textwrap.dedent(
-    """
-    import datetime as dt, json, sys
-    from airflow.dag_processing.dagbag import DagBag
-    bag = DagBag(dag_folder=sys.argv[1])
-    dag = bag.get_dag("orders_sync")
-    run = dag.test(logical_date=dt.datetime(2026, 5, 1, tzinfo=dt.UTC))
-    print("STATE=" + str(run.state))
-    """
-)
-
-
 @pytest.mark.airflow
 def test_example_dag_runs_end_to_end_with_dag_test(connections: SyncEnv, tmp_path: Path) -> None:
-    environment = {
-        **os.environ,
-        "AIRFLOW_HOME": str(tmp_path / "airflow"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'airflow.db'}",
-    }
-    migrate = subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"], env=environment, capture_output=True, text=True, timeout=300
-    )
-    assert migrate.returncode == 0, migrate.stderr[-3000:]
-    run = subprocess.run(
-        [sys.executable, "-c", DAG_TEST_SCRIPT, str(REPO / "dags")],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert "STATE=success" in run.stdout, (run.stdout[-3000:], run.stderr[-5000:])
+    from sync_dev.airflow_sandbox import AirflowSandbox
+
+    with AirflowSandbox(tmp_path / "airflow", {}) as box:  # the connections fixture's AIRFLOW_CONN_* variables
+        box.migrate()
+        run = box.run_dag("orders_sync", dt.datetime(2026, 5, 1, tzinfo=dt.UTC))
+    assert run.state == "success", (run.state, run.tasks, run.log_file.read_text()[-5000:] if run.log_file else "")
     with connections.target() as conn:
         rows: Any = conn.execute("SELECT count(*), count(total) FROM orders").fetchone()
         state = conn.execute("SELECT version, last_run_id FROM _sync_state WHERE sync_id = 'orders'").fetchone()
