@@ -5,12 +5,16 @@ The demo and the end-to-end tests use it: a SQLite metadata database in a tempor
 connections and variables as ``AIRFLOW_CONN_*`` / ``AIRFLOW_VAR_*`` environment variables.
 
 Each run is its own process, so the DAG files are parsed the way the dag-processor parses them and
-each run starts clean.  What made that slow was paid again by every run: ``airflow db migrate``
-(once per sandbox: ~15 s) and importing Airflow, pandas, pyarrow and Great Expectations (~10-30 s
-per run on a loaded 2-CPU machine).  So the metadata database is migrated once per process and
-copied into each new home, and each sandbox keeps one runner process that imports all that once and
-forks a child per DAG run: the child starts from the same freshly imported, never-used state a new
-interpreter would reach, parses the DAG folder and runs ``dag.test()``, and exits.
+each run starts clean.  What made that slow was paid again and again: ``airflow db migrate`` (once
+per sandbox: ~15 s) and, per run, importing Airflow, pandas, pyarrow and Great Expectations and
+building the in-process Execution API that ``dag.test()`` runs tasks against (~20 s, over a minute
+on a loaded 2-CPU machine).  So the metadata database is migrated once per process and copied into
+each new home, and a runner process does the imports and that build once, then forks a child per
+DAG run: the child starts from the same freshly imported, never-used state a new interpreter would
+reach, takes exactly the sandbox's environment, parses the DAG folder, runs ``dag.test()`` and
+exits.  A runner is leased to one sandbox at a time and handed to the next one that agrees on the
+variables read at import time; its ``AIRFLOW_HOME`` is a symbolic link pointed at the lessee's home,
+so each sandbox still has its own metadata database and logs.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from typing import IO, Any
 from sync_dev import DAGS_FOLDER
 
 #: Modules the runner imports before it forks: what a reference DAG run imports, the slow ones first.
+#: Not the provider's own modules: they are quick to import and one reads ``SYNC_STAGING_DIR`` at
+#: import, which is the sandbox's (see _RUNTIME_VARIABLES).
 PRELOAD = (
     "airflow",
     "airflow.sdk",
@@ -47,19 +53,14 @@ PRELOAD = (
     "airflow.serialization.serialized_objects",
     "airflow.sdk.execution_time.supervisor",
     "airflow.sdk.execution_time.task_runner",
-    "airflow.providers.postgres.hooks.postgres",
-    "pandas",
-    "pyarrow.parquet",
-    "airflow_sync_provider.operators.sync",
-    "airflow_sync_provider.operators.cdc",
-    "airflow_sync_provider.operators.quality",
-    "airflow_sync_provider.operators.reconcile",
-    "airflow_sync_provider.triggers.cdc",
-    "airflow_sync_provider.assets",
-    "airflow_sync_provider.core.masking",
     "airflow.sdk.definitions.decorators",
     "airflow.providers.standard.decorators.python",
     "airflow.providers.standard.operators.python",
+    "airflow.providers.postgres.hooks.postgres",
+    "pandas",
+    "pyarrow.parquet",
+    "sqlalchemy",
+    "psycopg",
     "great_expectations",
 )
 
@@ -84,6 +85,8 @@ def run(dags_folder, dag_id, logical_date, conf):
     print("RESULT=" + json.dumps({"state": str(run.state), "tasks": states}))
 
 def child(request):
+    os.environ.clear()  # exactly the sandbox's environment, as a new process would get it
+    os.environ.update(request["env"])
     log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
@@ -233,16 +236,39 @@ def _copy_database(source: Path, target: Path) -> None:
 # --------------------------------------------------------------------------- the forking runner
 
 
-class _Runner:
-    """One process per sandbox that imports Airflow and the DAGs' libraries once, then forks a
-    child per DAG run (see the module docstring)."""
+#: Variables read only while a DAG runs (connections, variables, the staging folder) or by no one
+#: (pytest's): a runner is shared by sandboxes whose environments differ in these only.
+_RUNTIME_VARIABLES = ("AIRFLOW_CONN_", "AIRFLOW_VAR_", "SYNC_STAGING_DIR", "PYTEST_CURRENT_TEST")
+#: What the runner pins, pointing through its home link at the current sandbox's home.
+_PINNED = ("AIRFLOW_HOME", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")
 
-    def __init__(self, environment: Mapping[str, str], log_file: Path) -> None:
-        self.log_file = log_file
-        with log_file.open("a") as log:
+
+def _runner_key(environment: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        sorted((k, v) for k, v in environment.items() if not k.startswith(_RUNTIME_VARIABLES) and k not in _PINNED)
+    )
+
+
+class _Runner:
+    """A process that imports Airflow and the DAGs' libraries once, then forks a child per DAG run
+    (see the module docstring).  It is leased to one sandbox at a time: its ``AIRFLOW_HOME`` is a
+    symbolic link re-pointed at the lessee's home, so every run reads and writes that sandbox's own
+    metadata database and logs, and each child gets exactly the sandbox's environment."""
+
+    def __init__(self, environment: Mapping[str, str], home: Path) -> None:
+        self.key = _runner_key(environment)
+        self.root = Path(tempfile.mkdtemp(prefix="sync-airflow-runner-"))
+        self.home_link = self.root / "home"
+        self.lease(home)
+        self.pinned = {
+            "AIRFLOW_HOME": str(self.home_link),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home_link / 'airflow.db'}",
+        }
+        self.log_file = self.root / "runner.log"
+        with self.log_file.open("a") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _RUNNER_SCRIPT, json.dumps(PRELOAD)],
-                env=dict(environment),
+                env={**environment, **self.pinned},
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
@@ -250,7 +276,17 @@ class _Runner:
                 start_new_session=True,  # a Ctrl-C of the caller does not reach it half-way
             )
         self._ready = False
-        self._finalizer = weakref.finalize(self, _stop_process, self.process)
+        self._finalizer = weakref.finalize(self, _stop_runner, self.process, self.root)
+
+    def lease(self, home: Path) -> None:
+        """Point the runner's home at ``home`` (atomically: no run sees a missing home)."""
+        fresh = self.root / "home.new"
+        fresh.unlink(missing_ok=True)
+        fresh.symlink_to(home.resolve(), target_is_directory=True)
+        os.replace(fresh, self.home_link)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
 
     def _reply(self, deadline: float) -> dict[str, Any]:
         stdout: IO[str] | None = self.process.stdout
@@ -266,15 +302,15 @@ class _Runner:
         reply: dict[str, Any] = json.loads(line)
         return reply
 
-    def run(self, request: Mapping[str, Any], timeout: float) -> int:
-        """Fork a child for ``request``; its exit code (negative: killed by that signal)."""
+    def run(self, request: Mapping[str, Any], environment: Mapping[str, str], timeout: float) -> int:
+        """Fork a child for ``request`` with ``environment``; its exit code (negative: killed by that signal)."""
         deadline = time.monotonic() + timeout
         if not self._ready:
             self._reply(time.monotonic() + 600)  # imports: minutes at worst on a loaded machine
             self._ready = True
         stdin = self.process.stdin
         assert stdin is not None
-        stdin.write(json.dumps(dict(request)) + "\n")
+        stdin.write(json.dumps({**request, "env": {**environment, **self.pinned}}) + "\n")
         stdin.flush()
         pid = int(self._reply(deadline)["pid"])
         try:
@@ -288,13 +324,41 @@ class _Runner:
         self._finalizer()
 
 
-def _stop_process(process: subprocess.Popen[str]) -> None:
+def _stop_runner(process: subprocess.Popen[str], root: Path) -> None:
     """Its children are gone (each run waits for its child), so nothing is lost: no slow interpreter exit."""
     process.kill()
     process.wait()
     for pipe in (process.stdin, process.stdout):
         if pipe is not None:
             pipe.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+_idle_lock = threading.Lock()
+_idle_runners: list[_Runner] = []
+
+
+def _lease_runner(environment: Mapping[str, str], home: Path) -> _Runner:
+    """An idle runner started for the same import-time environment, else a new one."""
+    key = _runner_key(environment)
+    with _idle_lock:
+        for runner in [r for r in _idle_runners if not r.alive()]:
+            _idle_runners.remove(runner)
+            runner.close()
+        for runner in _idle_runners:
+            if runner.key == key:
+                _idle_runners.remove(runner)
+                runner.lease(home)
+                return runner
+    return _Runner(environment, home)
+
+
+def _return_runner(runner: _Runner) -> None:
+    with _idle_lock:
+        if runner.alive():
+            _idle_runners.append(runner)
+        else:
+            runner.close()
 
 
 class AirflowSandbox:
@@ -317,20 +381,23 @@ class AirflowSandbox:
         self._runner: _Runner | None = None
 
     def migrate(self) -> None:
-        """Give the home a migrated metadata database (a copy of the process's template) and start
-        the runner, whose imports then overlap with whatever the caller does before the first run."""
+        """Give the home a migrated metadata database (a copy of the process's template) and lease a
+        runner: a new one's imports then overlap with whatever the caller does before the first run."""
         _copy_database(_migrated_template(), self.home / "airflow.db")
-        self._start()
+        self._lease()
 
-    def _start(self) -> _Runner:
-        if self._runner is None or self._runner.process.poll() is not None:
-            self._runner = _Runner(self.environment, self.home / "runner.log")
+    def _lease(self) -> _Runner:
+        if self._runner is not None and not self._runner.alive():
+            self._runner.close()
+            self._runner = None
+        if self._runner is None:
+            self._runner = _lease_runner(self.environment, self.home)
         return self._runner
 
     def close(self) -> None:
-        """Stop the runner process (also done when the sandbox is garbage-collected or at exit)."""
+        """Give the runner back for the next sandbox (a runner left leased is stopped at exit)."""
         if self._runner is not None:
-            self._runner.close()
+            _return_runner(self._runner)
             self._runner = None
 
     def __enter__(self) -> AirflowSandbox:
@@ -353,7 +420,7 @@ class AirflowSandbox:
             "logical_date": logical_date.isoformat(),
             "conf": json.dumps(dict(conf or {})),
         }
-        exit_code = self._start().run(request, timeout)
+        exit_code = self._lease().run(request, self.environment, timeout)
         seconds = time.monotonic() - started
         lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.startswith("RESULT=")]
         if not lines:
