@@ -37,17 +37,19 @@ _counter = itertools.count()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """When the run may include the DAG tests, migrate the Airflow template metadata database in the
-    background now, so that it overlaps with collection (see sync_dev.airflow_sandbox)."""
+    """When the run includes a test file that runs DAGs (one that uses ``AirflowSandbox``), migrate the
+    Airflow template metadata database in the background now, so that it overlaps with collection."""
     from sync_dev.airflow_sandbox import prepare_template
 
     config = session.config
     if "not airflow" in (config.option.markexpr or ""):
         return
-    dags = (Path(__file__).parent / "airflow_layer").resolve()
-    paths = [(config.invocation_params.dir / arg.split("::")[0]).resolve() for arg in config.args]
-    if any(dags.is_relative_to(path) or path.is_relative_to(dags) for path in paths):
-        prepare_template()
+    for arg in config.args:
+        path = (config.invocation_params.dir / arg.split("::")[0]).resolve()
+        files = path.rglob("test_*.py") if path.is_dir() else [path]
+        if any(file.is_file() and "AirflowSandbox" in file.read_text(errors="replace") for file in files):
+            prepare_template()
+            return
 
 
 @pytest.fixture(scope="session")
