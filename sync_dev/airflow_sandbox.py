@@ -276,6 +276,7 @@ class _Runner:
                 start_new_session=True,  # a Ctrl-C of the caller does not reach it half-way
             )
         self._ready = False
+        self.busy = False
         self._finalizer = weakref.finalize(self, _stop_runner, self.process, self.root)
 
     def lease(self, home: Path) -> None:
@@ -310,15 +311,18 @@ class _Runner:
             self._ready = True
         stdin = self.process.stdin
         assert stdin is not None
+        self.busy = True  # until the child's status is read: an interrupted run leaves it set
         stdin.write(json.dumps({**request, "env": {**environment, **self.pinned}}) + "\n")
         stdin.flush()
         pid = int(self._reply(deadline)["pid"])
         try:
-            return int(self._reply(deadline)["status"])
+            status = int(self._reply(deadline)["status"])
         except TimeoutError:
             os.kill(pid, signal.SIGKILL)
             self._reply(time.monotonic() + 60)
             raise subprocess.TimeoutExpired(f"dag.test() in child {pid}", timeout) from None
+        self.busy = False
+        return status
 
     def close(self) -> None:
         self._finalizer()
@@ -355,7 +359,7 @@ def _lease_runner(environment: Mapping[str, str], home: Path) -> _Runner:
 
 def _return_runner(runner: _Runner) -> None:
     with _idle_lock:
-        if runner.alive():
+        if runner.alive() and not runner.busy:
             _idle_runners.append(runner)
         else:
             runner.close()
