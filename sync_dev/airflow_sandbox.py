@@ -365,6 +365,30 @@ def _return_runner(runner: _Runner) -> None:
             runner.close()
 
 
+def _sandbox_environment(home: Path, environment: Mapping[str, str], dags_folder: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        **environment,
+    }
+
+
+def prepare(dags_folder: Path = DAGS_FOLDER) -> None:
+    """Start, in the background, the template migration and an idle runner for sandboxes on
+    ``dags_folder`` whose environment adds run-time variables only (a test session calls it at its
+    start: both then overlap with collection); returns at once."""
+    prepare_template()
+    placeholder = Path(tempfile.mkdtemp(prefix="sync-airflow-idle-"))
+    atexit.register(shutil.rmtree, placeholder, ignore_errors=True)
+    runner = _Runner(_sandbox_environment(placeholder, {}, dags_folder), placeholder)
+    with _idle_lock:
+        _idle_runners.append(runner)
+
+
 class AirflowSandbox:
     """A temporary Airflow home with a migrated SQLite metadata database."""
 
@@ -372,15 +396,7 @@ class AirflowSandbox:
         self.home = home
         self.dags_folder = dags_folder
         home.mkdir(parents=True, exist_ok=True)
-        self.environment = {
-            **os.environ,
-            "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-            **environment,
-        }
+        self.environment = _sandbox_environment(home, environment, dags_folder)
         self.runs = 0
         self._runner: _Runner | None = None
 

@@ -38,8 +38,9 @@ _counter = itertools.count()
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """When the run includes a test file that runs DAGs (one that uses ``AirflowSandbox``), migrate the
-    Airflow template metadata database in the background now, so that it overlaps with collection."""
-    from sync_dev.airflow_sandbox import prepare_template
+    Airflow template metadata database and start a DAG runner in the background now, so that both
+    overlap with collection (see sync_dev.airflow_sandbox)."""
+    from sync_dev.airflow_sandbox import prepare
 
     config = session.config
     if "not airflow" in (config.option.markexpr or ""):
@@ -48,7 +49,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         path = (config.invocation_params.dir / arg.split("::")[0]).resolve()
         files = path.rglob("test_*.py") if path.is_dir() else [path]
         if any(file.is_file() and "AirflowSandbox" in file.read_text(errors="replace") for file in files):
-            prepare_template()
+            prepare()
             return
 
 
