@@ -77,6 +77,7 @@ class CdcDeclaration(Protocol):
     state_table: str
     schema_drift: str
     history: bool
+    decoder: str
 
 
 def build_cdc_spec(declaration: CdcDeclaration) -> CdcSpec:
@@ -106,6 +107,7 @@ def build_cdc_spec(declaration: CdcDeclaration) -> CdcSpec:
         state_table=declaration.state_table,
         schema_drift=declaration.schema_drift,  # type: ignore[arg-type]
         history=bool(declaration.history),
+        decoder=declaration.decoder,  # type: ignore[arg-type]
     )
 
 
@@ -176,6 +178,8 @@ class CdcExtractOperator(BaseOperator):
     :param state_table: the state table (in ``target_schema``).
     :param schema_drift: when a table's columns changed at the source: ``"freeze"`` (fail) or ``"evolve"``.
     :param history: keep an SCD type 2 history of every table in ``<table>_history``.
+    :param decoder: ``"bulk"`` (numpy over a whole read, the default) or ``"per_message"`` (the
+        reference pgoutput decoder, kept for comparison and as a fallback).
     :param staging_uri: where batches are staged; default ``[sync] staging_uri``, else
         ``$SYNC_STAGING_DIR``, else a local cache folder. (templated)
     """
@@ -202,6 +206,7 @@ class CdcExtractOperator(BaseOperator):
         state_table: str = "_sync_state",
         schema_drift: str = DEFAULT_SCHEMA_DRIFT,
         history: bool = False,
+        decoder: str = "bulk",
         staging_uri: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -222,6 +227,7 @@ class CdcExtractOperator(BaseOperator):
         self.state_table = state_table
         self.schema_drift = schema_drift
         self.history = history
+        self.decoder = decoder
         self.staging_uri = staging_uri
 
     def build_spec(self) -> CdcSpec:
@@ -350,6 +356,8 @@ class CdcSyncOperator(BaseOperator):
     :param state_table: the state table (in ``target_schema``).
     :param schema_drift: when a table's columns changed at the source: ``"freeze"`` (fail) or ``"evolve"``.
     :param history: keep an SCD type 2 history of every table in ``<table>_history``.
+    :param decoder: ``"bulk"`` (numpy over a whole read, the default) or ``"per_message"`` (the
+        reference pgoutput decoder, kept for comparison and as a fallback).
     :param staging_uri: where batches are staged; default ``[sync] staging_uri``, else
         ``$SYNC_STAGING_DIR``, else a local cache folder. (templated)
     :param stream_for: stream: run micro-batches (each one exactly-once batch as above) for this
@@ -385,6 +393,7 @@ class CdcSyncOperator(BaseOperator):
         state_table: str = "_sync_state",
         schema_drift: str = DEFAULT_SCHEMA_DRIFT,
         history: bool = False,
+        decoder: str = "bulk",
         staging_uri: str | None = None,
         stream_for: dt.timedelta | float | str | None = None,
         poll_interval: float | str = 1.0,
@@ -409,6 +418,7 @@ class CdcSyncOperator(BaseOperator):
         self.state_table = state_table
         self.schema_drift = schema_drift
         self.history = history
+        self.decoder = decoder
         self.staging_uri = staging_uri
         self.stream_for = stream_for
         self.poll_interval = poll_interval

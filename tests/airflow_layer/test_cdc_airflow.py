@@ -464,7 +464,7 @@ def test_provider_registers_the_cdc_modules() -> None:
     assert "airflow_sync_provider.hooks.cdc" in modules["hooks"]
     assert "airflow_sync_provider.operators.cdc" in modules["operators"]
     assert modules["sensors"] == {"airflow_sync_provider.sensors.cdc"}
-    assert modules["triggers"] == {"airflow_sync_provider.triggers.cdc"}
+    assert modules["triggers"] == {"airflow_sync_provider.triggers.cdc", "airflow_sync_provider.triggers.events"}
     for names in modules.values():
         for name in names:
             importlib.import_module(name)
