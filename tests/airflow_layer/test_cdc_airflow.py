@@ -473,7 +473,7 @@ def test_provider_registers_the_cdc_modules() -> None:
     provider = manager.providers["airflow-sync-provider"]
     assert provider.data["sensors"] == info["sensors"]
     ours = {t.trigger_class_name for t in manager.trigger if t.package_name == "airflow-sync-provider"}
-    assert ours == {"airflow_sync_provider.triggers.cdc"}
+    assert ours == {"airflow_sync_provider.triggers.cdc", "airflow_sync_provider.triggers.events"}
 
 
 # --------------------------------------------------------------------------- latency
