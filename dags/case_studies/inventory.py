@@ -77,9 +77,14 @@ def prepare_central(conn: psycopg.Connection[Any]) -> None:
     for store in STORES:
         conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(ident(store, "orders"), _ORDERS))
     conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS inventory.available_to_promise ({})").format(sql.SQL(ATP_COLUMNS)))
-    stock = sql.SQL(" UNION ALL ").join(
-        sql.SQL("SELECT sku, on_hand, reserved FROM {}").format(ident(w, "stock")) for w in WAREHOUSES
-    )
+    from airflow_sync_provider.core.catalog import table_exists
+
+    stock_parts = [sql.SQL("SELECT sku, on_hand, reserved FROM {}").format(ident(w, "stock")) for w in WAREHOUSES]
+    # The devices' net movements (device_inventory_sync owns that table) count once it exists;
+    # until then the view is exactly the warehouses' stock.  Re-run after the device DAG's first run.
+    if table_exists(conn, "devices", "on_hand_delta"):
+        stock_parts.append(sql.SQL("SELECT sku, delta, 0 FROM devices.on_hand_delta"))
+    stock = sql.SQL(" UNION ALL ").join(stock_parts)
     orders = sql.SQL(" UNION ALL ").join(
         sql.SQL("SELECT sku, quantity FROM {} WHERE status = 'open'").format(ident(s, "orders")) for s in STORES
     )

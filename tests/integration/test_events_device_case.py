@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg import sql
 
 from sync_dev.device_simulator import Fleet, PrivateMosquitto, movement_columns, publish
 
@@ -19,6 +20,14 @@ from .test_events_brokers import mosquitto_fixture  # noqa: F401  (fixture)
 from .test_events_sync import rows
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
+
+
+def atp_on_hand(env: SyncEnv) -> dict[str, tuple[int, int]]:
+    """(on_hand, reserved) per SKU as available-to-promise reads them."""
+    return {
+        sku: (on_hand, reserved)
+        for sku, on_hand, reserved in rows(env, "SELECT sku, on_hand, reserved FROM inventory.atp_inputs")
+    }
 
 
 @pytest.fixture
@@ -66,3 +75,39 @@ def test_device_movements_reach_the_central_inventory_exactly_once(
     ]
     quarantined = rows(env, "SELECT count(*), count(*) FILTER (WHERE reason <> '') FROM devices._sync_event_quarantine")
     assert 0 < quarantined[0][0] <= fleet.garbage and quarantined[0][0] == quarantined[0][1]
+
+
+def test_device_movements_count_in_available_to_promise(
+    env: SyncEnv, device_dag: Any, mosquitto: PrivateMosquitto
+) -> None:
+    """ATP inputs per SKU move by exactly the devices' net movement; without devices they are unchanged."""
+    from case_studies.inventory import WAREHOUSES, prepare_central
+
+    fleet = Fleet(skus=40, seed=5)
+    stocked = [f"SKU-{n:05d}" for n in range(0, 40, 2)]  # half the SKUs are in the warehouses' stock too
+    with env.target() as conn:
+        prepare_central(conn)  # before any device: the view is the warehouses' stock only
+        for warehouse in WAREHOUSES:
+            conn.execute(
+                sql.SQL("INSERT INTO {} SELECT sku, 500, 7, now() FROM unnest(%s::text[]) sku").format(
+                    sql.Identifier(warehouse, "stock")
+                ),
+                (stocked,),
+            )
+    before = atp_on_hand(env)
+    assert before == {sku: (500 * len(WAREHOUSES), 7 * len(WAREHOUSES)) for sku in stocked}
+    run_dag_tasks(device_dag, env, "manual__0")  # creates devices.on_hand_delta (empty) and the session
+    with env.target() as conn:
+        prepare_central(conn)  # the inventory DAG's first task: now the view reads the devices too
+    assert atp_on_hand(env) == before  # no movement yet: nothing changes
+    for round_number in (1, 2):
+        publish(fleet.round(800), port=mosquitto.port)
+        run_dag_tasks(device_dag, env, f"manual__{round_number}")
+    net: dict[str, int] = {}
+    for (_, sku), delta in fleet.expected.items():
+        net[sku] = net.get(sku, 0) + delta
+    after = atp_on_hand(env)
+    assert set(after) == set(before) | set(net)
+    for sku, (on_hand, reserved) in after.items():
+        assert on_hand - before.get(sku, (0, 0))[0] == net.get(sku, 0), sku
+        assert reserved == before.get(sku, (0, 0))[1], sku  # movements change on-hand, never reservations
