@@ -79,7 +79,9 @@ def prepare_central(conn: psycopg.Connection[Any]) -> None:
     conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS inventory.available_to_promise ({})").format(sql.SQL(ATP_COLUMNS)))
     from airflow_sync_provider.core.catalog import table_exists
 
-    stock_parts = [sql.SQL("SELECT sku, on_hand, reserved FROM {}").format(ident(w, "stock")) for w in WAREHOUSES]
+    stock_parts: list[sql.Composable] = [
+        sql.SQL("SELECT sku, on_hand, reserved FROM {}").format(ident(w, "stock")) for w in WAREHOUSES
+    ]
     # The devices' net movements (device_inventory_sync owns that table) count once it exists;
     # until then the view is exactly the warehouses' stock.  Re-run after the device DAG's first run.
     if table_exists(conn, "devices", "on_hand_delta"):
