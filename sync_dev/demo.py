@@ -10,6 +10,11 @@ Then the real-time inventory variant (``inventory_sync_realtime``): one streamin
 short while as warehouses receive stock and stores sell, while a checker reads the stores; it
 reports the stream's latency (warehouse commit -> every store) and that no store could oversell.
 
+Then the device case study (``device_inventory_sync``): simulated RFID gates and scanners publish
+stock movements over MQTT to a private Mosquitto (with resends, late sends and garbage); the DAG
+drains them and the net movement per warehouse and SKU, and in available-to-promise, is checked
+against what the devices did.
+
 Then the engine on its own: a 200,000-row table synced incrementally (changes, a no-op run, a
 checksum), a SQLite source with a full refresh and soft deletes, and changes streamed from
 PostgreSQL's WAL (CDC).
@@ -18,7 +23,9 @@ PostgreSQL's WAL (CDC).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import json
 import logging
 import random
 import re
@@ -299,6 +306,79 @@ def realtime_demo(server: LocalPostgres, workdir: Path, stream_seconds: int = 20
     return ok
 
 
+def devices_demo(server: LocalPostgres, workdir: Path, rounds: int = 2, events: int = 500) -> bool:
+    """``device_inventory_sync`` with ``dag.test()`` against a private Mosquitto and simulated devices."""
+    from case_studies import inventory
+    from sync_dev.airflow_sandbox import AirflowSandbox
+    from sync_dev.device_simulator import Fleet, mosquitto_binary, private_mosquitto, publish
+
+    print("\nDevices: RFID gates and scanners publish stock movements over MQTT; device_inventory_sync drains them")
+    try:
+        import paho.mqtt.client  # noqa: F401  (the MQTT adapter's client)
+    except ImportError:
+        print("  SKIPPED: paho-mqtt is not installed (pip install paho-mqtt)")
+        return True
+    if mosquitto_binary() is None:
+        print("  SKIPPED: no MQTT broker can be started (the mosquitto binary is missing: apt-get install mosquitto)")
+        return True
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        try:
+            broker = stack.enter_context(private_mosquitto(workdir / "mosquitto"))
+        except (OSError, RuntimeError) as error:
+            print(f"  SKIPPED: the private Mosquitto did not start ({error})")
+            return True
+        central = server.create_database("demo_devices_central")
+        mqtt = {"conn_type": "mqtt", "host": "127.0.0.1", "port": broker.port, "extra": {"client_id": "demo-central"}}
+        box = AirflowSandbox(
+            workdir / "airflow-devices",
+            {
+                "AIRFLOW_CONN_WAREHOUSE_DEVICES": json.dumps(mqtt),
+                "AIRFLOW_CONN_INVENTORY_CENTRAL": f"postgres://postgres@127.0.0.1:{server.port}/{central}",
+                "SYNC_STAGING_DIR": str(workdir / "staging-devices"),
+            },
+        )
+        box.migrate()
+        when = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
+        first = box.run_dag("device_inventory_sync", when)  # opens the persistent session the devices fill
+        fleet = Fleet(skus=50, seed=3)
+        messages = 0
+        for _ in range(rounds):
+            batch = fleet.round(events)
+            publish(batch, port=broker.port)
+            messages += len(batch)
+        second = box.run_dag("device_inventory_sync", when + dt.timedelta(minutes=1))
+        with server.connect(central) as conn:
+            net = dict(
+                ((row[0], row[1]), row[2])
+                for row in conn.execute("SELECT warehouse, sku, delta FROM devices.on_hand_delta").fetchall()
+            )
+            stored = conn.execute("SELECT count(*), count(DISTINCT event_id) FROM devices.stock_movements").fetchone()
+            quarantine = conn.execute("SELECT count(*) FROM devices._sync_event_quarantine").fetchone()
+            inventory.prepare_central(conn)  # the inventory DAG's first task: ATP now reads the devices
+            atp = {row[0]: row[1] for row in conn.execute("SELECT sku, on_hand FROM inventory.atp_inputs").fetchall()}
+    per_sku: dict[str, int] = {}
+    for (_, sku), delta in fleet.expected.items():
+        per_sku[sku] = per_sku.get(sku, 0) + delta
+    ok = (
+        first.ok
+        and second.ok
+        and net == fleet.expected
+        and stored == (fleet.sent_events, fleet.sent_events)
+        and atp == per_sku
+    )
+    print(f"  runs                     {first.state}, {second.state} ({first.seconds:.1f} s, {second.seconds:.1f} s)")
+    print(
+        f"  devices sent             {fleet.sent_events:,} movements in {messages:,} messages "
+        f"from {len(fleet.devices)} devices ({fleet.duplicates} resends, {fleet.late} late, {fleet.garbage} garbage)"
+    )
+    print(f"  central stored           {(stored or (0,))[0]:,} movements, {(quarantine or (0,))[0]} quarantined")
+    print(f"  net movement per (warehouse, SKU) == what the devices did: {'YES' if net == fleet.expected else 'NO'}")
+    print(f"  available-to-promise on-hand per SKU == devices' net: {'YES' if atp == per_sku else 'NO'}")
+    print(f"  {'OK' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s")
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000, help="rows in the demo orders table")
@@ -306,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--customers", type=int, default=300, help="customers in the bank case study")
     parser.add_argument(
         "--only",
-        choices=("all", "case-studies", "inventory", "bank", "realtime", "engine"),
+        choices=("all", "case-studies", "inventory", "bank", "realtime", "devices", "engine"),
         default="all",
         help="run one part",
     )
@@ -332,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.only in ("all", "realtime"):
             ok = realtime_demo(server, workdir) and ok
+        if args.only in ("all", "devices"):
+            ok = devices_demo(server, workdir) and ok
         if args.only in ("all", "engine"):
             print("\nThe engine on its own")
             staging = StagingArea(workdir / "staging")
