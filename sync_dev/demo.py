@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +309,21 @@ def realtime_demo(server: LocalPostgres, workdir: Path, stream_seconds: int = 20
     return ok
 
 
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Airflow connections as ``AIRFLOW_CONN_*`` variables for a while; what was there before comes back."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def devices_demo(server: LocalPostgres, workdir: Path, rounds: int = 2, events: int = 500) -> bool:
     """``device_inventory_sync``'s tasks against a private Mosquitto and simulated devices."""
     from case_studies import inventory
@@ -336,9 +352,7 @@ def devices_demo(server: LocalPostgres, workdir: Path, rounds: int = 2, events: 
             "AIRFLOW_CONN_INVENTORY_CENTRAL": f"postgres://postgres@127.0.0.1:{server.port}/{central}",
             "SYNC_STAGING_DIR": str(workdir / "staging-devices"),
         }
-        for name, value in connections.items():
-            stack.callback(os.environ.pop, name, None)
-            os.environ[name] = value
+        stack.enter_context(_environment(connections))
         module = importlib.import_module("device_inventory_sync")
         drain = module.device_inventory_sync.get_task("drain_movements")
 
