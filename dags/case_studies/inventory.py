@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -763,43 +763,57 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def observe_oversell(uris: Mapping[str, str], attempts: int = 5) -> list[str]:
+def observe_oversell(
+    uris: Mapping[str, str], attempts: int = 5, *, between: Callable[[], None] | None = None
+) -> list[str]:
     """What a store can observe right now, checked against the ground truth: the violations.
 
     The stores are read first (each its sellable quantities and open orders in one snapshot), twice
-    for the first one, until it did not change around the other's read, so both values held at one
-    moment; the warehouses after, so a receipt in between can only raise the truth (no false alarm).
+    for the first one, until its whole state (quantities, open orders, its orders' newest change and
+    its push position) did not change around the other's read, so both held at one moment.  Equal
+    quantities are not enough: a cancel the centre pushed to the other store, then a sale of what the
+    first store's share rose by, leave its quantities as they were but its open orders not (the old
+    ones would count the cancelled order against the units the other store now shows).  The
+    warehouses are read after, so a receipt in between can only raise the truth (no false alarm).
     Meant for writers that receive stock, sell within ``catalog_availability`` and cancel orders
     (releases reserve at the warehouse before the store marks the order: read in this order, they
-    would look like stock counted twice).
+    would look like stock counted twice).  ``between`` runs after the first read (for tests).
     """
 
-    def read_store(store: str) -> tuple[dict[str, int], dict[str, int]]:
+    def read_store(store: str) -> tuple[dict[str, int], dict[str, int], tuple[Any, ...]]:
         with connect(uris[store]) as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             shown = _store_availability(conn)
             open_orders = dict(
                 conn.execute("SELECT sku, sum(quantity) FROM orders WHERE status = 'open' GROUP BY sku").fetchall()
             )
-        return shown, {k: int(v) for k, v in open_orders.items()}
+            # every sale or cancel moves the orders' newest change, every push the position
+            orders = conn.execute("SELECT count(*), max(updated_at) FROM orders").fetchone()
+            pushed = conn.execute("SELECT to_regclass('public._allocation_position') IS NOT NULL").fetchone()
+            if pushed and pushed[0]:
+                pushed = conn.execute("SELECT max(seq) FROM _allocation_position").fetchone()
+            version = (*(orders or ()), *(pushed or ()))
+        return shown, {k: int(v) for k, v in open_orders.items()}, version
 
     first, rest = STORES[0], STORES[1:]
-    for _ in range(attempts):
+    for attempt in range(attempts):
         reads = {first: read_store(first)}
+        if between is not None and attempt == 0:
+            between()
         reads.update({s: read_store(s) for s in rest})
-        if read_store(first)[0] == reads[first][0]:
+        if read_store(first) == reads[first]:
             break
     else:
-        return []  # pushes kept moving: no consistent moment observed this time
+        return []  # the first store kept moving: no consistent moment observed this time
     free: dict[str, int] = {}
     for warehouse in WAREHOUSES:
         with connect(uris[warehouse]) as conn:
             for sku, qty in conn.execute("SELECT sku, on_hand - reserved FROM stock"):
                 free[sku] = free.get(sku, 0) + int(qty)
     violations = []
-    for sku in sorted({sku for shown, _ in reads.values() for sku in shown}):
-        truth = free.get(sku, 0) - sum(open_orders.get(sku, 0) for _, open_orders in reads.values())
-        promised = sum(shown.get(sku, 0) for shown, _ in reads.values())
+    for sku in sorted({sku for shown, _, _ in reads.values() for sku in shown}):
+        truth = free.get(sku, 0) - sum(open_orders.get(sku, 0) for _, open_orders, _ in reads.values())
+        promised = sum(shown.get(sku, 0) for shown, _, _ in reads.values())
         if promised > max(truth, 0):
             violations.append(f"{sku}: stores may sell {promised} but only {max(truth, 0)} are available")
     return violations

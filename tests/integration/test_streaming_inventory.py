@@ -290,3 +290,56 @@ def test_a_push_left_by_a_killed_run_is_applied_once_by_the_next(uris: dict[str,
         with connect(uris[store]) as conn:
             assert conn.execute("SELECT seq FROM _allocation_position").fetchone() == pending
     assert inventory.check_no_oversell(uris, against="sources").ok
+
+
+def test_the_checker_sees_a_cancel_and_a_sale_that_leave_the_first_store_unchanged(
+    uris: dict[str, str], tmp_path: Path
+) -> None:
+    """Between the checker's two reads of the first store it cancels an order the centre knew, the
+    stream pushes the freed units, and it sells what its share rose by: its sellable quantities read
+    the same, its open orders do not.  No store can sell more than exists (5 free, 1 + 2 + 2 sold or
+    sellable), so the checker must not report an oversell: it may not combine the first read's open
+    orders with the second store's quantities."""
+    inventory.seed(uris, scale=SCALE)
+    web, app = inventory.STORES
+    sku = "SKU-000001"
+    for warehouse, on_hand in zip(inventory.WAREHOUSES, (5, 0), strict=True):
+        with connect(uris[warehouse]) as conn:
+            conn.execute("DELETE FROM stock WHERE sku = %s", (sku,))
+            conn.execute(
+                "INSERT INTO stock (sku, on_hand, reserved, updated_at) VALUES (%s, %s, 0, now())", (sku, on_hand)
+            )
+    with connect(uris[web]) as conn:  # an open order of 3 placed before the stream: 5 - 3 = 2 to promise
+        conn.execute(
+            "INSERT INTO orders SELECT max(order_id) + 1, %s, 3, 'open', NULL, now(), now() FROM orders", (sku,)
+        )
+        order = conn.execute("SELECT max(order_id) FROM orders").fetchone()
+    with inventory.RealtimeInventory(uris, staging=StagingArea(tmp_path / "staging"), gate=False) as stream:
+        stream.step()
+
+        def shown(store: str) -> int:
+            with connect(uris[store]) as conn:
+                row = conn.execute("SELECT available_qty FROM catalog_availability WHERE sku = %s", (sku,)).fetchone()
+            return int(row[0]) if row else 0
+
+        assert (shown(web), shown(app)) == (1, 0)  # floor(0.6 * 2), floor(0.4 * 2)
+        done: list[bool] = []
+
+        def cancel_push_and_sell() -> None:
+            if done:
+                return
+            done.append(True)
+            with connect(uris[web]) as conn:
+                conn.execute("UPDATE orders SET status = 'cancelled', updated_at = now() WHERE order_id = %s", order)
+            stream.step()  # 5 to promise: 3 at the web store, 2 at the app
+            with connect(uris[web]) as conn, conn.transaction():
+                conn.execute("UPDATE catalog_availability SET available_qty = available_qty - 2 WHERE sku = %s", (sku,))
+                conn.execute(
+                    "INSERT INTO orders SELECT max(order_id) + 1, %s, 2, 'open', NULL, now(), now() FROM orders", (sku,)
+                )
+
+        violations = inventory.observe_oversell(uris, between=cancel_push_and_sell)
+        assert done
+        assert (shown(web), shown(app)) == (1, 2)  # 3 sellable, 2 sold: the 5 that exist
+        assert inventory.true_available(uris)[sku] == 3
+        assert violations == [], violations
