@@ -459,14 +459,19 @@ def prepare_store(conn: psycopg.Connection[Any]) -> None:
 #: A store's sellable quantity per SKU: its allocation minus what it sold that the centre has not
 #: seen yet (its orders whose id the centre's copy lacks): the store already decremented those from
 #: the old value, and the new allocation does not count them.  Cancelled orders consume nothing.
+#: Minus ``excess`` too: what the other stores sold unseen beyond their own new allocation (their
+#: value stops at 0, so without it that part would be promised again here).
 _STORE_VALUES = """
-WITH pushed(sku, qty, discontinued) AS (SELECT * FROM unnest(%(skus)s::text[], %(qtys)s::bigint[], %(gone)s::bool[])),
+WITH pushed(sku, qty, discontinued, excess) AS (
+    SELECT * FROM unnest(%(skus)s::text[], %(qtys)s::bigint[], %(gone)s::bool[], %(excess)s::bigint[])
+),
 unseen AS (
     SELECT sku, sum(quantity) AS quantity FROM orders
     WHERE sku = ANY(%(skus)s) AND status <> 'cancelled' AND NOT (order_id = ANY(%(known)s::bigint[]))
     GROUP BY sku
 )
-SELECT pushed.sku, greatest(pushed.qty - coalesce(unseen.quantity, 0), 0)::bigint AS qty, pushed.discontinued
+SELECT pushed.sku, greatest(pushed.qty - coalesce(unseen.quantity, 0) - pushed.excess, 0)::bigint AS qty,
+    pushed.discontinued
 FROM pushed LEFT JOIN unseen USING (sku)
 """
 
@@ -715,6 +720,7 @@ class RealtimeInventory:
             "qtys": batch.quantities,
             "gone": batch.discontinued,
             "known": batch.known_orders,
+            "excess": self._excess_elsewhere(batch),
         }
         with conn.transaction():
             # lock first, read the store's orders after: a sale either committed before (and is
@@ -744,6 +750,44 @@ class RealtimeInventory:
                 ([s for s, gone in zip(batch.skus, batch.discontinued, strict=True) if gone],),
             )
             conn.execute("UPDATE _allocation_position SET seq = greatest(seq, %s)", (batch.upto,))
+
+    def _excess_elsewhere(self, batch: PushBatch) -> list[int]:
+        """Per SKU of ``batch``, what the other stores sold that the centre has not seen beyond their
+        allocation (the centre's current one, which the outbox entries pushed with it equal).
+
+        Such a store shows 0 and the centre still counts those units as available, so they must come
+        off this store's value.  Once a store's first pass ran it cannot sell beyond its allocation,
+        so read in the second pass this no longer grows; in the first pass it only lowers more.
+        """
+        excess = [0] * len(batch.skus)
+        for other in STORES:
+            if other == batch.store:
+                continue
+            known = self.central.execute(
+                sql.SQL("SELECT order_id FROM {} WHERE sku = ANY(%s)").format(sql.Identifier(other, "orders")),
+                (batch.skus,),
+            ).fetchall()
+            allocation = dict(
+                self.central.execute(
+                    sql.SQL("SELECT sku, {} FROM inventory.available_to_promise WHERE sku = ANY(%s)").format(
+                        sql.Identifier(f"{other}_qty")
+                    ),
+                    (batch.skus,),
+                ).fetchall()
+            )
+            rows = (
+                self.stores[other]
+                .execute(
+                    "SELECT sku, sum(quantity) FROM orders WHERE sku = ANY(%s) AND status <> 'cancelled' "
+                    "AND NOT (order_id = ANY(%s::bigint[])) GROUP BY sku",
+                    (batch.skus, [int(k[0]) for k in known]),
+                )
+                .fetchall()
+            )
+            unseen = {sku: int(qty) for sku, qty in rows}
+            for i, sku in enumerate(batch.skus):
+                excess[i] += max(unseen.get(sku, 0) - int(allocation.get(sku, 0)), 0)
+        return excess
 
     def _stock_lag(self, skus: list[str]) -> float | None:
         """Seconds from the newest stock change of these SKUs (its ``updated_at``) to now: in every store."""
@@ -815,7 +859,11 @@ def observe_oversell(
         truth = free.get(sku, 0) - sum(open_orders.get(sku, 0) for _, open_orders, _ in reads.values())
         promised = sum(shown.get(sku, 0) for shown, _, _ in reads.values())
         if promised > max(truth, 0):
-            violations.append(f"{sku}: stores may sell {promised} but only {max(truth, 0)} are available")
+            shown_by = ", ".join(f"{s}={r[0].get(sku, 0)} open {r[1].get(sku, 0)}" for s, r in reads.items())
+            violations.append(
+                f"{sku}: stores may sell {promised} but only {max(truth, 0)} are available "
+                f"({shown_by}; warehouses free {free.get(sku, 0)})"
+            )
     return violations
 
 
