@@ -343,3 +343,54 @@ def test_the_checker_sees_a_cancel_and_a_sale_that_leave_the_first_store_unchang
         assert (shown(web), shown(app)) == (1, 2)  # 3 sellable, 2 sold: the 5 that exist
         assert inventory.true_available(uris)[sku] == 3
         assert violations == [], violations
+
+
+def test_what_a_store_sold_unseen_beyond_its_new_share_is_not_promised_again(
+    uris: dict[str, str], tmp_path: Path
+) -> None:
+    """The app store sells its whole share after the centre synced its orders; the web store's sale,
+    seen, lowers the ATP below what the app sold.  The app shows 0 (its value stops there), and the
+    web store must not get the units the app already sold: 10 exist, 9 sold, 1 sellable."""
+    inventory.seed(uris, scale=SCALE)
+    web, app = inventory.STORES
+    sku = "SKU-000001"
+    for warehouse, on_hand in zip(inventory.WAREHOUSES, (10, 0), strict=True):
+        with connect(uris[warehouse]) as conn:
+            conn.execute("DELETE FROM stock WHERE sku = %s", (sku,))
+            conn.execute(
+                "INSERT INTO stock (sku, on_hand, reserved, updated_at) VALUES (%s, %s, 0, now())", (sku, on_hand)
+            )
+
+    def sell(store: str, quantity: int) -> None:
+        with connect(uris[store]) as conn, conn.transaction():
+            sold = conn.execute(
+                "UPDATE catalog_availability SET available_qty = available_qty - %s "
+                "WHERE sku = %s AND available_qty >= %s",
+                (quantity, sku, quantity),
+            ).rowcount
+            assert sold == 1, (store, quantity)
+            conn.execute(
+                "INSERT INTO orders SELECT max(order_id) + 1, %s, %s, 'open', NULL, now(), now() FROM orders",
+                (sku, quantity),
+            )
+
+    def shown(store: str) -> int:
+        with connect(uris[store]) as conn:
+            row = conn.execute("SELECT available_qty FROM catalog_availability WHERE sku = %s", (sku,)).fetchone()
+        return int(row[0]) if row else 0
+
+    from airflow_sync_provider.core import run_sync
+
+    staging = StagingArea(tmp_path / "staging")
+    with inventory.RealtimeInventory(uris, staging=staging, gate=False) as stream:
+        stream.step()
+        assert (shown(web), shown(app)) == (6, 4)
+        sell(web, 5)
+        for store, spec in stream.orders.items():  # the micro-batch syncs the orders ...
+            run_sync(stream.engines[store], stream.central, spec, staging=staging)
+        sell(app, 4)  # ... then the app sells its share, unseen
+        assert stream.recompute() == [sku]  # 10 - 5 = 5: 3 for the web store, 2 for the app
+        stream.push()
+    assert inventory.true_available(uris)[sku] == 1
+    assert (shown(web), shown(app)) == (1, 0)
+    assert inventory.observe_oversell(uris) == []
