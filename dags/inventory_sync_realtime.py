@@ -12,7 +12,8 @@ stream runs at a time and a worker slot is held only while it streams.  Each mic
    suite of the batch DAGs, and writes it with an outbox entry per SKU in one transaction;
 3. pushes the new allocations to every store exactly once and in order (each store records its
    outbox position in the same transaction), lowering everywhere before raising anywhere, minus what
-   a store sold that the centre has not seen yet, so no store can sell what another was promised.
+   a store sold that the centre has not seen yet (and what the other stores sold unseen beyond their
+   own share), so no store can sell what another was promised or already sold.
 
 Cancelling the task (or marking it failed) stops the stream after the micro-batch in flight; a
 killed stream loses nothing: every micro-batch committed with its position, and the next run
