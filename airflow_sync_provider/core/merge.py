@@ -201,14 +201,7 @@ def merge_and_delete(
         if row is None:
             row = execute(conn, upsert, {"run_id": run_id}).fetchone()
     except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as error:
-        raise DataError(
-            f"merge rejected by the target: {error.diag.message_primary}"
-            + (f" ({error.diag.message_detail})" if error.diag.message_detail else ""),
-            sync_id=manifest.sync_id,
-            table=target.display,
-            column=error.diag.column_name,
-            rule=error.diag.constraint_name or "target constraint",
-        ) from error
+        raise rejected_by_target(error, manifest, target) from error
     assert row is not None
     return int(row[0]), int(row[1]), deleted
 
@@ -264,3 +257,15 @@ def _check_delete_fraction(manifest: Manifest, target: TargetTable, deleted: int
 
 
 __all__ = ["delete_missing", "merge_and_delete", "merge_stage"]
+
+
+def rejected_by_target(error: psycopg.Error, manifest: Manifest, target: TargetTable) -> DataError:
+    """The :class:`DataError` for a merge the target refused (constraint, type): names table, column, rule."""
+    return DataError(
+        f"merge rejected by the target: {error.diag.message_primary}"
+        + (f" ({error.diag.message_detail})" if error.diag.message_detail else ""),
+        sync_id=manifest.sync_id,
+        table=target.display,
+        column=error.diag.column_name,
+        rule=error.diag.constraint_name or "target constraint",
+    )

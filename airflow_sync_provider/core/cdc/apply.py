@@ -52,7 +52,7 @@ from airflow_sync_provider.core.errors import DataError, SchemaError
 from airflow_sync_provider.core.history import close_deleted, record_history
 from airflow_sync_provider.core.load import apply_table_batch, copy_files, notify, prepare_load
 from airflow_sync_provider.core.manifest import Manifest, StagedFile
-from airflow_sync_provider.core.merge import merge_stage
+from airflow_sync_provider.core.merge import merge_stage, rejected_by_target
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SYNCED_AT_COLUMN
 from airflow_sync_provider.core.sqltext import execute
@@ -470,14 +470,7 @@ def _merge_with_deletes(
     except psycopg.errors.UniqueViolation:
         return None
     except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as error:
-        raise DataError(
-            f"merge rejected by the target: {error.diag.message_primary}"
-            + (f" ({error.diag.message_detail})" if error.diag.message_detail else ""),
-            sync_id=manifest.sync_id,
-            table=target.display,
-            column=error.diag.column_name,
-            rule=error.diag.constraint_name or "target constraint",
-        ) from error
+        raise rejected_by_target(error, manifest, target) from error
     assert row is not None
     return int(row[0]), int(row[1]), int(row[2])
 
