@@ -404,7 +404,7 @@ def read_change_parts(
 @contextmanager
 def _peek_cursor(
     conn: psycopg.Connection[Any], spec: CdcSpec, query: str, params: dict[str, Any]
-) -> Iterator[psycopg.Cursor[Any]]:
+) -> Iterator[_Prefetched]:
     """A server-side binary cursor over a peek of the slot, in its own transaction.
 
     Waits for a slot another session briefly holds, and names a missing slot.
@@ -430,14 +430,36 @@ def _peek_cursor(
                         sync_id=spec.sync_id,
                         rule="slot missing",
                     ) from error
+                # The server takes the slot at the first FETCH, not at DECLARE: fetch the first row
+                # here, inside the wait, so a slot another run or a sensor holds is waited for.
+                first = cursor.fetchmany(1)
                 reading = True
-                yield cursor
+                yield _Prefetched(cursor, first)
             return
         except psycopg.errors.ObjectInUse:
             # A sensor or trigger peeking at the slot holds it for a moment: wait, don't fail the sync.
             if reading or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+class _Prefetched:
+    """A server-side cursor whose first row was fetched already: served first by ``fetchone``/``fetchmany``."""
+
+    def __init__(self, cursor: psycopg.Cursor[Any], first: list[Any]) -> None:
+        self._cursor = cursor
+        self._first = first
+
+    def fetchone(self) -> Any:
+        if self._first:
+            return self._first.pop()
+        return self._cursor.fetchone()
+
+    def fetchmany(self, size: int) -> list[Any]:
+        if self._first:
+            rows, self._first = self._first, []
+            return rows + (self._cursor.fetchmany(size - 1) if size > 1 else [])
+        return self._cursor.fetchmany(size)
 
 
 def has_pending_changes(conn: psycopg.Connection[Any], slot_name: str, publication: str, peek_rows: int = 64) -> bool:
