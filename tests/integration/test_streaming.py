@@ -125,7 +125,16 @@ def test_a_busy_database_lets_the_idle_stream_advance_its_slot(cdc: CdcEnv) -> N
         _wait_converged(cdc)
         src.execute("CREATE TABLE noise (id int, pad text)")
         src.execute("INSERT INTO noise SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g")  # ~5 MB
+        noise_end = cdc.slot(SPEC).current_lsn
+        # What the stream controls: a batch runs and confirms past the others' WAL.
         deadline = time.monotonic() + 10
+        while (cdc.slot(SPEC).confirmed_flush_lsn or 0) < noise_end:
+            assert time.monotonic() < deadline, cdc.slot(SPEC).describe()
+            time.sleep(0.1)
+        # The server then moves the slot's restart point at the next running-transactions record it
+        # decodes (written every 15 s, or at a checkpoint): ask for one instead of waiting for it.
+        src.execute("CHECKPOINT")
+        deadline = time.monotonic() + 30
         while cdc.slot(SPEC).retained_bytes > 1024 * 1024:
             assert time.monotonic() < deadline, cdc.slot(SPEC).describe()
             time.sleep(0.1)
