@@ -39,7 +39,7 @@ from airflow_sync_provider.core.streaming import (
 from airflow_sync_provider.hooks.cdc import PostgresCdcHook
 from airflow_sync_provider.hooks.source import source_connection_defined, source_engine
 from airflow_sync_provider.hooks.target import target_connection
-from airflow_sync_provider.operators.common import as_task_error, default_staging_uri, xcom_dict
+from airflow_sync_provider.operators.common import as_task_error, default_staging_uri, record_dag_run, xcom_dict
 
 CDC_TEMPLATE_FIELDS: tuple[str, ...] = (
     "sync_id",
@@ -306,6 +306,14 @@ class CdcLoadOperator(BaseOperator):
             if self.source_conn_id:
                 log_slot_lag(self.log, self.source_conn_id, spec)
             with closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target:
+                record_dag_run(
+                    target,
+                    spec.target_schema,
+                    spec.sync_id,
+                    context,
+                    source_conn_id=self.source_conn_id or None,
+                    slot_name=spec.slot_name,
+                )
                 result = load_cdc_manifest(
                     target, manifest, run_id=context["run_id"], logger=self.log, keep_staged=self.keep_staged
                 )
@@ -445,13 +453,21 @@ class CdcSyncOperator(BaseOperator):
         spec = self._spec()
         stream_seconds = seconds_of(self.stream_for, "stream_for")
         if stream_seconds is not None:
-            return self._stream(spec, stream_seconds, context["run_id"])
+            return self._stream(spec, stream_seconds, context)
         try:
             log_slot_lag(self.log, self.source_conn_id, spec)
             with (
                 source_engine(self.source_conn_id, sync_id=spec.sync_id) as engine,
                 closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target,
             ):
+                record_dag_run(
+                    target,
+                    spec.target_schema,
+                    spec.sync_id,
+                    context,
+                    source_conn_id=self.source_conn_id,
+                    slot_name=spec.slot_name,
+                )
                 manifest, result = run_cdc_sync(
                     engine,
                     target,
@@ -465,7 +481,8 @@ class CdcSyncOperator(BaseOperator):
         self.log.info("%s", manifest.summary())
         return {"manifest": manifest_summary(manifest), "load": result.to_dict()}
 
-    def _stream(self, spec: CdcSpec, stream_seconds: float, run_id: str) -> dict[str, Any]:
+    def _stream(self, spec: CdcSpec, stream_seconds: float, context: Context) -> dict[str, Any]:
+        run_id = context["run_id"]
         poll = seconds_of(self.poll_interval, "poll_interval") or 0.0
         stop = self._stop = StopFlag()
         try:
@@ -475,6 +492,14 @@ class CdcSyncOperator(BaseOperator):
                 closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target,
                 stop_on_signals(stop),
             ):
+                record_dag_run(
+                    target,
+                    spec.target_schema,
+                    spec.sync_id,
+                    context,
+                    source_conn_id=self.source_conn_id,
+                    slot_name=spec.slot_name,
+                )
                 stream = CdcStream(
                     engine,
                     target,

@@ -8,14 +8,17 @@ import ast
 import datetime as dt
 import importlib
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import psycopg
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_sync_provider.core import ConfigurationError, Manifest, SyncError, SyncSpec, UnavailableError
 from airflow_sync_provider.core.extract import BatchTransform
+from airflow_sync_provider.core.status import RunContext, record_run_context
 
 #: Template fields of the sync declaration (every operator declaring a :class:`SyncSpec`).
 SPEC_TEMPLATE_FIELDS: tuple[str, ...] = (
@@ -89,6 +92,41 @@ def parse_manifest(value: Any) -> Manifest:
         raise ConfigurationError(f"manifest is not a table-sync manifest: {error!r}") from error
 
 
+def record_dag_run(
+    target: psycopg.Connection[Any],
+    schema: str,
+    sync_id: str,
+    context: Mapping[str, Any],
+    *,
+    source_conn_id: str | None = None,
+    slot_name: str | None = None,
+) -> None:
+    """Tie this run of ``sync_id`` to its DAG and task in the target (``_sync_run_context``), so the
+    status view shows a sync only to users who may read its DAG.  Best effort: a target that refuses
+    the write (no CREATE privilege, say) costs the view its DAG filter, never the sync."""
+    task_instance = context.get("ti") or context.get("task_instance")
+    dag_id = getattr(task_instance, "dag_id", None) or getattr(context.get("dag"), "dag_id", None)
+    if not dag_id:
+        return
+    try:
+        record_run_context(
+            target,
+            schema,
+            RunContext(
+                sync_id=sync_id,
+                run_id=str(context["run_id"]),
+                dag_id=str(dag_id),
+                task_id=str(getattr(task_instance, "task_id", "")),
+                source_conn_id=source_conn_id,
+                slot_name=slot_name,
+            ),
+        )
+    except psycopg.Error as error:
+        logging.getLogger(__name__).warning(
+            "sync %s: could not record its DAG %s in %s._sync_run_context: %s", sync_id, dag_id, schema, error
+        )
+
+
 class SyncDeclaration(Protocol):
     """The arguments of an operator that declares a table sync (see :class:`SyncSpec`).
 
@@ -153,6 +191,7 @@ __all__ = [
     "build_sync_spec",
     "default_staging_uri",
     "parse_manifest",
+    "record_dag_run",
     "resolve_transform",
     "xcom_dict",
 ]

@@ -20,7 +20,7 @@ from airflow_sync_provider.core.events.spec import DEFAULT_BATCH_BYTES, DEFAULT_
 from airflow_sync_provider.core.staging import StagingArea
 from airflow_sync_provider.hooks.events import event_source
 from airflow_sync_provider.hooks.target import target_connection
-from airflow_sync_provider.operators.common import as_task_error, default_staging_uri, resolve_transform
+from airflow_sync_provider.operators.common import as_task_error, default_staging_uri, record_dag_run, resolve_transform
 
 
 def event_columns(columns: Sequence[EventColumn | Mapping[str, Any]]) -> tuple[EventColumn, ...]:
@@ -151,6 +151,9 @@ class EventStreamToPostgresOperator(BaseOperator):
             )
             try:
                 with closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target:
+                    record_dag_run(
+                        target, spec.target_schema, spec.sync_id, context, source_conn_id=self.source_conn_id
+                    )
                     result = drain_events(
                         source,
                         target,

@@ -19,6 +19,7 @@ from airflow_sync_provider.operators.common import (
     as_task_error,
     default_staging_uri,
     parse_manifest,
+    record_dag_run,
     resolve_transform,
 )
 
@@ -99,6 +100,7 @@ class DataQualityGateOperator(BaseOperator):
         try:
             suite = _suite_argument(self.expectations, self.suite_path)
             with closing(target_connection(self.target_conn_id, sync_id=manifest.sync_id)) as target:
+                record_dag_run(target, manifest.target_schema, manifest.sync_id, context)
                 result = validate_manifest(
                     manifest,
                     suite,

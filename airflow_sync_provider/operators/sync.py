@@ -33,6 +33,7 @@ from airflow_sync_provider.operators.common import (
     build_sync_spec,
     default_staging_uri,
     parse_manifest,
+    record_dag_run,
     resolve_transform,
 )
 
@@ -196,6 +197,7 @@ class ExtractToStagingOperator(BaseOperator):
                 source_engine(self.source_conn_id, sync_id=spec.sync_id) as engine,
                 closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target,
             ):
+                record_dag_run(target, spec.target_schema, spec.sync_id, context, source_conn_id=self.source_conn_id)
                 manifest = extract_for(
                     engine,
                     target,
@@ -246,6 +248,7 @@ class LoadStagedToPostgresOperator(BaseOperator):
             raise as_task_error(error) from error
         try:
             with closing(target_connection(self.target_conn_id, sync_id=manifest.sync_id)) as target:
+                record_dag_run(target, manifest.target_schema, manifest.sync_id, context)
                 result = load_manifest(
                     target, manifest, run_id=context["run_id"], logger=self.log, keep_staged=self.keep_staged
                 )
@@ -363,6 +366,7 @@ class SyncTableOperator(BaseOperator):
                 source_engine(self.source_conn_id, sync_id=spec.sync_id) as engine,
                 closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target,
             ):
+                record_dag_run(target, spec.target_schema, spec.sync_id, context, source_conn_id=self.source_conn_id)
                 manifest, result = run_sync(
                     engine,
                     target,
