@@ -40,6 +40,7 @@ from airflow_sync_provider.hooks.cdc import PostgresCdcHook
 from airflow_sync_provider.hooks.source import source_connection_defined, source_engine
 from airflow_sync_provider.hooks.target import target_connection
 from airflow_sync_provider.operators.common import as_task_error, default_staging_uri, record_dag_run, xcom_dict
+from airflow_sync_provider.plugins.links import SYNC_LINKS
 
 CDC_TEMPLATE_FIELDS: tuple[str, ...] = (
     "sync_id",
@@ -186,6 +187,7 @@ class CdcExtractOperator(BaseOperator):
 
     template_fields: Sequence[str] = CDC_TEMPLATE_FIELDS
     ui_color = "#e3eefc"
+    operator_extra_links = SYNC_LINKS
 
     def __init__(
         self,
@@ -280,6 +282,7 @@ class CdcLoadOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("manifest", "target_conn_id", "source_conn_id")
     ui_color = "#e3f6e8"
+    operator_extra_links = SYNC_LINKS
 
     def __init__(
         self,
@@ -381,6 +384,7 @@ class CdcSyncOperator(BaseOperator):
 
     template_fields: Sequence[str] = (*CDC_TEMPLATE_FIELDS, "stream_for", "poll_interval")
     ui_color = "#fcf0dc"
+    operator_extra_links = SYNC_LINKS
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ from airflow_sync_provider.core.staging import StagingArea
 from airflow_sync_provider.hooks.events import event_source
 from airflow_sync_provider.hooks.target import target_connection
 from airflow_sync_provider.operators.common import as_task_error, default_staging_uri, record_dag_run, resolve_transform
+from airflow_sync_provider.plugins.links import SYNC_LINKS
 
 
 def event_columns(columns: Sequence[EventColumn | Mapping[str, Any]]) -> tuple[EventColumn, ...]:
@@ -66,6 +67,7 @@ class EventStreamToPostgresOperator(BaseOperator):
         "staging_uri",
     )
     ui_color = "#fff4e0"
+    operator_extra_links = SYNC_LINKS
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ from airflow_sync_provider.operators.common import (
     record_dag_run,
     resolve_transform,
 )
+from airflow_sync_provider.plugins.links import SYNC_LINKS
 
 
 def _suite_argument(expectations: Any, suite_path: str | None) -> Any:
@@ -62,6 +63,7 @@ class DataQualityGateOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("manifest", "target_conn_id", "suite_path", "staging_uri")
     ui_color = "#fff4d6"
+    operator_extra_links = SYNC_LINKS
 
     def __init__(
         self,
@@ -143,6 +145,7 @@ class ReplayQuarantinedRowsOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("sync_id", "target_conn_id", "suite_path", "quarantined_in_run")
     ui_color = "#fff4d6"
+    operator_extra_links = SYNC_LINKS
 
     def __init__(
         self,
@@ -208,6 +211,7 @@ class ReferentialIntegrityGateOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("manifest", "target_conn_id")
     ui_color = "#fff4d6"
+    operator_extra_links = SYNC_LINKS
 
     def __init__(self, *, manifest: Any, target_conn_id: str, references: Mapping[str, str], **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -36,6 +36,7 @@ from airflow_sync_provider.operators.common import (
     record_dag_run,
     resolve_transform,
 )
+from airflow_sync_provider.plugins.links import SYNC_LINKS
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
@@ -129,6 +130,7 @@ class ExtractToStagingOperator(BaseOperator):
 
     template_fields: Sequence[str] = SPEC_TEMPLATE_FIELDS
     ui_color = "#e8f1fb"
+    operator_extra_links = SYNC_LINKS
 
     def __init__(
         self,
@@ -227,6 +229,7 @@ class LoadStagedToPostgresOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("manifest", "target_conn_id")
     ui_color = "#e6f4ea"
+    operator_extra_links = SYNC_LINKS
 
     def __init__(
         self,
@@ -296,6 +299,7 @@ class SyncTableOperator(BaseOperator):
 
     template_fields: Sequence[str] = SPEC_TEMPLATE_FIELDS
     ui_color = "#fdf3e1"
+    operator_extra_links = SYNC_LINKS
 
     def __init__(
         self,

@@ -26,6 +26,7 @@ from airflow_sync_provider.core.status.model import (
     SyncStatus,
 )
 from airflow_sync_provider.core.status.read import (
+    evidence_schemas,
     read_slot_status,
     read_sync_history,
     read_sync_status,
@@ -47,6 +48,7 @@ __all__ = [
     "SyncHistory",
     "SyncKind",
     "SyncStatus",
+    "evidence_schemas",
     "read_run_contexts",
     "read_slot_status",
     "read_sync_history",

@@ -90,6 +90,17 @@ def read_slot_status(source: psycopg.Connection[Any], slot_name: str) -> SlotSta
     )
 
 
+def evidence_schemas(conn: psycopg.Connection[Any], state_table: str = "_sync_state") -> list[str]:
+    """The schemas of the database that hold sync evidence (a state table, ledger, gate results or run
+    contexts), sorted: where a status view looks when it is given only a connection."""
+    rows = conn.execute(
+        "SELECT DISTINCT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind IN ('r', 'p') AND c.relname = ANY(%s) ORDER BY 1",
+        ([state_table, AUDIT_TABLE, QUALITY_TABLE, CONTEXT_TABLE],),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
 def read_sync_statuses(
     conn: psycopg.Connection[Any],
     schema: str = "public",
@@ -586,6 +597,7 @@ def _runs_of(entries: list[HistoryEntry]) -> list[RunSummary]:
 __all__ = [
     "HELD_BACK_MARKER",
     "default_slot_name",
+    "evidence_schemas",
     "read_slot_status",
     "read_sync_history",
     "read_sync_status",
