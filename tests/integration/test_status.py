@@ -267,3 +267,71 @@ def test_operators_record_the_dag_of_each_run(env: SyncEnv, monkeypatch: pytest.
     # Run outside Airflow (no task instance in the context): nothing recorded, the sync still runs.
     operator.execute({"run_id": "plain"})  # type: ignore[arg-type]
     assert _status(env).last_run.dag_id is None
+
+
+def test_the_plugin_registers_its_app_view_and_links() -> None:
+    from airflow._shared.plugins_manager import is_valid_plugin
+    from airflow.api_fastapi.core_api.datamodels.plugins import ExternalViewResponse
+
+    from airflow_sync_provider.plugins.status_plugin import SyncStatusPlugin
+
+    assert is_valid_plugin(SyncStatusPlugin)
+    SyncStatusPlugin.on_load()
+    ((app,),) = [[a for a in SyncStatusPlugin.fastapi_apps if a["url_prefix"] == "/sync-status"]]
+    paths = {route.path for route in app["app"].routes}  # type: ignore[attr-defined]
+    assert {"/", "/syncs/{conn_id}/{schema}/{sync_id:path}", "/api/syncs"} <= paths
+    (view,) = SyncStatusPlugin.external_views
+    parsed = ExternalViewResponse(**view)
+    assert (parsed.href, parsed.url_route, parsed.destination, parsed.category) == (
+        "/sync-status/",
+        "sync-status",
+        "nav",
+        "browse",
+    )
+
+
+def test_extra_links_name_the_sync_of_any_sync_operator() -> None:
+    import json
+
+    from airflow_sync_provider.operators.cdc import CdcLoadOperator, CdcSyncOperator
+    from airflow_sync_provider.operators.events import EventStreamToPostgresOperator
+    from airflow_sync_provider.operators.quality import DataQualityGateOperator
+    from airflow_sync_provider.operators.sync import LoadStagedToPostgresOperator, SyncTableOperator
+    from airflow_sync_provider.plugins.links import QualityReportLink, SyncStatusLink
+
+    for operator_class in (
+        SyncTableOperator,
+        LoadStagedToPostgresOperator,
+        CdcSyncOperator,
+        CdcLoadOperator,
+        EventStreamToPostgresOperator,
+        DataQualityGateOperator,
+    ):
+        assert [type(link) for link in operator_class.operator_extra_links] == [SyncStatusLink, QualityReportLink]
+    table = SyncTableOperator(
+        task_id="t", sync_id="a b/c", source_table="x", target_schema="mart", source_conn_id="s", target_conn_id="wh"
+    )
+    assert SyncStatusLink().get_link(table, ti_key=None) == "/sync-status/syncs/wh/mart/a%20b%2Fc"  # type: ignore[arg-type]
+    # Operators that load or gate a manifest take the sync from it (a dict, or JSON as Jinja renders it).
+    manifest = json.dumps({"sync_id": "orders", "target_schema": "sales"})
+    gate = DataQualityGateOperator(task_id="g", manifest=manifest, target_conn_id="wh", suite_path="s.json")
+    assert QualityReportLink().get_link(gate, ti_key=None) == "/sync-status/syncs/wh/sales/orders#quality"  # type: ignore[arg-type]
+    unrendered = LoadStagedToPostgresOperator(task_id="l", manifest="not a manifest", target_conn_id="wh")
+    assert SyncStatusLink().get_link(unrendered, ti_key=None) == ""  # type: ignore[arg-type]
+
+
+def test_charts_are_inline_svg_with_a_tooltip_per_mark() -> None:
+    from airflow_sync_provider.core.status import RunSummary
+    from airflow_sync_provider.plugins.charts import latency_chart, rows_chart
+
+    at = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
+    runs = [
+        RunSummary("r<1>", at, "applied", inserted=90, updated=10, extract_seconds=0.5, load_seconds=1.0),
+        RunSummary("r2", at + dt.timedelta(hours=1), "applied", deleted=5, load_seconds=0.25),
+    ]
+    rows = rows_chart(runs)
+    assert rows.startswith("<svg") and rows.endswith("</svg>") and rows.count("<rect") == 3
+    assert "<title>r&lt;1&gt;: 90 inserted</title>" in rows and "<title>r2: 5 deleted</title>" in rows
+    latency = latency_chart(runs)
+    assert latency.count("<circle") == 2 and "<title>r&lt;1&gt;: 1.50 s</title>" in latency
+    assert "no loads yet" in rows_chart([])
