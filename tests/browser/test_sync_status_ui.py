@@ -7,19 +7,22 @@ their DAG as in a real run).  The api-server runs
 with the provider's plugin and a test auth manager that gives ``analyst`` the orders DAG only and
 ``outsider`` no DAG.  Headless Chromium (Debian's ``chromium`` + ``chromium-driver``, installed here
 when missing) signs in through Airflow's login page, reads the overview and a detail page, and the
-screenshot of the view inside the Airflow UI goes to docs/images/sync-status.png.
+screenshots go to docs/images/: the view inside the Airflow UI (sync-status.png) and a detail page
+(sync-status-detail.png).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from ..conftest import CdcEnv, SyncEnv
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "docs" / "images" / "sync-status.png"
+DETAIL_SCREENSHOT = REPO / "docs" / "images" / "sync-status-detail.png"
 PASSWORDS = {"admin": "admin-pass", "analyst": "analyst-pass", "outsider": "outsider-pass"}
 ACCESS = {"analyst": ["orders_status"], "outsider": []}
 SUITE = {
@@ -43,7 +47,8 @@ SUITE = {
 pytestmark = pytest.mark.airflow
 
 
-def _chromium() -> tuple[str, str]:
+@pytest.fixture
+def chromium() -> tuple[str, str]:
     """Paths of chromium and chromedriver, installed with apt-get when missing (skips when that fails)."""
 
     def found() -> tuple[str | None, str | None]:
@@ -106,16 +111,6 @@ def _run(operator: Any, dag_id: str, run_id: str) -> Any:
     return operator.execute({"run_id": run_id, "ti": _TaskInstance(dag_id, operator.task_id)})
 
 
-def _migrate(home: Path) -> subprocess.Popen[bytes]:
-    """``airflow db migrate`` of the api-server's own metadata database, in the background."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "airflow", "db", "migrate"],
-        env={**os.environ, **_airflow_environment(home)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
 def _airflow_environment(home: Path) -> dict[str, str]:
     return {
         "AIRFLOW_HOME": str(home),
@@ -125,9 +120,82 @@ def _airflow_environment(home: Path) -> dict[str, str]:
     }
 
 
+@dataclass
+class ApiServer:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def wait_ready(self, timeout: float = 300) -> str:
+        """The URL once the server answers its health check (it starts while the syncs run)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if requests.get(f"{self.url}/api/v2/monitor/health", timeout=2).ok:
+                    return self.url
+            except requests.RequestException:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("api-server did not start:\n" + self.log.read_text()[-5000:])
+            time.sleep(0.5)
+
+
 @pytest.fixture
-def synced(cdc: CdcEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    """Real syncs by the provider's operators (as two DAGs' tasks) and a CDC sync, in a fresh target."""
+def api_server(cdc: CdcEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ApiServer]:
+    """``airflow db migrate`` then ``airflow api-server`` on a free port, started in the background, with
+    the plugin (from a plugins folder), the test auth manager and the target of ``cdc.env``."""
+    env = cdc.env
+    home = tmp_path / "airflow"
+    home.mkdir()
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "sync_status.py").write_text(
+        "from airflow_sync_provider.plugins.status_plugin import SyncStatusPlugin  # noqa: F401\n"
+    )
+    passwords = tmp_path / "passwords.json"
+    passwords.write_text(json.dumps(PASSWORDS))
+    connections = {
+        "AIRFLOW_CONN_STATUS_SOURCE": f"postgres://postgres@127.0.0.1:{env.server.port}/{env.source_db}",
+        "AIRFLOW_CONN_STATUS_TARGET": f"postgres://postgres@127.0.0.1:{env.server.port}/{env.target_db}",
+    }
+    for name, value in connections.items():  # the syncs of this process use them too
+        monkeypatch.setenv(name, value)
+    environment = {
+        **os.environ,
+        **connections,
+        **_airflow_environment(home),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(plugins),
+        "AIRFLOW__CORE__AUTH_MANAGER": "tests.browser.restricted_auth.RestrictedAuthManager",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,analyst:viewer,outsider:viewer",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__API_AUTH__JWT_SECRET": "browser-test-secret",
+        "AIRFLOW__SYNC__STATUS_CONN_IDS": "status_target",
+        "SYNC_TEST_DAG_ACCESS": json.dumps(ACCESS),
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "dags"), os.environ.get("PYTHONPATH", "")]),
+    }
+    port = _free_port()
+    airflow = f"{shlex.quote(sys.executable)} -m airflow"
+    command = f"{airflow} db migrate && exec {airflow} api-server --port {port} --host 127.0.0.1 --apps core"
+    log_path = tmp_path / "api-server.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            ["sh", "-c", command], env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield ApiServer(f"http://127.0.0.1:{port}", process, log_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def synced(cdc: CdcEnv, api_server: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Real syncs by the provider's operators (as three DAGs' tasks), in the target the api-server reads
+    (they run while it starts)."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from airflow_sync_provider.operators.cdc import CdcSyncOperator
@@ -138,21 +206,11 @@ def synced(cdc: CdcEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
         SyncTableOperator,
     )
 
-    home = tmp_path / "airflow"
-    home.mkdir()
-    migrate = _migrate(home)  # overlaps with the syncs
     env = cdc.env
     _fill_source(env)
     suite = tmp_path / "suite.json"
     suite.write_text(json.dumps(SUITE))
-    port = env.server.port
-    environment = {
-        "AIRFLOW_CONN_STATUS_SOURCE": f"postgres://postgres@127.0.0.1:{port}/{env.source_db}",
-        "AIRFLOW_CONN_STATUS_TARGET": f"postgres://postgres@127.0.0.1:{port}/{env.target_db}",
-        "SYNC_STAGING_DIR": str(tmp_path / "staging"),
-    }
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SYNC_STAGING_DIR", str(tmp_path / "staging"))
     connections = {"source_conn_id": "status_source", "target_conn_id": "status_target"}
     extract = ExtractToStagingOperator(
         task_id="extract", sync_id="orders", source_table="orders", cursor_column="updated_at", **connections
@@ -190,65 +248,7 @@ def synced(cdc: CdcEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
     with env.source() as conn:
         conn.execute("UPDATE items SET qty = 0 WHERE id <= 25")
     _run(items, "items_cdc", "cdc-2")
-
-    _, errors = migrate.communicate(timeout=600)
-    assert migrate.returncode == 0, errors.decode()[-3000:]
-    yield {"home": home, "environment": environment, "operators": {"load": load, "payroll": payroll}}
-
-
-@pytest.fixture
-def api_server(synced: dict[str, Any], tmp_path: Path) -> Iterator[str]:
-    """``airflow api-server`` on a free port with the plugin (from a plugins folder) and the test auth manager."""
-    home: Path = synced["home"]
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "sync_status.py").write_text(
-        "from airflow_sync_provider.plugins.status_plugin import SyncStatusPlugin  # noqa: F401\n"
-    )
-    passwords = tmp_path / "passwords.json"
-    passwords.write_text(json.dumps(PASSWORDS))
-    port = _free_port()
-    environment = {
-        **os.environ,
-        **synced["environment"],
-        **_airflow_environment(home),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(plugins),
-        "AIRFLOW__CORE__AUTH_MANAGER": "tests.browser.restricted_auth.RestrictedAuthManager",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,analyst:viewer,outsider:viewer",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-        "AIRFLOW__API_AUTH__JWT_SECRET": "browser-test-secret",
-        "AIRFLOW__SYNC__STATUS_CONN_IDS": "status_target",
-        "SYNC_TEST_DAG_ACCESS": json.dumps(ACCESS),
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "dags"), os.environ.get("PYTHONPATH", "")]),
-    }
-    log = (tmp_path / "api-server.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "airflow", "api-server", "--port", str(port), "--host", "127.0.0.1", "--apps", "core"],
-        env=environment,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/api/v2/monitor/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("api-server did not start:\n" + (tmp_path / "api-server.log").read_text()[-5000:])
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    return {"load": load, "payroll": payroll}
 
 
 def _token(url: str, user: str) -> str:
@@ -291,13 +291,14 @@ def _sign_in(driver: Any, url: str, user: str) -> None:
     wait.until(lambda d: d.get_cookie("_token") is not None)
 
 
-def test_sync_status_view_in_a_browser(api_server: str, synced: dict[str, Any]) -> None:
+def test_sync_status_view_in_a_browser(
+    chromium: tuple[str, str], api_server: ApiServer, synced: dict[str, Any]
+) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    chromium = _chromium()
-    url = api_server
+    url = api_server.wait_ready()
     # The JSON endpoint applies the same rules: per-DAG access decides which syncs a user sees.
     assert _syncs_json(url, "admin") == ["items_cdc", "orders", "payroll"]
     assert _syncs_json(url, "analyst") == ["orders"]
@@ -305,7 +306,7 @@ def test_sync_status_view_in_a_browser(api_server: str, synced: dict[str, Any]) 
     # Signed out: the JSON API refuses, the pages send the browser to the login page.
     assert requests.get(f"{url}/sync-status/api/syncs", timeout=10).status_code == 401
     # The operators' extra links lead to their sync's page (and its quality section) for those who may see it.
-    load, payroll = synced["operators"]["load"], synced["operators"]["payroll"]
+    load, payroll = synced["load"], synced["payroll"]
     status_link, quality_link = (link.get_link(load, ti_key=None) for link in load.operator_extra_links)
     assert (status_link, quality_link) == (
         "/sync-status/syncs/status_target/public/orders",
@@ -350,6 +351,10 @@ def test_sync_status_view_in_a_browser(api_server: str, synced: dict[str, Any]) 
         )
         history = driver.find_element(By.CSS_SELECTOR, "table.history").text
         assert history.count("manual__") >= 3 and "498 / 0 / 0" in history
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        driver.set_window_size(1300, 2000)
+        driver.save_screenshot(str(DETAIL_SCREENSHOT))
+        driver.set_window_size(1500, 1100)
 
         # The view inside the Airflow UI (Browse -> Sync status), for the README.
         driver.get(f"{url}/plugin/sync-status")
@@ -358,7 +363,6 @@ def test_sync_status_view_in_a_browser(api_server: str, synced: dict[str, Any]) 
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "tr[data-sync-id=orders]")))
         driver.switch_to.default_content()
         time.sleep(1)  # let the UI's fonts and nav settle
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(SCREENSHOT))
         assert SCREENSHOT.stat().st_size > 20_000
 
