@@ -1,10 +1,10 @@
 """The "Sync status" view in a real browser against a real ``airflow api-server``.
 
-Real syncs by the provider's operators fill the target: two runs of a gated DAG's tasks (the first
-quarantines two rows, the second fails its gate), a table sync of a second DAG and a CDC sync of a
-third (the operators run in this process, with a stand-in for Airflow's task instance: they record
-their DAG as in a real run).  The api-server runs
-with the provider's plugin and a test auth manager that gives ``analyst`` the orders DAG only and
+Real syncs by the provider's operators fill the target: three runs of a gated DAG's tasks (the
+first quarantines two rows, the second updates 30, the third fails its gate), a table sync of a
+second DAG and a CDC sync of a third (the operators run in this process with a stand-in for
+Airflow's task instance, and record their DAG as in a real run).  The api-server runs with the
+provider's plugin and a test auth manager that gives ``analyst`` the orders DAG only and
 ``outsider`` no DAG.  Headless Chromium (Debian's ``chromium`` + ``chromium-driver``, installed here
 when missing) signs in through Airflow's login page, reads the overview and a detail page, and the
 screenshots go to docs/images/: the view inside the Airflow UI (sync-status.png) and a detail page
@@ -236,7 +236,14 @@ def synced(cdc: CdcEnv, api_server: ApiServer, tmp_path: Path, monkeypatch: pyte
         task_id="sync_payroll", sync_id="payroll", source_table="payroll", cursor_column="updated_at", **connections
     )
     _run(payroll, "payroll_sync", "manual__2026-05-01T00:00:00+00:00")
-    # orders_status, run 2: 60 NULL customers, more than the 5% the gate may quarantine: the gate fails.
+    # orders_status, run 2: 30 rows updated at the source.
+    with env.source() as conn:
+        conn.execute("UPDATE orders SET quantity = quantity + 1, updated_at = clock_timestamp() WHERE id > 470")
+    update = "manual__2026-05-01T12:00:00+00:00"
+    gated = _run(gate(_run(extract, "orders_status", update)), "orders_status", update)
+    updated = LoadStagedToPostgresOperator(task_id="load", manifest=gated, target_conn_id="status_target")
+    assert _run(updated, "orders_status", update)["updated"] == 30
+    # orders_status, run 3: 60 NULL customers, more than the 5% the gate may quarantine: the gate fails.
     with env.source() as conn:
         conn.execute("UPDATE orders SET customer = NULL, updated_at = clock_timestamp() WHERE id <= 60")
     second = "manual__2026-05-02T00:00:00+00:00"
@@ -330,6 +337,7 @@ def test_sync_status_view_in_a_browser(
         orders = rows["orders"].text
         assert "gate_failed" in orders and "expect_column_values_to_not_be_null(customer)" in orders
         assert rows["orders"].get_attribute("class") == "failed"
+        assert "+498 ~30" in orders  # the newest day's rows
         payroll = rows["payroll"].text
         assert "applied" in payroll and "+40" in payroll and "(key 40)" in payroll
         items = rows["items_cdc"].text
@@ -350,7 +358,7 @@ def test_sync_status_view_in_a_browser(
             .endswith("498 inserted")
         )
         history = driver.find_element(By.CSS_SELECTOR, "table.history").text
-        assert history.count("manual__") >= 3 and "498 / 0 / 0" in history
+        assert history.count("manual__") >= 5 and "498 / 0 / 0" in history and "0 / 30 / 0" in history
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         driver.set_window_size(1300, 2000)
         driver.save_screenshot(str(DETAIL_SCREENSHOT))
