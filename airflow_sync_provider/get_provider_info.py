@@ -53,6 +53,10 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_sync_provider.triggers.cdc", "airflow_sync_provider.triggers.events"],
             }
         ],
+        "extra-links": [
+            "airflow_sync_provider.plugins.links.SyncStatusLink",
+            "airflow_sync_provider.plugins.links.QualityReportLink",
+        ],
         "connection-types": [
             {
                 "connection-type": "sync_sqlalchemy",
@@ -89,7 +93,16 @@ def get_provider_info() -> dict[str, Any]:
                         "type": "string",
                         "example": "s3://my-bucket/airflow-sync/staging",
                         "default": None,
-                    }
+                    },
+                    "status_conn_ids": {
+                        "description": "Comma-separated Airflow connection ids of the PostgreSQL targets the "
+                        "Sync status view (Browse -> Sync status) reads; every schema in them that holds sync "
+                        "evidence is shown.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "warehouse,inventory_target",
+                        "default": "",
+                    },
                 },
             }
         },

@@ -73,7 +73,8 @@ def test_the_wheel_holds_only_the_provider_package(wheel: zipfile.ZipFile) -> No
     # every module of the provider, and besides the modules only py.typed
     sources = {path.relative_to(REPO).as_posix() for path in (REPO / PACKAGE).rglob("*.py")}
     assert {name for name in shipped if name.endswith(".py")} == sources
-    assert shipped - sources == {f"{PACKAGE}/py.typed"}
+    templates = {f"{PACKAGE}/plugins/templates/{page}.html" for page in ("base", "overview", "detail")}
+    assert shipped - sources == {f"{PACKAGE}/py.typed", *templates}
 
 
 def test_the_wheel_registers_the_provider_with_matching_metadata(wheel: zipfile.ZipFile) -> None:
@@ -82,6 +83,8 @@ def test_the_wheel_registers_the_provider_with_matching_metadata(wheel: zipfile.
     assert "[apache_airflow_provider]\nprovider_info = airflow_sync_provider.get_provider_info:get_provider_info" in (
         entry_points
     )
+    plugin = "sync_status = airflow_sync_provider.plugins.status_plugin:SyncStatusPlugin"
+    assert f"[airflow.plugins]\n{plugin}" in entry_points  # the "Sync status" view in the UI
     metadata = email.parser.Parser().parsestr(wheel.read(f"{dist_info}/METADATA").decode())
     info = get_provider_info()
     assert metadata["Name"] == info["package-name"]  # Airflow matches the provider to its distribution by it
