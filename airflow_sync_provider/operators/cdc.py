@@ -11,10 +11,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from contextlib import closing
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from airflow.sdk import BaseOperator, Context
 
+from airflow_sync_provider import lineage
+from airflow_sync_provider.assets import emit_table_events
 from airflow_sync_provider.core import ConfigurationError, StagingArea, SyncError
 from airflow_sync_provider.core.cdc import (
     CdcManifest,
@@ -41,6 +43,11 @@ from airflow_sync_provider.hooks.source import source_connection_defined, source
 from airflow_sync_provider.hooks.target import target_connection
 from airflow_sync_provider.operators.common import as_task_error, default_staging_uri, record_dag_run, xcom_dict
 from airflow_sync_provider.plugins.links import SYNC_LINKS
+
+if TYPE_CHECKING:
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
+    from airflow_sync_provider.core.cdc import CdcLoadResult
 
 CDC_TEMPLATE_FIELDS: tuple[str, ...] = (
     "sync_id",
@@ -249,8 +256,17 @@ class CdcExtractOperator(BaseOperator):
             manifest = self._extract(spec, context["run_id"])
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
+        self._manifest = manifest
         self.log.info("%s", manifest.summary())
         return manifest.to_dict()
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        """The source tables -> the sync's staging folder."""
+        manifest: CdcManifest | None = getattr(self, "_manifest", None)
+        if manifest is None:
+            return lineage.operator_lineage()
+        staged = lineage.staging_dataset(manifest.staging_dir)
+        return cdc_lineage(manifest, None, source_conn_id=self.source_conn_id, output=lambda _: staged)
 
     def _extract(self, spec: CdcSpec, run_id: str) -> CdcManifest:
         with source_engine(self.source_conn_id, sync_id=spec.sync_id) as engine:
@@ -305,6 +321,7 @@ class CdcLoadOperator(BaseOperator):
         except SyncError as error:
             raise as_task_error(error) from error
         spec = manifest_spec(manifest)
+        self._manifest = manifest
         try:
             if self.source_conn_id:
                 log_slot_lag(self.log, self.source_conn_id, spec)
@@ -325,12 +342,24 @@ class CdcLoadOperator(BaseOperator):
                     if self.source_conn_id and result.status in ("applied", "already_applied")
                     else None
                 )
+            self._result = result
+            emit_table_events(
+                context, self.outlets, self.target_conn_id, lineage.cdc_writes(manifest, result), self.log
+            )
             output = result.to_dict()
             if position is not None and self.source_conn_id:
                 output["confirmed_lsn"] = self._confirm(spec, position.end_lsn)
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
         return output
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        """The sync's staging folder -> the target tables, with per-table row counts."""
+        manifest: CdcManifest | None = getattr(self, "_manifest", None)
+        if manifest is None:
+            return lineage.operator_lineage()
+        staged = lineage.staging_dataset(manifest.staging_dir)
+        return cdc_lineage(manifest, getattr(self, "_result", None), target_conn_id=self.target_conn_id, input=staged)
 
     def _confirm(self, spec: CdcSpec, end_lsn: int) -> str:
         assert self.source_conn_id
@@ -482,8 +511,23 @@ class CdcSyncOperator(BaseOperator):
                 )
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
+        self._manifest, self._result = manifest, result
         self.log.info("%s", manifest.summary())
+        emit_table_events(context, self.outlets, self.target_conn_id, lineage.cdc_writes(manifest, result), self.log)
         return {"manifest": manifest_summary(manifest), "load": result.to_dict()}
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        """The source tables -> the target tables, with column lineage and per-table row counts
+        (a one-batch run; a streaming run reports nothing: it never completes one manifest)."""
+        manifest: CdcManifest | None = getattr(self, "_manifest", None)
+        if manifest is None:
+            return lineage.operator_lineage()
+        return cdc_lineage(
+            manifest,
+            getattr(self, "_result", None),
+            source_conn_id=self.source_conn_id,
+            target_conn_id=self.target_conn_id,
+        )
 
     def _stream(self, spec: CdcSpec, stream_seconds: float, context: Context) -> dict[str, Any]:
         run_id = context["run_id"]
@@ -529,6 +573,37 @@ class CdcSyncOperator(BaseOperator):
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
         return {"stream": stats.to_dict()}
+
+
+def cdc_lineage(
+    manifest: CdcManifest,
+    result: CdcLoadResult | None,
+    *,
+    source_conn_id: str | None = None,
+    target_conn_id: str | None = None,
+    input: lineage.DatasetName | None = None,
+    output: Any = None,
+) -> OperatorLineage:
+    """Per table of ``manifest``: its source table (``source_conn_id``) or ``input`` -> its target
+    table (``target_conn_id``) or ``output(table)``, with the counts of ``result``."""
+    source_url = lineage.connection_url(source_conn_id) if source_conn_id else None
+    target_url = lineage.connection_url(target_conn_id) if target_conn_id else None
+    writes = {(w.schema, w.table): w for w in lineage.cdc_writes(manifest, result)} if result is not None else {}
+    inputs: dict[lineage.DatasetName, Any] = {}
+    outputs: dict[lineage.DatasetName, Any] = {}
+    for table in manifest.tables:
+        source = lineage.database_dataset(source_url, table.source_table) if source_url else input
+        if target_url is not None:
+            target = lineage.database_dataset(target_url, f"{table.target_schema}.{table.target_table}")
+        else:
+            target = output(table)
+        assert source is not None and target is not None
+        source_in, target_out = lineage.table_lineage(
+            source, target, table, write=writes.get((table.target_schema, table.target_table))
+        )
+        inputs.setdefault(source, source_in)
+        outputs.setdefault(target, target_out)  # an extract stages every table in one folder
+    return lineage.operator_lineage(list(inputs.values()), list(outputs.values()))
 
 
 def seconds_of(value: dt.timedelta | float | str | None, name: str) -> float | None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import closing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator, Context
+from airflow.sdk import BaseHook, BaseOperator, Context
 
+from airflow_sync_provider import lineage
+from airflow_sync_provider.assets import emit_table_events
 from airflow_sync_provider.core.errors import ConfigurationError, SyncError
 from airflow_sync_provider.core.events import EventColumn, EventSchema, EventSpec, drain_events
 from airflow_sync_provider.core.events.schema import DEFAULT_MAX_PAYLOAD_BYTES, EventTransform
@@ -22,6 +24,11 @@ from airflow_sync_provider.hooks.events import event_source
 from airflow_sync_provider.hooks.target import target_connection
 from airflow_sync_provider.operators.common import as_task_error, default_staging_uri, record_dag_run, resolve_transform
 from airflow_sync_provider.plugins.links import SYNC_LINKS
+
+if TYPE_CHECKING:
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
+    from airflow_sync_provider.core.events.load import DrainResult
 
 
 def event_columns(columns: Sequence[EventColumn | Mapping[str, Any]]) -> tuple[EventColumn, ...]:
@@ -172,7 +179,33 @@ class EventStreamToPostgresOperator(BaseOperator):
                 source.close()
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
+        self._result = result
+        emit_table_events(context, self.outlets, self.target_conn_id, self._writes(result), self.log)
         return result.to_dict()
+
+    def _writes(self, result: DrainResult) -> list[lineage.TableWrite]:
+        """The target table, when the drain committed events (the position is the event's range)."""
+        if result.batches == result.stale_batches:
+            return []
+        extra = {"sync_id": self.sync_id, "events": result.events, "quarantined": result.quarantined}
+        extra |= {"position": result.position, "state_version": result.version}
+        return [lineage.TableWrite(self.target_schema, self.target_table, result.inserted, result.updated, extra=extra)]
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        """The stream -> the target table; each declared column comes from its payload path."""
+        conn = BaseHook.get_connection(self.source_conn_id)
+        stream = lineage.stream_dataset(conn.conn_type or "stream", conn.host, conn.port, self.stream)
+        columns = event_columns(self.columns)
+        fields = {c.name: [lineage.ColumnSource(stream, c.path or c.name)] for c in columns}
+        target = lineage.database_dataset(
+            lineage.connection_url(self.target_conn_id), f"{self.target_schema}.{self.target_table}"
+        )
+        result: DrainResult | None = getattr(self, "_result", None)
+        writes = self._writes(result) if result is not None else []
+        output = lineage.output_dataset(
+            target, [(c.name, c.type) for c in columns], fields, writes[0] if writes else None
+        )
+        return lineage.operator_lineage([lineage.input_dataset(stream)], [output])
 
 
 __all__ = ["EventStreamToPostgresOperator", "event_columns"]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import closing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, Context
 
-from airflow_sync_provider.core import ConfigurationError, StagingArea, SyncError
+from airflow_sync_provider import lineage
+from airflow_sync_provider.core import ConfigurationError, Manifest, StagingArea, SyncError
 from airflow_sync_provider.hooks.target import target_connection
 from airflow_sync_provider.operators.common import (
     as_task_error,
@@ -23,6 +24,9 @@ from airflow_sync_provider.operators.common import (
     resolve_transform,
 )
 from airflow_sync_provider.plugins.links import SYNC_LINKS
+
+if TYPE_CHECKING:
+    from airflow.providers.openlineage.extractors import OperatorLineage
 
 
 def _suite_argument(expectations: Any, suite_path: str | None) -> Any:
@@ -99,6 +103,7 @@ class DataQualityGateOperator(BaseOperator):
             manifest = parse_manifest(self.manifest)
         except SyncError as error:
             raise as_task_error(error) from error
+        self._manifest = manifest
         try:
             suite = _suite_argument(self.expectations, self.suite_path)
             with closing(target_connection(self.target_conn_id, sync_id=manifest.sync_id)) as target:
@@ -119,10 +124,25 @@ class DataQualityGateOperator(BaseOperator):
         except SyncError as error:
             failed = getattr(error, "result", None)
             if failed is not None:
-                _push(context, "quality", failed.summary())
+                self._quality = failed.summary()
+                _push(context, "quality", self._quality)
             raise as_task_error(error.with_context(sync_id=manifest.sync_id)) from error
-        _push(context, "quality", result.summary())
+        self._quality = result.summary()
+        _push(context, "quality", self._quality)
         return result.manifest.to_dict()
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        """The staged batch as input, with every expectation as a data-quality assertion (also on failure)."""
+        manifest: Manifest | None = getattr(self, "_manifest", None)
+        if manifest is None:
+            return lineage.operator_lineage()
+        summary: dict[str, Any] | None = getattr(self, "_quality", None)
+        quality = lineage.quality_facet(summary["results"]) if summary and summary.get("results") else None
+        staged = lineage.staging_dataset(manifest.staging_dir)
+        return lineage.operator_lineage([lineage.input_dataset(staged, lineage.manifest_columns(manifest), quality)])
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> OperatorLineage:
+        return self.get_openlineage_facets_on_complete(task_instance)
 
 
 class ReplayQuarantinedRowsOperator(BaseOperator):

@@ -9,11 +9,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from contextlib import closing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
+from airflow_sync_provider import lineage
 from airflow_sync_provider.core import Manifest, StagingArea, SyncError, SyncSpec
 from airflow_sync_provider.core.reconcile import (
     ReconcileResult,
@@ -33,6 +34,9 @@ from airflow_sync_provider.operators.common import (
     default_staging_uri,
     xcom_dict,
 )
+
+if TYPE_CHECKING:
+    from airflow.providers.openlineage.extractors import OperatorLineage
 
 
 def parse_window_manifest(value: Any) -> ReconcileWindow | None:
@@ -165,6 +169,7 @@ class ReconcileOperator(BaseOperator):
             first, repaired, final = self._reconcile(spec, window, run_id)
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
+        self._reconciled = (spec, final)
         output = {
             **_summary(final),
             "repaired": repaired is not None,
@@ -181,6 +186,26 @@ class ReconcileOperator(BaseOperator):
         if not final.equal:
             self.log.warning("reconcile %s: %s", spec.sync_id, final.describe())
         return output
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        """Source and target as inputs; the target carries the comparison as a data-quality assertion."""
+        done: tuple[SyncSpec, ReconcileResult] | None = getattr(self, "_reconciled", None)
+        if done is None:
+            return lineage.operator_lineage()
+        spec, final = done
+        check = {
+            "expectation": f"reconciliation ({final.method})",
+            "success": final.equal,
+            "unexpected_count": final.differing_keys,
+        }
+        source = lineage.database_dataset(lineage.connection_url(self.source_conn_id), spec.qualified_source)
+        target = lineage.database_dataset(lineage.connection_url(self.target_conn_id), spec.qualified_target)
+        return lineage.operator_lineage(
+            [lineage.input_dataset(source), lineage.input_dataset(target, quality=lineage.quality_facet([check]))]
+        )
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> OperatorLineage:
+        return self.get_openlineage_facets_on_complete(task_instance)
 
     def _reconcile(
         self, spec: SyncSpec, window: ReconcileWindow | None, run_id: str

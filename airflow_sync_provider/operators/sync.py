@@ -9,10 +9,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from contextlib import closing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, Context
 
+from airflow_sync_provider import lineage
+from airflow_sync_provider.assets import emit_table_events
 from airflow_sync_provider.core import (
     ConfigurationError,
     Manifest,
@@ -37,6 +39,11 @@ from airflow_sync_provider.operators.common import (
     resolve_transform,
 )
 from airflow_sync_provider.plugins.links import SYNC_LINKS
+
+if TYPE_CHECKING:
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
+    from airflow_sync_provider.core.load import LoadResult
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
@@ -195,6 +202,7 @@ class ExtractToStagingOperator(BaseOperator):
         try:
             spec = self.build_spec()
             window = _run_window(self, self.backfill, spec, context)
+            self._transform_watch = _watch(resolve_transform(self.transform))
             with (
                 source_engine(self.source_conn_id, sync_id=spec.sync_id) as engine,
                 closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target,
@@ -206,14 +214,25 @@ class ExtractToStagingOperator(BaseOperator):
                     spec,
                     staging=StagingArea(self.staging_uri or default_staging_uri()),
                     run_id=context["run_id"],
-                    transform=resolve_transform(self.transform),
+                    transform=self._transform_watch,
                     logger=self.log,
                     window=window,
                 )
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
+        self._manifest = manifest
         self.log.info("%s", manifest.summary())
         return manifest.to_dict()
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        """Source table -> the sync's staging folder, with column lineage through the transform."""
+        manifest: Manifest | None = getattr(self, "_manifest", None)
+        if manifest is None:
+            return lineage.operator_lineage()
+        source = lineage.database_dataset(lineage.connection_url(self.source_conn_id), manifest.source_table)
+        staged = lineage.staging_dataset(manifest.staging_dir)
+        inputs, output = lineage.table_lineage(source, staged, manifest, watch=getattr(self, "_transform_watch", None))
+        return lineage.operator_lineage([inputs], [output])
 
 
 class LoadStagedToPostgresOperator(BaseOperator):
@@ -249,6 +268,7 @@ class LoadStagedToPostgresOperator(BaseOperator):
             manifest = parse_manifest(self.manifest)
         except SyncError as error:
             raise as_task_error(error) from error
+        self._manifest = manifest
         try:
             with closing(target_connection(self.target_conn_id, sync_id=manifest.sync_id)) as target:
                 record_dag_run(target, manifest.target_schema, manifest.sync_id, context)
@@ -257,7 +277,17 @@ class LoadStagedToPostgresOperator(BaseOperator):
                 )
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=manifest.sync_id)) from error
+        self._result = result
+        emit_table_events(context, self.outlets, self.target_conn_id, lineage.sync_writes(manifest, result), self.log)
         return result.to_dict()
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        """The sync's staging folder -> the target table (and its history table), with row counts."""
+        manifest: Manifest | None = getattr(self, "_manifest", None)
+        if manifest is None:
+            return lineage.operator_lineage()
+        staged = lineage.staging_dataset(manifest.staging_dir)
+        return _load_lineage(self.target_conn_id, staged, manifest, getattr(self, "_result", None), None)
 
 
 class SyncTableOperator(BaseOperator):
@@ -366,6 +396,7 @@ class SyncTableOperator(BaseOperator):
         try:
             spec = self.build_spec()
             window = _run_window(self, self.backfill, spec, context)
+            self._transform_watch = _watch(resolve_transform(self.transform))
             with (
                 source_engine(self.source_conn_id, sync_id=spec.sync_id) as engine,
                 closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target,
@@ -377,15 +408,55 @@ class SyncTableOperator(BaseOperator):
                     spec,
                     staging=StagingArea(self.staging_uri or default_staging_uri()),
                     run_id=context["run_id"],
-                    transform=resolve_transform(self.transform),
+                    transform=self._transform_watch,
                     logger=self.log,
                     window=window,
                     keep_staged=self.keep_staged,
                 )
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
+        self._manifest, self._result = manifest, result
         self.log.info("%s", manifest.summary())
+        emit_table_events(context, self.outlets, self.target_conn_id, lineage.sync_writes(manifest, result), self.log)
         return {"manifest": manifest_summary(manifest), "load": result.to_dict()}
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        """Source table -> target table (and history), with column lineage and row counts."""
+        manifest: Manifest | None = getattr(self, "_manifest", None)
+        if manifest is None:
+            return lineage.operator_lineage()
+        source = lineage.database_dataset(lineage.connection_url(self.source_conn_id), manifest.source_table)
+        return _load_lineage(
+            self.target_conn_id,
+            source,
+            manifest,
+            getattr(self, "_result", None),
+            getattr(self, "_transform_watch", None),
+        )
+
+
+def _watch(transform: BatchTransform | None) -> lineage.TransformWatch | None:
+    """The transform, wrapped to note the source columns it receives (for column lineage)."""
+    return lineage.TransformWatch(transform) if transform is not None else None
+
+
+def _load_lineage(
+    target_conn_id: str,
+    source: lineage.DatasetName,
+    manifest: Manifest,
+    result: LoadResult | None,
+    watch: lineage.TransformWatch | None,
+) -> OperatorLineage:
+    """``source`` -> the manifest's target table (and its history table) in ``target_conn_id``."""
+    url = lineage.connection_url(target_conn_id)
+    writes = {w.table: w for w in lineage.sync_writes(manifest, result)} if result is not None else {}
+    tables = [manifest.target_table, *([manifest.history_table] if manifest.history_table else [])]
+    outputs = []
+    for table in tables:
+        target = lineage.database_dataset(url, f"{manifest.target_schema}.{table}")
+        source_in, output = lineage.table_lineage(source, target, manifest, write=writes.get(table), watch=watch)
+        outputs.append(output)
+    return lineage.operator_lineage([source_in], outputs)
 
 
 def manifest_summary(manifest: Manifest) -> dict[str, Any]:
