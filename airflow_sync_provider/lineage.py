@@ -308,7 +308,10 @@ def output_dataset(
                 column: Fields(
                     inputFields=[_input_field(s) for s in sources],
                     transformationType="IDENTITY" if all(s.transformation is None for s in sources) else None,
-                    transformationDescription="; ".join(s.transformation for s in sources if s.transformation) or None,
+                    transformationDescription="; ".join(
+                        dict.fromkeys(s.transformation for s in sources if s.transformation)
+                    )
+                    or None,
                 )
                 for column, sources in lineage.items()
             }
