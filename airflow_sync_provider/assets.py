@@ -94,4 +94,30 @@ def emit_table_events(
     return emitted
 
 
-__all__ = ["ASSET_GROUP", "emit_table_events", "event_extra", "table_alias_name", "table_asset", "table_asset_uri"]
+def emit_table_event(
+    context: Mapping[str, Any],
+    conn_id: str,
+    schema: str,
+    table: str,
+    *,
+    inserted: int = 0,
+    updated: int = 0,
+    deleted: int = 0,
+    **extra: Any,
+) -> list[str]:
+    """For a ``@task`` that writes ``schema.table`` itself: emit its event through the task's
+    :func:`table_asset` outlet (an alias emits nothing unless the task adds an event)."""
+    task = context.get("task")
+    write = TableWrite(schema, table, inserted, updated, deleted, extra=dict(extra))
+    return emit_table_events(context, getattr(task, "outlets", ()), conn_id, [write], getattr(task, "log", None))
+
+
+__all__ = [
+    "ASSET_GROUP",
+    "emit_table_event",
+    "emit_table_events",
+    "event_extra",
+    "table_alias_name",
+    "table_asset",
+    "table_asset_uri",
+]

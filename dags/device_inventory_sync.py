@@ -108,11 +108,14 @@ def device_dag(dag_id: str, schedule: Any, description: str) -> DAG:
         )
 
         @task(outlets=[table_asset(CENTRAL, SCHEMA, "on_hand_delta")])
-        def net_on_hand() -> int:
+        def net_on_hand(**context: Any) -> int:
+            from airflow_sync_provider.assets import emit_table_event
             from airflow_sync_provider.hooks.target import SyncTargetHook
 
             with SyncTargetHook(postgres_conn_id=CENTRAL).get_sync_connection() as conn:
-                return refresh_net_on_hand(conn)
+                changed = refresh_net_on_hand(conn)
+            emit_table_event(context, CENTRAL, SCHEMA, "on_hand_delta", updated=changed)
+            return changed
 
         drain >> net_on_hand()
     return dag

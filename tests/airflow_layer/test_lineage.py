@@ -335,3 +335,99 @@ def test_cdc_sync_reports_every_table_with_its_counts_and_lsn_range(
     quiet = OutletEventAccessors()
     run(operator, "r3", quiet)
     assert all(not quiet[a].asset_alias_events for a in aliases)
+
+
+# --------------------------------------------------------------------------- end to end: dag.test()
+
+LINEAGE_DAG = """
+import datetime as dt
+
+from airflow.sdk import DAG
+
+from airflow_sync_provider.assets import table_asset
+from airflow_sync_provider.operators.quality import DataQualityGateOperator
+from airflow_sync_provider.operators.sync import ExtractToStagingOperator, LoadStagedToPostgresOperator
+
+with DAG("lineage_sync", schedule=None, start_date=dt.datetime(2026, 1, 1), catchup=False):
+    extract = ExtractToStagingOperator(
+        task_id="extract",
+        source_conn_id="sync_source",
+        target_conn_id="sync_target",
+        source_table="orders",
+        cursor_column="updated_at",
+    )
+    gate = DataQualityGateOperator(
+        task_id="gate", manifest=extract.output, target_conn_id="sync_target", suite_path=SUITE_PATH
+    )
+    load = LoadStagedToPostgresOperator(
+        task_id="load",
+        manifest=gate.output,
+        target_conn_id="sync_target",
+        outlets=[table_asset("sync_target", "public", "orders")],
+    )
+"""
+
+
+@pytest.mark.airflow
+def test_dag_run_emits_openlineage_events_and_postgres_asset_events(orders: SyncEnv, tmp_path: Path) -> None:
+    import great_expectations as gx
+    import great_expectations.expectations as E
+
+    from sync_dev.airflow_sandbox import AirflowSandbox
+
+    suite = tmp_path / "suite.json"
+    expectations = [
+        E.ExpectColumnValuesToNotBeNull(column="id"),
+        E.ExpectColumnValuesToBeBetween(column="quantity", min_value=1, meta={"severity": "warn"}),
+    ]
+    suite.write_text(json.dumps(gx.ExpectationSuite(name="orders", expectations=expectations).to_json_dict()))
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "lineage_dag.py").write_text(f"SUITE_PATH = {str(suite)!r}\n" + textwrap.dedent(LINEAGE_DAG))
+    events_file = tmp_path / "openlineage.jsonl"
+    transport = {"type": "file", "log_file_path": str(events_file), "append": True}
+    environment = {"AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(transport), "AIRFLOW__OPENLINEAGE__NAMESPACE": "sync"}
+    with AirflowSandbox(tmp_path / "airflow", environment, dags_folder=dags) as box:
+        box.migrate()
+        outcome = box.run_dag("lineage_sync", dt.datetime(2026, 5, 1, tzinfo=dt.UTC))
+    assert outcome.ok, (outcome.tasks, outcome.log_file.read_text()[-4000:] if outcome.log_file else "")
+
+    port = orders.server.port
+    sent = [json.loads(line) for line in events_file.read_text().splitlines() if line.strip()]
+    complete = {e["job"]["name"]: e for e in sent if e["eventType"] == "COMPLETE"}
+    assert {"lineage_sync.extract", "lineage_sync.gate", "lineage_sync.load"} <= set(complete)
+    (source,) = complete["lineage_sync.extract"]["inputs"]
+    assert (source["namespace"], source["name"]) == (
+        f"postgres://127.0.0.1:{port}",
+        f"{orders.source_db}.public.orders",
+    )
+    (staged,) = complete["lineage_sync.extract"]["outputs"]
+    assert staged["namespace"] == "file" and staged["name"].endswith("/orders")
+    (checked,) = complete["lineage_sync.gate"]["inputs"]
+    assertions = checked["inputFacets"]["dataQualityAssertions"]["assertions"]
+    assert [(a["column"], a["success"]) for a in assertions] == [("id", True), ("quantity", False)]
+    (written,) = complete["lineage_sync.load"]["outputs"]
+    assert written["name"] == f"{orders.target_db}.public.orders"
+    assert written["outputFacets"]["outputStatistics"]["rowCount"] == ROWS
+    assert set(written["facets"]["columnLineage"]["fields"]) == {
+        "id",
+        "customer",
+        "quantity",
+        "unit_price",
+        "updated_at",
+    }
+
+    # The asset event, as the metadata database holds it: the postgres:// asset, reached through the alias.
+    with sqlite3.connect(tmp_path / "airflow" / "airflow.db") as db:
+        rows = db.execute("SELECT a.uri, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id").fetchall()
+        aliases = db.execute(
+            "SELECT al.name, a.uri FROM asset_alias al JOIN asset_alias_asset aa ON aa.alias_id = al.id "
+            "JOIN asset a ON a.id = aa.asset_id"
+        ).fetchall()
+    uri = f"postgres://127.0.0.1:{port}/{orders.target_db}/public/orders"
+    ((event_uri, extra),) = rows
+    assert event_uri == uri
+    extra = json.loads(extra)
+    assert (extra["inserted"], extra["status"], extra["state_version"]) == (ROWS, "applied", 1)
+    assert extra["watermark_high"] is not None
+    assert aliases == [("sync_target.public.orders", uri)]
