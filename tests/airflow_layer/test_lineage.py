@@ -431,3 +431,27 @@ def test_dag_run_emits_openlineage_events_and_postgres_asset_events(orders: Sync
     assert (extra["inserted"], extra["status"], extra["state_version"]) == (ROWS, "applied", 1)
     assert extra["watermark_high"] is not None
     assert aliases == [("sync_target.public.orders", uri)]
+
+
+def test_a_python_task_emits_its_tables_event_through_its_alias(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from airflow_sync_provider.assets import emit_table_event, emit_table_events
+    from airflow_sync_provider.lineage import TableWrite
+
+    monkeypatch.setenv("AIRFLOW_CONN_CENTRAL", "postgres://u:secret@db.example:5433/central")
+    alias = table_asset("central", "devices", "on_hand_delta")
+    events = OutletEventAccessors()
+    context = {"task": SimpleNamespace(outlets=[alias], log=None), "outlet_events": events}
+    assert emit_table_event(context, "central", "devices", "on_hand_delta", updated=4) == [
+        "postgres://db.example:5433/central/devices/on_hand_delta"
+    ]
+    (event,) = events[alias].asset_alias_events
+    assert event.extra == {"inserted": 0, "updated": 4, "deleted": 0}
+
+    # An alias that names none of several written tables gets nothing (rather than a wrong table).
+    other = AssetAlias(name="somewhere_else")
+    more = OutletEventAccessors()
+    writes = [TableWrite("devices", "a"), TableWrite("devices", "b")]
+    assert emit_table_events({"outlet_events": more}, [other], "central", writes) == []
+    assert more[other].asset_alias_events == []
