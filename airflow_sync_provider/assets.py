@@ -20,6 +20,7 @@ from typing import Any
 
 from airflow.sdk import Asset, AssetAlias
 
+from airflow_sync_provider.core.errors import SyncError
 from airflow_sync_provider.lineage import TableWrite, connection_url, postgres_asset_uri
 
 #: The group of the aliases (and the assets) of synced tables in the Airflow UI.
@@ -65,30 +66,29 @@ def emit_table_events(
     outlets = list(outlets or ())
     if events is None or not outlets or not writes:
         return []
-    by_alias = {table_alias_name(conn_id, w.schema, w.table): w for w in writes}
-    uris: dict[int, str] = {}
-
-    def uri_of(write: TableWrite) -> str:
-        if id(write) not in uris:
-            uris[id(write)] = table_asset_uri(conn_id, write.schema, write.table)
-        return uris[id(write)]
-
+    try:
+        uris = [table_asset_uri(conn_id, w.schema, w.table) for w in writes]
+    except SyncError as error:  # the data is committed: failing the task now would only retry it for nothing
+        if log is not None:
+            log.warning("asset events not emitted: %s", error)
+        return []
+    by_alias = {table_alias_name(conn_id, w.schema, w.table): (w, uri) for w, uri in zip(writes, uris, strict=True)}
     emitted: list[str] = []
     for outlet in outlets:
         if isinstance(outlet, AssetAlias):
-            write = by_alias.get(outlet.name) or (writes[0] if len(writes) == 1 else None)
-            if write is None:
+            found = by_alias.get(outlet.name) or ((writes[0], uris[0]) if len(writes) == 1 else None)
+            if found is None:
                 if log is not None:
                     log.warning("outlet alias %r names no table this task wrote (%s)", outlet.name, sorted(by_alias))
                 continue
-            uri = uri_of(write)
+            write, uri = found
             events[outlet].add(Asset(uri=uri, group=ASSET_GROUP), extra=event_extra(write))
             emitted.append(uri)
         elif isinstance(outlet, Asset):
-            for write in writes:
-                if outlet.uri == uri_of(write):
+            for write, uri in zip(writes, uris, strict=True):
+                if outlet.uri == uri:
                     events[outlet].extra.update(event_extra(write))
-                    emitted.append(outlet.uri)
+                    emitted.append(uri)
     if emitted and log is not None:
         log.info("asset events: %s", ", ".join(emitted))
     return emitted

@@ -60,8 +60,9 @@ class EventStreamToPostgresOperator(BaseOperator):
     :param source_options: adapter options (Redis ``field``, ``trim_after_commit``; NATS ``subject``;
         MQTT ``client_id``, ``receive_maximum``, ``session_expiry``).
 
-    Returns the drain's summary (a small dict) as XCom.  Add the target's Asset
-    (:func:`airflow_sync_provider.assets.table_asset`) to ``outlets`` to schedule on it.
+    Returns the drain's summary (a small dict) as XCom.  Add the target's asset alias
+    (:func:`airflow_sync_provider.assets.table_asset`) to ``outlets`` to schedule on it: the task emits
+    the table's ``postgres://`` asset event through it, with the counts and the stream position.
     """
 
     template_fields: Sequence[str] = (
