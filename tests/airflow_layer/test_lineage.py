@@ -455,3 +455,54 @@ def test_a_python_task_emits_its_tables_event_through_its_alias(monkeypatch: pyt
     writes = [TableWrite("devices", "a"), TableWrite("devices", "b")]
     assert emit_table_events({"outlet_events": more}, [other], "central", writes) == []
     assert more[other].asset_alias_events == []
+
+
+def test_event_drain_reports_the_stream_payload_paths_and_its_position(
+    env: SyncEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow_sync_provider.operators.events import EventStreamToPostgresOperator
+
+    from ..integration.test_events_brokers import REDIS, RedisBroker
+    from ..integration.test_events_sync import MOVEMENTS, movement
+
+    broker = RedisBroker()
+    try:
+        port = env.server.port
+        monkeypatch.setenv("AIRFLOW_CONN_EVENTS_TARGET", f"postgres://postgres@127.0.0.1:{port}/{env.target_db}")
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_EVENTS", json.dumps({"conn_type": "redis", "host": REDIS[0], "port": REDIS[1]})
+        )
+        monkeypatch.setenv("SYNC_STAGING_DIR", env.staging.base_uri.removeprefix("file://"))
+        broker.publish([movement(n) for n in range(20)])
+        alias = table_asset("events_target", "public", "movements")
+        operator = EventStreamToPostgresOperator(
+            task_id="drain",
+            sync_id="movements",
+            source_conn_id="events",
+            stream=broker.key,
+            target_conn_id="events_target",
+            target_table="movements",
+            columns=[
+                {"name": c.name, "type": c.type, "path": c.path, "required": c.required} for c in MOVEMENTS.columns
+            ],
+            event_time="at",
+            sequence="seq",
+            wait_seconds=0.2,
+            outlets=[alias],
+        )
+        events = OutletEventAccessors()
+        run(operator, "r1", events)
+        lineage = operator.get_openlineage_facets_on_complete(None)
+        assert names(lineage.inputs) == [(f"redis://{REDIS[0]}:{REDIS[1]}", broker.key)]
+        output = as_json(lineage.outputs[0])
+        assert output["name"] == f"{env.target_db}.public.movements"
+        assert output["facets"]["columnLineage"]["fields"]["device"]["inputFields"][0]["field"] == "device.id"
+        assert output["outputFacets"]["outputStatistics"]["rowCount"] == 20
+        (event,) = events[alias].asset_alias_events
+        assert (event.extra["inserted"], event.extra["events"]) == (20, 20)
+        assert event.extra["position"]  # the stream position committed with the rows
+        quiet = OutletEventAccessors()
+        run(operator, "r2", quiet)  # nothing new: no batch, no event
+        assert quiet[alias].asset_alias_events == []
+    finally:
+        broker.cleanup()
