@@ -9,30 +9,39 @@ Two ways to write the same sync:
 - ``orders_sync_split``: extract -> load as two tasks, so the UI shows where a run stopped, retries
   are cheap, and a quality gate or transform can sit between them.  Only a small manifest travels
   through XCom; the rows are staged as Parquet files.
-No database is touched when this file is parsed.
+``orders_after_sync`` runs after every sync of the target table: the sync emits the table's asset
+(``postgres://host:port/database/public/orders``) through the alias ``table_asset(...)`` names, with
+the counts and the watermark range in the event's ``extra`` (see docs/lineage.md).
+No database (and no connection) is touched when this file is parsed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import pandas as pd
-from airflow.sdk import DAG, Asset
+from airflow.sdk import DAG, task
 
+from airflow_sync_provider.assets import table_asset
 from airflow_sync_provider.operators.sync import (
     ExtractToStagingOperator,
     LoadStagedToPostgresOperator,
     SyncTableOperator,
 )
 
-# Postgres asset URIs name host:port/database/schema/table; adjust them to your target.
-ORDERS_TARGET = Asset(name="orders_synced", uri="postgres://warehouse:5432/analytics/public/orders")
+# An alias named from the connection id: the task emits the real postgres:// asset at run time.
+ORDERS_TARGET = table_asset("sync_target", "public", "orders")
 
 
 def add_total(batch: pd.DataFrame) -> pd.DataFrame:
     """A pandas transform, applied batch by batch between extract and load."""
     batch["total"] = batch["quantity"] * batch["unit_price"]
     return batch
+
+
+# What the transform computes, for OpenLineage's column lineage (the other columns pass through).
+add_total.column_lineage = {"total": (("quantity", "unit_price"), "quantity * unit_price")}  # type: ignore[attr-defined]
 
 
 with DAG(
@@ -82,6 +91,26 @@ with DAG(
         task_id="load_orders",
         manifest=extract.output,
         target_conn_id="sync_target",
-        outlets=[Asset(name="orders_full_copy", uri="postgres://warehouse:5432/analytics/public/orders_full_copy")],
+        outlets=[table_asset("sync_target", "public", "orders_full_copy")],
     )
     extract >> load
+
+with DAG(
+    dag_id="orders_after_sync",
+    schedule=ORDERS_TARGET,
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    tags=["sync", "example"],
+    doc_md=__doc__,
+):
+
+    @task
+    def report(**context: Any) -> dict[str, Any]:
+        """What the sync that triggered this run changed (the asset event's ``extra``)."""
+        changed: dict[str, Any] = {}
+        for asset, events in context["triggering_asset_events"].items():
+            for event in events:
+                changed[asset.uri] = {k: event.extra.get(k) for k in ("inserted", "updated", "deleted")}
+        return changed
+
+    report()
