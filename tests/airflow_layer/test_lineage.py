@@ -506,3 +506,36 @@ def test_event_drain_reports_the_stream_payload_paths_and_its_position(
         assert quiet[alias].asset_alias_events == []
     finally:
         broker.cleanup()
+
+
+def test_reconcile_reports_both_tables_and_the_comparison_as_an_assertion(orders: SyncEnv) -> None:
+    from airflow_sync_provider.operators.reconcile import ReconcileOperator
+    from airflow_sync_provider.operators.sync import SyncTableOperator
+
+    declaration = {
+        "source_conn_id": "sync_source",
+        "target_conn_id": "sync_target",
+        "source_table": "orders",
+        "mode": "full",
+    }
+    run(SyncTableOperator(task_id="sync", **declaration), "r1")
+    equal = ReconcileOperator(task_id="reconcile", **declaration)
+    run(equal, "r1")
+    port = orders.server.port
+    lineage = equal.get_openlineage_facets_on_complete(None)
+    assert names(lineage.inputs) == [
+        (f"postgres://127.0.0.1:{port}", f"{orders.source_db}.public.orders"),
+        (f"postgres://127.0.0.1:{port}", f"{orders.target_db}.public.orders"),
+    ]
+    (check,) = as_json(lineage.inputs[1])["inputFacets"]["dataQualityAssertions"]["assertions"]
+    assert (check["success"], check["actual"]) == (True, "0")
+
+    with orders.target() as conn:
+        conn.execute("DELETE FROM orders WHERE id <= 3")
+    differs = ReconcileOperator(task_id="reconcile", **declaration)
+    with pytest.raises(AirflowFailException, match="differences"):
+        run(differs, "r2")
+    (check,) = as_json(differs.get_openlineage_facets_on_failure(None).inputs[1])["inputFacets"][
+        "dataQualityAssertions"
+    ]["assertions"]
+    assert (check["success"], check["actual"]) == (False, "3")
