@@ -420,6 +420,13 @@ class SyncTableOperator(BaseOperator):
         emit_table_events(context, self.outlets, self.target_conn_id, lineage.sync_writes(manifest, result), self.log)
         return {"manifest": manifest_summary(manifest), "load": result.to_dict()}
 
+    def get_openlineage_facets_on_start(self) -> OperatorLineage:
+        """Source table -> target table, named from the (rendered) declaration: no counts yet."""
+        spec = self.build_spec()
+        source = lineage.database_dataset(lineage.connection_url(self.source_conn_id), spec.qualified_source)
+        target = lineage.database_dataset(lineage.connection_url(self.target_conn_id), spec.qualified_target)
+        return lineage.operator_lineage([lineage.input_dataset(source)], [lineage.output_dataset(target)])
+
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
         """Source table -> target table (and history), with column lineage and row counts."""
         manifest: Manifest | None = getattr(self, "_manifest", None)

@@ -129,11 +129,14 @@ def test_one_task_sync_reports_datasets_columns_counts_and_an_asset_event(orders
         transform=add_total,
         outlets=[alias],
     )
+    port = orders.server.port
+    namespace = f"postgres://127.0.0.1:{port}"
+    started = operator.get_openlineage_facets_on_start()  # names only, from the declaration
+    assert names(started.inputs) == [(namespace, f"{orders.source_db}.public.orders")]
+    assert names(started.outputs) == [(namespace, f"{orders.target_db}.public.orders")]
     events = OutletEventAccessors()
     run(operator, "manual__1", events)
     lineage = operator.get_openlineage_facets_on_complete(None)
-    port = orders.server.port
-    namespace = f"postgres://127.0.0.1:{port}"
     assert names(lineage.inputs) == [(namespace, f"{orders.source_db}.public.orders")]
     assert names(lineage.outputs) == [(namespace, f"{orders.target_db}.public.orders")]
     (output,) = [as_json(o) for o in lineage.outputs]
