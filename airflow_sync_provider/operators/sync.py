@@ -430,8 +430,8 @@ class SyncTableOperator(BaseOperator):
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
         """Source table -> target table (and history), with column lineage and row counts."""
         manifest: Manifest | None = getattr(self, "_manifest", None)
-        if manifest is None:
-            return lineage.operator_lineage()
+        if manifest is None:  # failed before a batch was staged: the declared tables
+            return self.get_openlineage_facets_on_start()
         source = lineage.database_dataset(lineage.connection_url(self.source_conn_id), manifest.source_table)
         return _load_lineage(
             self.target_conn_id,
