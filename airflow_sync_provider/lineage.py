@@ -2,9 +2,9 @@
 postgres provider name them, and which source column feeds which target column.
 
 The mapping (manifest + connection URL -> dataset names and columns) is plain Python; only
-:func:`connection_url` looks a connection up (never the database), and only the ``*_facets`` /
-:func:`operator_lineage` builders import OpenLineage, inside the function, so the provider works
-without it.  Naming (https://openlineage.io/docs/spec/naming):
+:func:`connection_url` looks a connection up (never the database), and only the builders of
+OpenLineage objects (``input_dataset``, ``output_dataset``, ``quality_facet``, ``table_lineage``,
+``operator_lineage``) import OpenLineage, inside the function, so the provider works without it.  Naming (https://openlineage.io/docs/spec/naming):
 
 * PostgreSQL: namespace ``postgres://host:port``, name ``database.schema.table``; the Airflow asset
   URI of the same table is ``postgres://host:port/database/schema/table`` (the postgres provider's
