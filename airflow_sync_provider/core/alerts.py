@@ -279,7 +279,8 @@ def evaluate(status: SyncStatus, thresholds: AlertThresholds, *, target: str = "
     A rule whose figure the status does not have (no date/time cursor, no slot read, never
     reconciled) raises nothing.  Reconciliations whose differences were repaired do not alert.
     """
-    where = f"{status.schema}.{status.target_table}" if status.target_table else f"schema {status.schema}"
+    table = status.target_table
+    where = (table if "." in table else f"{status.schema}.{table}") if table else f"schema {status.schema}"
     on = f"sync {status.sync_id} (target {target or '?'}, table {where}"
     on += f", source {status.source_table})" if status.source_table else ")"
     alerts: list[Alert] = []

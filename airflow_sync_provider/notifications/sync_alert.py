@@ -179,7 +179,10 @@ def _alerts_message(alerts: list[dict[str, Any]]) -> tuple[str, str, str]:
         + "</tr>"
         for a in alerts
     )
-    details = "".join(f"<li>{html.escape(str(a['message']))}</li>" for a in alerts)
+    details = "".join(
+        f"<li>{html.escape(str(a['message']))} <small>(alert {html.escape(str(a['dedupe_key']))})</small></li>"
+        for a in alerts
+    )
     body_html = (
         f"<p>{html.escape(subject)}</p>"
         "<table border='1' cellpadding='4'><tr><th>severity</th><th>sync</th><th>rule</th><th>observed</th>"

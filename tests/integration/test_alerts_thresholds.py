@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -107,7 +108,7 @@ def test_each_rule_fires_past_its_threshold_only() -> None:
 
 
 def test_slot_rule_reads_retained_wal_and_skips_unread_slots() -> None:
-    (alert,) = evaluate(CDC, AlertThresholds(slot_retained_wal_over="100MB"), target="src")
+    (alert,) = evaluate(CDC, AlertThresholds.of({"slot_retained_wal_over": "100MB"}), target="src")
     assert (alert.rule, alert.observed, alert.threshold, alert.severity) == (
         "slot_retained_wal",
         250_000_000,
@@ -121,8 +122,13 @@ def test_slot_rule_reads_retained_wal_and_skips_unread_slots() -> None:
 
 
 def test_missing_figures_and_repaired_reconciliations_raise_nothing() -> None:
-    every = AlertThresholds(
-        freshness_older_than=0, watermark_held_back_longer_than=0, quarantine_above=0, reconciliation_differences=0
+    every = AlertThresholds.of(
+        {
+            "freshness_older_than": 0,
+            "watermark_held_back_longer_than": 0,
+            "quarantine_above": 0,
+            "reconciliation_differences": 0,
+        }
     )
     assert evaluate(_status(), every) == []  # never synced: no cursor time, no quarantine, no reconciliation
     assert evaluate(_status(reconciliation=_recon(missing=5, repaired=True)), every) == []
@@ -131,7 +137,10 @@ def test_missing_figures_and_repaired_reconciliations_raise_nothing() -> None:
 
 def test_per_sync_overrides_and_parsing() -> None:
     default = {"freshness_older_than": "2h", "quarantine_above": 0}
-    per_sync = {"orders": {"freshness_older_than": "4h"}, "audit": {"quarantine_above": None}}
+    per_sync: dict[str, dict[str, Any]] = {
+        "orders": {"freshness_older_than": "4h"},
+        "audit": {"quarantine_above": None},
+    }
     orders = thresholds_for("orders", default, per_sync)
     assert (orders.freshness_older_than, orders.quarantine_above) == (dt.timedelta(hours=4), 0)
     assert thresholds_for("audit", default, per_sync).quarantine_above is None
