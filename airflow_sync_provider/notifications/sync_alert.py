@@ -94,8 +94,8 @@ class SyncAlertNotifier(BaseNotifier):
         return {
             "sync_alerts": alerts,
             "sync_alert_subject": subject,
-            "sync_alert_text": text,
-            "sync_alert_html": body_html,
+            "sync_alert_text": f"{subject}\n\n{text}",
+            "sync_alert_html": f"<p>{html.escape(subject)}</p>{body_html}",
         }
 
     def _forwarded(self, context: Context) -> list[tuple[BaseNotifier, dict[str, Any]]] | None:
@@ -151,6 +151,7 @@ def _alert_dict(value: Alert | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _alerts_message(alerts: list[dict[str, Any]]) -> tuple[str, str, str]:
+    """Subject, plain-text details and HTML details (the caller puts the final subject on top)."""
     first = alerts[0]
     if len(alerts) == 1:
         subject = (
@@ -184,7 +185,6 @@ def _alerts_message(alerts: list[dict[str, Any]]) -> tuple[str, str, str]:
         for a in alerts
     )
     body_html = (
-        f"<p>{html.escape(subject)}</p>"
         "<table border='1' cellpadding='4'><tr><th>severity</th><th>sync</th><th>rule</th><th>observed</th>"
         f"<th>threshold</th><th>target</th><th>table</th></tr>{rows}</table><ul>{details}</ul>"
     )
@@ -213,7 +213,7 @@ def _failure_message(context: Mapping[str, Any]) -> tuple[str, str, str]:
     ]
     text = "\n".join(f"{k}: {v}" for k, v in facts) + "\n"
     body_html = (
-        f"<p>{html.escape(subject)}</p><table>"
+        "<table>"
         + "".join(
             f"<tr><th align='left'>{k}</th><td>{html.escape(str(v)).replace(chr(10), '<br>')}</td></tr>"
             for k, v in facts
