@@ -121,26 +121,27 @@ class SyncAlertNotifier(BaseNotifier):
     def notify(self, context: Context) -> None:
         """Send through every forwarded notifier; raise :class:`SyncAlertError` naming those that failed."""
         failures = []
-        for clone, forwarded in self._forwarded(context) or ():
+        for template, forwarded in self._forwarded(context) or ():
             try:
-                clone(forwarded)
+                fresh(template)(forwarded)
             except Exception as error:  # one broken channel must not silence the others
-                failures.append(f"{type(clone).__name__}: {error}")
+                failures.append(f"{type(template).__name__}: {error}")
         if failures:
             raise SyncAlertError("sync alert not delivered by " + "; ".join(failures))
 
     async def async_notify(self, context: Context) -> None:
         """As :meth:`notify`, awaiting notifiers that send asynchronously (others run in a thread)."""
         failures = []
-        for clone, forwarded in self._forwarded(context) or ():
+        for template, forwarded in self._forwarded(context) or ():
             try:
+                attempt = fresh(template)
+                attempt.context = forwarded  # type: ignore[assignment]
                 try:
-                    clone.context = forwarded  # type: ignore[assignment]
-                    await clone
-                except NotImplementedError:
-                    await asyncio.to_thread(clone, forwarded)
+                    await attempt
+                except NotImplementedError:  # no async_notify: its templates were rendered, start afresh
+                    await asyncio.to_thread(fresh(template), forwarded)
             except Exception as error:
-                failures.append(f"{type(clone).__name__}: {error}")
+                failures.append(f"{type(template).__name__}: {error}")
         if failures:
             raise SyncAlertError("sync alert not delivered by " + "; ".join(failures))
 

@@ -96,6 +96,7 @@ class SyncHealthCheckOperator(BaseOperator):
         alerts: list[Alert] = []
         undelivered: list[str] = []
         checked = 0
+        found_ids: set[str] = set()
         with ExitStack() as sources:
             source_conns: dict[str, psycopg.Connection[Any]] = {}
             for conn_id in conn_ids:
@@ -112,6 +113,7 @@ class SyncHealthCheckOperator(BaseOperator):
                     )
                     for status in statuses:
                         checked += 1
+                        found_ids.add(status.sync_id)
                         limits = thresholds_for(status.sync_id, default, self.sync_thresholds)
                         status = self._with_slot(status, limits, source_conns, sources)
                         seen = {a.dedupe_key for a in alerts}  # a target listed twice alerts once
@@ -121,6 +123,9 @@ class SyncHealthCheckOperator(BaseOperator):
                             if not self._send(target, schema, scope, alert, context):
                                 undelivered.append(alert.dedupe_key)
                         alerts.extend(found)
+        missing = sorted(set(self.sync_ids or ()) - found_ids)
+        if missing:
+            self.log.warning("sync(s) %s not found on %s: nothing to check for them", missing, ", ".join(conn_ids))
         if undelivered:
             raise SyncHealthBreachedError(
                 f"{len(undelivered)} sync alert(s) not delivered (a retry sends them): {', '.join(undelivered)}"

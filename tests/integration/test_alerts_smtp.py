@@ -23,14 +23,14 @@ from typing import Any
 import great_expectations as gx
 import pytest
 from aiosmtpd.controller import Controller
-from airflow.sdk import DAG
+from airflow.sdk import DAG, BaseNotifier
 
 from airflow_sync_provider.core import SyncSpec, extract_for, load_manifest
 from airflow_sync_provider.core.alert_log import sent_alerts
 from airflow_sync_provider.core.cdc import CdcSpec
 from airflow_sync_provider.core.quality import validate_manifest
 from airflow_sync_provider.core.reconcile import reconcile
-from airflow_sync_provider.notifications import SyncAlertNotifier
+from airflow_sync_provider.notifications import SyncAlertError, SyncAlertNotifier
 from airflow_sync_provider.operators.health import SyncHealthBreachedError, SyncHealthCheckOperator
 
 from ..conftest import CdcEnv, SyncEnv
@@ -273,9 +273,9 @@ def test_cdc_slot_retaining_wal_alerts(cdc: CdcEnv, smtp: SmtpSink, monkeypatch:
     assert check("c1", thresholds=limits, source_conn_id="health_source") == []
     assert smtp.take() == []
 
-    with env.source() as conn:  # 16 MB of WAL the stopped sync never confirms
+    with env.source() as conn:  # 16 MB of WAL the stopped sync never confirms (committed: flushed)
         for _ in range(16):
-            conn.execute("SELECT pg_logical_emit_message(false, 'alerts-test', repeat('x', 1000000))")
+            conn.execute("SELECT pg_logical_emit_message(true, 'alerts-test', repeat('x', 1000000))")
     # Without a source connection (none recorded, none given) the slot is not read: no alert.
     assert check("c2", thresholds=limits) == []
     (alert,) = check("c3", thresholds=limits, source_conn_id="health_source")
@@ -316,11 +316,17 @@ def test_notifier_as_failure_callback_names_the_sync_task_and_error(
     assert "scheduled__7" in mail.html and "health_target" in mail.html
     assert "<th align='left'>try</th><td>2</td>" in mail.html
 
-    # The same notifier object sends again (templates are rendered on a copy), and asynchronously too.
+    # The same notifier object sends again (templates are rendered on a copy), and asynchronously too:
+    # SmtpNotifier is awaited, a notifier without async_notify runs in a thread, and a broken
+    # channel fails the send, naming it, without silencing the others.
     notifier(context)
-    notifier.context = context  # type: ignore[assignment]
-    asyncio.run(_await(notifier))
+    kept = Recorder(text=None)
+    awaited = SyncAlertNotifier(notifiers=[smtp_notifier(), kept, Broken()], title="[test]")
+    awaited.context = context  # type: ignore[assignment]
+    with pytest.raises(SyncAlertError, match="sync alert not delivered by Broken: no route to the pager"):
+        asyncio.run(_await(awaited))
     assert [m.subject for m in smtp.take()] == [mail.subject, mail.subject]
+    assert kept.sent == [mail.subject.split(" failed: ")[0]]
     # Nothing to say (no alert, no error, e.g. an on_success_callback): nothing is sent.
     SyncAlertNotifier(notifiers=[smtp_notifier()])({"run_id": "x"})
     assert smtp.take() == []
@@ -328,3 +334,22 @@ def test_notifier_as_failure_callback_names_the_sync_task_and_error(
 
 async def _await(notifier: SyncAlertNotifier) -> None:
     await notifier
+
+
+class Recorder(BaseNotifier):
+    """A notifier without async support that keeps the first line of each ``text`` it is given."""
+
+    template_fields = ("text",)
+
+    def __init__(self, text: str | None) -> None:
+        super().__init__()
+        self.text = text
+        self.sent: list[str] = []
+
+    def notify(self, context: Any) -> None:
+        self.sent.append(str(self.text).split(" failed: ")[0])
+
+
+class Broken(BaseNotifier):
+    def notify(self, context: Any) -> None:
+        raise ConnectionError("no route to the pager")
