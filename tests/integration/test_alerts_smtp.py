@@ -30,6 +30,7 @@ from airflow_sync_provider.core.alert_log import sent_alerts
 from airflow_sync_provider.core.cdc import CdcSpec
 from airflow_sync_provider.core.quality import validate_manifest
 from airflow_sync_provider.core.reconcile import reconcile
+from airflow_sync_provider.core.status import RunContext, record_run_context
 from airflow_sync_provider.notifications import SyncAlertError, SyncAlertNotifier
 from airflow_sync_provider.operators.health import SyncHealthBreachedError, SyncHealthCheckOperator
 
@@ -278,7 +279,11 @@ def test_cdc_slot_retaining_wal_alerts(cdc: CdcEnv, smtp: SmtpSink, monkeypatch:
             conn.execute("SELECT pg_logical_emit_message(true, 'alerts-test', repeat('x', 1000000))")
     # Without a source connection (none recorded, none given) the slot is not read: no alert.
     assert check("c2", thresholds=limits) == []
-    (alert,) = check("c3", thresholds=limits, source_conn_id="health_source")
+    assert smtp.take() == []
+    # The source connection the CDC operators record for the sync is used (here recorded by hand).
+    with env.target() as conn:
+        record_run_context(conn, "public", RunContext("items_cdc", "r1", "items_dag", "cdc", "health_source"))
+    (alert,) = check("c3", thresholds=limits)
     assert (alert["rule"], alert["threshold"], alert["severity"]) == ("slot_retained_wal", 8_000_000, "critical")
     assert alert["observed"] > 16_000_000
     (mail,) = smtp.take()
