@@ -14,7 +14,6 @@ import psycopg
 from psycopg import sql
 
 from airflow_sync_provider.core.alerts import Alert
-from airflow_sync_provider.core.audit import AUDIT_TABLE
 from airflow_sync_provider.core.catalog import ddl_lock, table_exists
 from airflow_sync_provider.core.sqltext import execute
 
@@ -78,20 +77,6 @@ def release_alert(conn: psycopg.Connection[Any], schema: str, run_scope: str, al
     )
 
 
-def schemas_with_syncs(conn: psycopg.Connection[Any], state_table: str = "_sync_state") -> list[str]:
-    """Schemas of the target holding sync state or a sync ledger: where a health check looks when the
-    user lists no schemas."""
-    rows = execute(
-        conn,
-        sql.SQL(
-            "SELECT DISTINCT table_schema FROM information_schema.tables WHERE table_name = ANY(%s) "
-            "ORDER BY table_schema"
-        ),
-        ([state_table, AUDIT_TABLE],),
-    ).fetchall()
-    return [r[0] for r in rows]
-
-
 def sent_alerts(conn: psycopg.Connection[Any], schema: str, run_scope: str | None = None) -> list[tuple[str, str]]:
     """``(run_scope, dedupe_key)`` of the alerts sent (by ``run_scope``, or all), oldest first."""
     if not table_exists(conn, schema, ALERT_TABLE):
@@ -107,4 +92,4 @@ def sent_alerts(conn: psycopg.Connection[Any], schema: str, run_scope: str | Non
     return [(r[0], r[1]) for r in rows]
 
 
-__all__ = ["ALERT_TABLE", "claim_alert", "ensure_alert_table", "release_alert", "schemas_with_syncs", "sent_alerts"]
+__all__ = ["ALERT_TABLE", "claim_alert", "ensure_alert_table", "release_alert", "sent_alerts"]

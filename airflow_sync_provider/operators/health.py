@@ -18,9 +18,9 @@ import psycopg
 from airflow.sdk import BaseNotifier, BaseOperator, Context
 
 from airflow_sync_provider.core import ConfigurationError, SyncError
-from airflow_sync_provider.core.alert_log import claim_alert, release_alert, schemas_with_syncs
+from airflow_sync_provider.core.alert_log import claim_alert, release_alert
 from airflow_sync_provider.core.alerts import Alert, AlertThresholds, evaluate, thresholds_for
-from airflow_sync_provider.core.status import SyncStatus, read_slot_status, read_sync_statuses
+from airflow_sync_provider.core.status import SyncStatus, evidence_schemas, read_slot_status, read_sync_statuses
 from airflow_sync_provider.hooks.cdc import PostgresCdcHook
 from airflow_sync_provider.hooks.source import source_connection_defined
 from airflow_sync_provider.hooks.target import target_connection
@@ -104,7 +104,7 @@ class SyncHealthCheckOperator(BaseOperator):
                     target = sources.enter_context(closing(target_connection(conn_id, sync_id=None)))
                 except SyncError as error:
                     raise as_task_error(error) from error
-                for schema in list(self.schemas or ()) or schemas_with_syncs(target, self.state_table):
+                for schema in list(self.schemas or ()) or evidence_schemas(target, self.state_table):
                     statuses = read_sync_statuses(
                         target,
                         schema,
