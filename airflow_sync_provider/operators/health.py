@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack, closing
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import psycopg
@@ -20,12 +20,26 @@ from airflow.sdk import BaseNotifier, BaseOperator, Context
 from airflow_sync_provider.core import ConfigurationError, SyncError
 from airflow_sync_provider.core.alert_log import claim_alert, release_alert
 from airflow_sync_provider.core.alerts import Alert, AlertThresholds, evaluate, thresholds_for
+from airflow_sync_provider.core.errors import TargetUnavailableError
 from airflow_sync_provider.core.status import SyncStatus, evidence_schemas, read_slot_status, read_sync_statuses
 from airflow_sync_provider.hooks.cdc import PostgresCdcHook
 from airflow_sync_provider.hooks.source import source_connection_defined
 from airflow_sync_provider.hooks.target import target_connection
 from airflow_sync_provider.notifications.sync_alert import SyncAlertNotifier, fresh
 from airflow_sync_provider.operators.common import as_task_error
+
+
+@dataclass
+class _CheckRun:
+    """What one execution of the check has found and opened so far."""
+
+    scope: str
+    alerts: list[Alert] = field(default_factory=list)
+    undelivered: list[str] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)
+    found: set[str] = field(default_factory=set)
+    sources: dict[str, psycopg.Connection[Any]] = field(default_factory=dict)
+    stack: ExitStack = field(default_factory=ExitStack)
 
 
 class SyncHealthBreachedError(Exception):
@@ -92,60 +106,62 @@ class SyncHealthCheckOperator(BaseOperator):
         except SyncError as error:
             raise as_task_error(error) from error
         conn_ids = [self.target_conn_ids] if isinstance(self.target_conn_ids, str) else list(self.target_conn_ids)
-        scope = f"{getattr(context.get('dag'), 'dag_id', None) or 'dag'}/{context.get('run_id', 'manual')}"
-        alerts: list[Alert] = []
-        undelivered: list[str] = []
-        checked = 0
-        found_ids: set[str] = set()
-        with ExitStack() as sources:
-            source_conns: dict[str, psycopg.Connection[Any]] = {}
+        run = _CheckRun(scope=f"{getattr(context.get('dag'), 'dag_id', None) or 'dag'}/{context.get('run_id', '')}")
+        with run.stack:
             for conn_id in conn_ids:
                 try:
-                    target = sources.enter_context(closing(target_connection(conn_id, sync_id=None)))
-                except SyncError as error:
-                    raise as_task_error(error) from error
-                for schema in list(self.schemas or ()) or evidence_schemas(target, self.state_table):
-                    statuses = read_sync_statuses(
-                        target,
-                        schema,
-                        state_table=self.state_table,
-                        sync_ids=list(self.sync_ids) if self.sync_ids else None,
-                    )
-                    for status in statuses:
-                        checked += 1
-                        found_ids.add(status.sync_id)
-                        limits = thresholds_for(status.sync_id, default, self.sync_thresholds)
-                        status = self._with_slot(status, limits, source_conns, sources)
-                        seen = {a.dedupe_key for a in alerts}  # a target listed twice alerts once
-                        found = [a for a in evaluate(status, limits, target=conn_id) if a.dedupe_key not in seen]
-                        for alert in found:
-                            self.log.warning("%s", alert.message)
-                            if not self._send(target, schema, scope, alert, context):
-                                undelivered.append(alert.dedupe_key)
-                        alerts.extend(found)
-        missing = sorted(set(self.sync_ids or ()) - found_ids)
+                    target = run.stack.enter_context(closing(target_connection(conn_id, sync_id=None)))
+                except SyncError as error:  # check the other targets, then fail (a retry checks it again)
+                    self.log.error("target %s not checked: %s", conn_id, error)
+                    run.unreachable.append(str(error))
+                    continue
+                self._check_target(conn_id, target, default, run, context)
+        missing = sorted(set(self.sync_ids or ()) - run.found)
         if missing:
             self.log.warning("sync(s) %s not found on %s: nothing to check for them", missing, ", ".join(conn_ids))
-        if undelivered:
+        if run.unreachable:
+            raise TargetUnavailableError("health check could not read: " + "; ".join(run.unreachable))
+        if run.undelivered:
             raise SyncHealthBreachedError(
-                f"{len(undelivered)} sync alert(s) not delivered (a retry sends them): {', '.join(undelivered)}"
+                f"{len(run.undelivered)} sync alert(s) not delivered (a retry sends them): {', '.join(run.undelivered)}"
             )
-        if not alerts:
-            self.log.info("%d sync(s) on %s healthy", checked, ", ".join(conn_ids))
+        if not run.alerts:
+            self.log.info("%d sync(s) on %s healthy", len(run.found), ", ".join(conn_ids))
             return []
         if self.on_breach == "fail":
             raise SyncHealthBreachedError(
-                f"{len(alerts)} sync alert(s) on {checked} sync(s): " + "; ".join(a.subject for a in alerts)
+                f"{len(run.alerts)} sync alert(s) on {len(run.found)} sync(s): "
+                + "; ".join(a.subject for a in run.alerts)
             )
-        return [a.as_dict() for a in alerts]
+        return [a.as_dict() for a in run.alerts]
 
-    def _with_slot(
+    def _check_target(
         self,
-        status: SyncStatus,
-        limits: AlertThresholds,
-        source_conns: dict[str, psycopg.Connection[Any]],
-        stack: ExitStack,
-    ) -> SyncStatus:
+        conn_id: str,
+        target: psycopg.Connection[Any],
+        default: AlertThresholds,
+        run: _CheckRun,
+        context: Context,
+    ) -> None:
+        """Evaluate every sync of one target and send its new alerts."""
+        for schema in list(self.schemas or ()) or evidence_schemas(target, self.state_table):
+            statuses = read_sync_statuses(
+                target, schema, state_table=self.state_table, sync_ids=list(self.sync_ids) if self.sync_ids else None
+            )
+            for status in statuses:
+                run.found.add(status.sync_id)
+                limits = thresholds_for(status.sync_id, default, self.sync_thresholds)
+                status = self._with_slot(status, limits, run)
+                seen = {a.dedupe_key for a in run.alerts}  # a target listed twice alerts once
+                for alert in evaluate(status, limits, target=conn_id):
+                    if alert.dedupe_key in seen:
+                        continue
+                    self.log.warning("%s", alert.message)
+                    run.alerts.append(alert)
+                    if not self._send(target, schema, run.scope, alert, context):
+                        run.undelivered.append(alert.dedupe_key)
+
+    def _with_slot(self, status: SyncStatus, limits: AlertThresholds, run: _CheckRun) -> SyncStatus:
         """``status`` with its slot read from the source, when the slot rule needs it and a source is known."""
         if status.kind != "cdc" or not status.slot_name or limits.slot_retained_wal_over is None:
             return status
@@ -157,14 +173,14 @@ class SyncHealthCheckOperator(BaseOperator):
                 status.slot_name,
             )
             return status
-        if conn_id not in source_conns:
+        if conn_id not in run.sources:
             try:
                 with source_connection_defined(conn_id, status.sync_id):
                     hook = PostgresCdcHook(source_conn_id=conn_id)
-                    source_conns[conn_id] = stack.enter_context(closing(hook.get_cdc_connection(status.sync_id)))
+                    run.sources[conn_id] = run.stack.enter_context(closing(hook.get_cdc_connection(status.sync_id)))
             except SyncError as error:
                 raise as_task_error(error) from error
-        return replace(status, slot=read_slot_status(source_conns[conn_id], status.slot_name))
+        return replace(status, slot=read_slot_status(run.sources[conn_id], status.slot_name))
 
     def _send(self, target: psycopg.Connection[Any], schema: str, scope: str, alert: Alert, context: Context) -> bool:
         """Claim and send ``alert``; True when it was sent now or earlier in this run."""

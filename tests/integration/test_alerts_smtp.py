@@ -28,6 +28,7 @@ from airflow.sdk import DAG, BaseNotifier
 from airflow_sync_provider.core import SyncSpec, extract_for, load_manifest
 from airflow_sync_provider.core.alert_log import sent_alerts
 from airflow_sync_provider.core.cdc import CdcSpec
+from airflow_sync_provider.core.errors import TargetUnavailableError
 from airflow_sync_provider.core.quality import validate_manifest
 from airflow_sync_provider.core.reconcile import reconcile
 from airflow_sync_provider.core.status import RunContext, record_run_context
@@ -123,9 +124,8 @@ def check(run_id: str, **kwargs: Any) -> list[dict[str, Any]]:
     """One health-check task run in DAG run ``run_id`` (``on_breach="notify"`` unless given)."""
     operator = SyncHealthCheckOperator(
         task_id="health",
-        target_conn_ids=["health_target"],
         notifiers=[smtp_notifier()],
-        **{"thresholds": EVERY_RULE, "on_breach": "notify", **kwargs},
+        **{"target_conn_ids": ["health_target"], "thresholds": EVERY_RULE, "on_breach": "notify", **kwargs},
     )
     context = {"run_id": run_id, "dag": DAG("sync_health", schedule=None), "ti": SimpleNamespace(try_number=1)}
     return operator.execute(context)  # type: ignore[arg-type]
@@ -258,6 +258,13 @@ def test_an_undelivered_alert_is_sent_by_the_retry(
     assert [a["rule"] for a in check("scheduled__1")] == ["freshness"]
     (mail,) = smtp.take()
     assert mail.subject.startswith("[sync alert: critical] archive: freshness 5 h ")
+
+    # A target that cannot be reached does not blind the check to the others: they are checked and
+    # alerted, then the task fails naming it (so Airflow retries).
+    monkeypatch.setenv("AIRFLOW_CONN_DOWN_TARGET", "postgres://postgres@127.0.0.1:1/nowhere")
+    with pytest.raises(TargetUnavailableError, match=r"health check could not read: .*'down_target'"):
+        check("scheduled__2", target_conn_ids=["down_target", "health_target"])
+    assert [m.subject.split(" 5 h ")[0] for m in smtp.take()] == ["[sync alert: critical] archive: freshness"]
 
 
 def test_cdc_slot_retaining_wal_alerts(cdc: CdcEnv, smtp: SmtpSink, monkeypatch: pytest.MonkeyPatch) -> None:
