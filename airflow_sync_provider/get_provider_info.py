@@ -38,6 +38,7 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_sync_provider.operators.reconcile",
                     "airflow_sync_provider.operators.quality",
                     "airflow_sync_provider.operators.events",
+                    "airflow_sync_provider.operators.health",
                 ],
             }
         ],
@@ -53,6 +54,7 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_sync_provider.triggers.cdc", "airflow_sync_provider.triggers.events"],
             }
         ],
+        "notifications": ["airflow_sync_provider.notifications.sync_alert.SyncAlertNotifier"],
         "extra-links": [
             "airflow_sync_provider.plugins.links.SyncStatusLink",
             "airflow_sync_provider.plugins.links.QualityReportLink",
