@@ -1,7 +1,6 @@
 """The Airflow plugin of the provider: the "Sync status" view in the Airflow 3 UI.
 
-Registered by the provider (``get_provider_info()["plugins"]``) and by the ``airflow.plugins``
-entry point.  It mounts the status app (:mod:`.app`) in the api-server at ``/sync-status`` and puts
+Registered by the provider's ``airflow.plugins`` entry point (pyproject.toml).  It mounts the status app (:mod:`.app`) in the api-server at ``/sync-status`` and puts
 "Sync status" in the UI's Browse menu (an external view the UI shows in a frame at
 ``/plugin/sync-status``).
 """
