@@ -1,6 +1,7 @@
 """The Airflow plugin of the provider: the "Sync status" view in the Airflow 3 UI.
 
-Registered by the provider's ``airflow.plugins`` entry point (pyproject.toml).  It mounts the status app (:mod:`.app`) in the api-server at ``/sync-status`` and puts
+Registered by the provider's ``airflow.plugins`` entry point (pyproject.toml).  It mounts the
+status app (:mod:`.app`) in the api-server at ``/sync-status`` and puts
 "Sync status" in the UI's Browse menu (an external view the UI shows in a frame at
 ``/plugin/sync-status``).
 """
