@@ -207,7 +207,9 @@ class ApiClient:
         return url if "://" in url else urljoin(self.base_url, url.lstrip("/"))
 
     def masked(self, url: str, params: Mapping[str, Any] | None = None) -> str:
-        full = requests.Request("GET", self.url(url), params=dict(params or {})).prepare().url or url
+        """The URL a GET sends (the session's parameters too, e.g. a query API key), secrets masked."""
+        merged = {**dict(self.session.params or {}), **dict(params or {})}
+        full = requests.Request("GET", self.url(url), params=merged).prepare().url or url
         return mask_url(full, self.auth)
 
     def close(self) -> None:
@@ -233,6 +235,8 @@ class ApiClient:
             return response
 
         def wait(state: tenacity.RetryCallState) -> float:
+            if state.attempt_number >= self.retry.attempts:
+                return 0.0  # the last attempt: tenacity asks before it stops
             error = state.outcome.exception() if state.outcome else None
             backoff = min(self.retry.backoff * 2 ** (state.attempt_number - 1), self.retry.max_backoff)
             if isinstance(error, _Retryable) and error.retry_after is not None:

@@ -86,6 +86,8 @@ class ApiSpec:
             fail("primary_key is required (records are merged by it)")
         if self.mode == "incremental" and not (self.cursor_field and self.cursor_param):
             fail("incremental mode needs cursor_field and cursor_param (e.g. updated_at / updated_since)")
+        if self.detect_deletes and self.mode != "full":
+            fail("detect_deletes needs mode='full' (only a run that lists every key can tell what is gone)")
         if self.batch_records < 1 or self.max_pages < 1:
             fail("batch_records and max_pages must be positive")
         names = [c.name for c in self.columns]
