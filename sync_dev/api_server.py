@@ -13,9 +13,10 @@ pagination style the API source knows, on an ephemeral port::
 * ``offset``       -> ``{"results": [...], "total": n}`` (``offset=``, ``limit=``);
 * ``page_number``  -> ``{"data": [...], "page": p, "total_pages": k}`` (``page=``, ``per_page=``).
 
-Records are ordered by ``(updated_at, id)``; the token styles page by keyset, the offset and page
-styles slice the list as it is *at each request*, so a record changed between two pages really
-moves (and may be served twice).  Faults for the resilience tests: a status (429/500/503 with
+Records are ordered by ``(updated_at, key)`` (the key field is ``id`` unless ``keys`` says
+otherwise); the token styles page by keyset, the offset and page styles slice the list as it is
+*at each request*, so a record changed between two pages really moves (and may be served twice).
+Faults for the resilience tests: a status (429/500/503 with
 ``Retry-After`` seconds or an HTTP date) or a connection reset for the next N matching requests,
 slow pages, a rate limit, a cursor that never advances (``loop_cursor``), and a hook called after
 each page is served (to change records between pages).  Auth: bearer, basic, or an API key in a
@@ -104,8 +105,8 @@ def customer_records(count: int, *, seed: int = 7, start: dt.datetime | None = N
     ]
 
 
-def _token(record: Mapping[str, Any]) -> str:
-    raw = json.dumps([record["updated_at"], record["id"]]).encode()
+def _token(record: Mapping[str, Any], key: str) -> str:
+    raw = json.dumps([record["updated_at"], record[key]]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -117,6 +118,7 @@ def _untoken(token: str) -> tuple[dt.datetime, Any]:
 
 @dataclass
 class _Collection:
+    key: str = "id"
     records: dict[Any, dict[str, Any]] = field(default_factory=dict)
     _cache: tuple[list[tuple[dt.datetime, Any]], list[dict[str, Any]]] | None = None
 
@@ -126,8 +128,9 @@ class _Collection:
     def ordered(self) -> tuple[list[tuple[dt.datetime, Any]], list[dict[str, Any]]]:
         """The records by ``(updated_at, id)`` and their positions (cached until a change)."""
         if self._cache is None:
-            rows = sorted(self.records.values(), key=lambda r: (parse_time(r["updated_at"]), r["id"]))
-            self._cache = ([(parse_time(r["updated_at"]), r["id"]) for r in rows], [dict(r) for r in rows])
+            key = self.key
+            rows = sorted(self.records.values(), key=lambda r: (parse_time(r["updated_at"]), r[key]))
+            self._cache = ([(parse_time(r["updated_at"]), r[key]) for r in rows], [dict(r) for r in rows])
         return self._cache
 
 
@@ -140,10 +143,13 @@ class ApiServer:
         *,
         page_size: int = DEFAULT_PAGE_SIZE,
         auth: ApiAuthConfig | None = None,
+        keys: Mapping[str, str] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
         self._lock = threading.RLock()
+        #: The key field of each collection (default ``id``).
+        self.keys = dict(keys or {})
         self._collections: dict[str, _Collection] = {}
         for name, records in (collections or {}).items():
             self.replace(name, records)
@@ -190,15 +196,16 @@ class ApiServer:
     # -- data
     def replace(self, collection: str, records: Iterable[Mapping[str, Any]]) -> None:
         with self._lock:
-            self._collections[collection] = _Collection({r["id"]: dict(r) for r in records})
+            key = self.keys.get(collection, "id")
+            self._collections[collection] = _Collection(key, {r[key]: dict(r) for r in records})
             self._collections[collection].changed()
 
     def upsert(self, collection: str, *records: Mapping[str, Any]) -> None:
         """Insert or replace records (a record with an ``updated_at`` in the past is a late publication)."""
         with self._lock:
-            target = self._collections.setdefault(collection, _Collection())
+            target = self._collections.setdefault(collection, _Collection(self.keys.get(collection, "id")))
             for record in records:
-                target.records[record["id"]] = dict(record)
+                target.records[record[target.key]] = dict(record)
             target.changed()
 
     def touch(self, collection: str, key: Any, **changes: Any) -> dict[str, Any]:
@@ -267,6 +274,7 @@ class ApiServer:
             if collection not in self._collections:
                 raise KeyError(collection)
             positions, ordered = self._collections[collection].ordered()
+            key = self._collections[collection].key
         low, high = 0, len(ordered)
         if query.get("updated_since"):
             low = bisect.bisect_left(positions, parse_time(query["updated_since"]), key=lambda p: p[0])
@@ -293,7 +301,7 @@ class ApiServer:
         more = len(rows) > size
         token = None
         if more:
-            token = after if (self.loop_cursor and after) else _token(chunk[-1])
+            token = after if (self.loop_cursor and after) else _token(chunk[-1], key)
         if style == "cursor":
             return {"items": chunk, "meta": {"next_cursor": token}}, {}
         link = None

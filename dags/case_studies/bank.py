@@ -440,7 +440,122 @@ def gate_results(uris: Mapping[str, str]) -> list[tuple[str, bool, int]]:
     return results
 
 
+# --------------------------------------------------------------------------- credit bureau (REST API)
+#
+# The bank buys credit reports from a bureau reachable only over its REST API (bearer token,
+# cursor pagination, rate limited, publishing some reports late).  ``bank_credit_bureau_sync``
+# syncs them into credit scoring (``scoring.bureau_reports``), through a quality gate that
+# quarantines impossible scores, and credit scoring decides on them with the bank's own data.
+
+BUREAU_CONN = "credit_bureau"
+BUREAU_TARGET = "credit_scoring"
+BUREAU_TABLE = "bureau_reports"
+#: The collection our local API server (sync_dev/api_server.py) serves the reports from.
+BUREAU_COLLECTION = "bureau_reports"
+BUREAU_ENDPOINT = f"/v1/cursor/{BUREAU_COLLECTION}"
+#: The bureau publishes a report up to this long after its ``updated_at``.
+BUREAU_LAG = dt.timedelta(minutes=15)
+#: Declared fields of a report (``path``: where the field is in the bureau's JSON).
+BUREAU_COLUMNS: tuple[dict[str, Any], ...] = (
+    {"name": "customer_id", "type": "bigint"},
+    {"name": "report_id", "type": "text"},
+    {"name": "bureau_score", "type": "integer", "path": "score.value"},
+    {"name": "score_model", "type": "text", "path": "score.model"},
+    {"name": "defaults_24m", "type": "integer"},
+    {"name": "open_credit_lines", "type": "integer"},
+    {"name": "inquiries_90d", "type": "integer"},
+    {"name": "flags", "type": "jsonb", "required": False},
+    {"name": "updated_at", "type": "timestamptz"},
+)
+#: The gate on a batch of reports: scores on the bureau's scale (others are quarantined).
+BUREAU_EXPECTATIONS: list[dict[str, Any]] = [
+    {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "customer_id"}},
+    {
+        "type": "expect_column_values_to_be_between",
+        "kwargs": {"column": "bureau_score", "min_value": 300, "max_value": 850},
+    },
+    {"type": "expect_column_values_to_be_between", "kwargs": {"column": "defaults_24m", "min_value": 0}},
+]
+
+
+def bureau_report(customer_id: int, updated_at: dt.datetime, rng: random.Random) -> dict[str, Any]:
+    """One report as the bureau's API serves it (nested score, flags as a JSON list)."""
+    defaults = rng.choice((0, 0, 0, 0, 1, 2))
+    flags = [f for f, p in (("thin_file", 0.1), ("address_mismatch", 0.05)) if rng.random() < p]
+    return {
+        "customer_id": customer_id,
+        "report_id": f"BR-{customer_id:07d}-{int(updated_at.timestamp())}",
+        "score": {"value": rng.randint(420, 820) - 60 * defaults, "model": "bureau-v4"},
+        "defaults_24m": defaults,
+        "open_credit_lines": rng.randint(0, 12),
+        "inquiries_90d": rng.randint(0, 6),
+        "flags": flags,
+        "updated_at": updated_at.astimezone(dt.UTC).isoformat().replace("+00:00", "Z"),
+    }
+
+
+def bureau_reports(
+    customer_ids: range | list[int], now: dt.datetime, seed_value: int = 11, bad_every: int = 97
+) -> list[dict[str, Any]]:
+    """One report per customer, updated over the 30 days before ``now``; every ``bad_every``-th has
+    an impossible score of 0 (the gate quarantines it)."""
+    rng = random.Random(seed_value)
+    reports = []
+    for customer_id in customer_ids:
+        stamp = now - dt.timedelta(days=30) + dt.timedelta(seconds=rng.randint(0, 29 * 86400))
+        report = bureau_report(customer_id, stamp, rng)
+        if bad_every and customer_id % bad_every == 0:
+            report["score"]["value"] = 0
+        reports.append(report)
+    return reports
+
+
+def credit_decisions(uri: str) -> dict[str, int]:
+    """What credit scoring decides from its customers and the bureau's reports: approve (score >=
+    680, no default), refer (580-679 or one default), decline (else), or no report yet."""
+    with connect(uri) as conn:
+        rows = conn.execute(
+            "SELECT CASE WHEN b.customer_id IS NULL THEN 'no_report' "
+            "WHEN b.bureau_score >= 680 AND b.defaults_24m = 0 THEN 'approve' "
+            "WHEN b.bureau_score >= 580 AND b.defaults_24m <= 1 THEN 'refer' ELSE 'decline' END, count(*) "
+            "FROM scoring.customers c LEFT JOIN scoring.bureau_reports b USING (customer_id) GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    return {str(kind): int(n) for kind, n in rows}
+
+
+def bureau_matches(uri: str, served: list[dict[str, Any]]) -> tuple[int, int]:
+    """(reports served with a valid score, how many of them credit scoring holds exactly)."""
+    valid = {r["customer_id"]: r for r in served if 300 <= r["score"]["value"] <= 850}
+    with connect(uri) as conn:
+        held = {
+            row[0]: row[1:]
+            for row in conn.execute(
+                "SELECT customer_id, report_id, bureau_score, defaults_24m, updated_at FROM scoring.bureau_reports"
+            )
+        }
+    same = sum(
+        1
+        for key, r in valid.items()
+        if held.get(key)
+        == (
+            r["report_id"],
+            r["score"]["value"],
+            r["defaults_24m"],
+            dt.datetime.fromisoformat(r["updated_at"].replace("Z", "+00:00")),
+        )
+    )
+    return len(valid), same
+
+
 __all__ = [
+    "BUREAU_COLLECTION",
+    "BUREAU_COLUMNS",
+    "BUREAU_CONN",
+    "BUREAU_ENDPOINT",
+    "BUREAU_EXPECTATIONS",
+    "BUREAU_LAG",
+    "BUREAU_TABLE",
+    "BUREAU_TARGET",
     "HISTORY_TABLE",
     "LOAN_EXPECTATIONS",
     "PASSTHROUGH",
@@ -448,6 +563,10 @@ __all__ = [
     "TARGET_COLUMNS",
     "TARGET_SCHEMAS",
     "HistorySummary",
+    "bureau_matches",
+    "bureau_report",
+    "bureau_reports",
+    "credit_decisions",
     "customer_expectations",
     "customers_match_master",
     "gate_results",
