@@ -15,6 +15,10 @@ stock movements over MQTT to a private Mosquitto (with resends, late sends and g
 drains them and the net movement per warehouse and SKU, and in available-to-promise, is checked
 against what the devices did.
 
+Then the REST API source (``sync_dev/api_demo.py``): the bank's credit bureau, reachable only over
+its API (rate limited, an outage, reports published late), synced into credit scoring by
+``bank_credit_bureau_sync``.
+
 Then the engine on its own: a 200,000-row table synced incrementally (changes, a no-op run, a
 checksum), a SQLite source with a full refresh and soft deletes, and changes streamed from
 PostgreSQL's WAL (CDC).
@@ -410,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--customers", type=int, default=300, help="customers in the bank case study")
     parser.add_argument(
         "--only",
-        choices=("all", "case-studies", "inventory", "bank", "realtime", "devices", "engine"),
+        choices=("all", "case-studies", "inventory", "bank", "realtime", "devices", "api", "engine"),
         default="all",
         help="run one part",
     )
@@ -438,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
             ok = realtime_demo(server, workdir) and ok
         if args.only in ("all", "devices"):
             ok = devices_demo(server, workdir) and ok
+        if args.only in ("all", "api"):  # the REST API source (issue 18): sync_dev/api_demo.py
+            from sync_dev.api_demo import api_demo
+
+            ok = api_demo(server, workdir, args.customers) and ok
         if args.only in ("all", "engine"):
             print("\nThe engine on its own")
             staging = StagingArea(workdir / "staging")
