@@ -96,7 +96,7 @@ def api_demo(server: LocalPostgres, workdir: Path, customers: int = 300) -> bool
                     "SELECT watermark FROM scoring._sync_state WHERE sync_id = %s", (SYNC_ID,)
                 ).fetchone()
             bad = sum(1 for r in reports if not 300 <= r["score"]["value"] <= 850)
-            check("the gate quarantined the impossible scores", bool(row) and row[0] == bad, f"{bad} reports")
+            check("the gate quarantined the impossible scores", row is not None and row[0] == bad, f"{bad} reports")
             held = dt.datetime.fromisoformat(state[0][0]["$datetime"]) if state else now
             check(
                 "watermark held back by the lag (15 min)",
