@@ -38,6 +38,7 @@ from airflow_sync_provider.core.api import (
     retry_after_seconds,
     run_api_sync,
 )
+from airflow_sync_provider.core.api.records import to_table
 from airflow_sync_provider.core.errors import DataError, SyncError
 from airflow_sync_provider.core.load import LoadResult, load_manifest
 from airflow_sync_provider.core.manifest import Manifest
@@ -413,3 +414,33 @@ def test_an_inferred_schema_types_the_target(env: SyncEnv, api: ApiServer) -> No
 def test_the_manifest_is_small_json(env: SyncEnv, api: ApiServer) -> None:
     manifest, _ = sync(env, api, spec("cursor"))
     assert len(json.dumps(manifest.to_dict())) < 4000
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "rule"),
+    [
+        ("risk_score", True, "type integer"),  # a JSON boolean is not an integer
+        ("risk_score", 1.5, "type integer"),
+        ("risk_score", 2**40, "type integer"),  # out of range
+        ("name", "nul\x00inside", "type text"),  # PostgreSQL text cannot hold it
+        ("name", None, "required"),
+        ("updated_at", "yesterday", "type timestamptz"),
+    ],
+)
+def test_typing_names_the_value_that_does_not_fit(field: str, value: Any, rule: str) -> None:
+    good = customer_records(3)
+    bad = {**good[1], field: value}
+    with pytest.raises(DataError) as caught:
+        to_table([good[0], bad, good[2]], COLUMNS, ("id",), where="api:/x")
+    assert (caught.value.column, caught.value.key, caught.value.rule) == (field, {"id": 2}, rule)
+
+
+def test_typing_takes_what_json_allows() -> None:
+    records = [
+        {"id": 1, "name": "a", "credit_limit": None, "risk_score": 7.0, "updated_at": "2026-01-01T00:00:00"},
+        {"id": 2, "name": "b", "credit_limit": 5, "risk_score": 8, "updated_at": "2026-01-01T02:00:00+02:00"},
+    ]
+    table = to_table(records, COLUMNS, ("id",), where="api:/x")
+    assert table.column("risk_score").to_pylist() == [7, 8]
+    moments = table.column("updated_at").to_pylist()
+    assert moments[0] == moments[1] == dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
