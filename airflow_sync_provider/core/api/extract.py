@@ -18,6 +18,8 @@ A failure at any step removes the half-written batch: nothing is staged for a lo
 from __future__ import annotations
 
 import datetime as dt
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -81,7 +83,61 @@ def first_request(spec: ApiSpec, low: Any, window: tuple[Any, Any] | None, notes
     return spec.paginator.first(PageRequest(spec.endpoint, params))
 
 
-def fetch_pages(client: ApiClient, spec: ApiSpec, request: PageRequest, log: Logger) -> Iterator[list[Any]]:
+#: Pages fetched ahead of the one being typed and staged (the next request needs the previous
+#: page, but the server can build page k+1 while page k is typed and written).
+PREFETCH_PAGES = 2
+
+
+def fetch_pages(
+    client: ApiClient, spec: ApiSpec, request: PageRequest, log: Logger, prefetch: int = PREFETCH_PAGES
+) -> Iterator[list[Any]]:
+    """:func:`page_loop` in a thread of its own, up to ``prefetch`` pages ahead (bounded memory);
+    its error is raised here, and closing this generator stops it at its next page."""
+    if prefetch < 1:
+        yield from page_loop(client, spec, request, log)
+        return
+    pages: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                pages.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for page in page_loop(client, spec, request, log):
+                if not put(("page", page)):
+                    return
+        except BaseException as error:  # handed to the consumer, which raises it
+            put(("error", error))
+            return
+        put(("done", None))
+
+    worker = threading.Thread(target=produce, name=f"fetch {spec.sync_id}", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = pages.get()
+            if kind == "error":
+                raise value
+            if kind == "done":
+                return
+            yield value
+    finally:
+        stop.set()
+        worker.join(timeout=_STOP_WAIT)
+
+
+#: Seconds a stopped fetch waits for its thread (it stops after its current request).
+_STOP_WAIT = 60.0
+
+
+def page_loop(client: ApiClient, spec: ApiSpec, request: PageRequest, log: Logger) -> Iterator[list[Any]]:
     """The records of each page, following the paginator, with the loop guard and progress lines."""
     seen: set[Any] = set()
     pages = records = 0
@@ -359,4 +415,12 @@ def keep_newest(files: Sequence[StagedFile], key: Sequence[str], cursor: str | N
     return [f for f in result if f.rows], dropped.num_rows
 
 
-__all__ = ["committed_cursor", "extract_api_to_staging", "fetch_pages", "first_request", "keep_newest"]
+__all__ = [
+    "PREFETCH_PAGES",
+    "committed_cursor",
+    "extract_api_to_staging",
+    "fetch_pages",
+    "first_request",
+    "keep_newest",
+    "page_loop",
+]
