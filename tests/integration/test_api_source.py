@@ -444,3 +444,32 @@ def test_typing_takes_what_json_allows() -> None:
     assert table.column("risk_score").to_pylist() == [7, 8]
     moments = table.column("updated_at").to_pylist()
     assert moments[0] == moments[1] == dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def test_history_and_ledger_work_as_for_tables(env: SyncEnv, api: ApiServer) -> None:
+    the_spec = spec("cursor", history_table="customers_history")
+    sync(env, api, the_spec)
+    api.touch("customers", 9, risk_score=333)
+    sync(env, api, the_spec)
+    with env.target() as conn:
+        versions = conn.execute(
+            "SELECT risk_score, _valid_to IS NULL FROM customers_history WHERE id = 9 ORDER BY _valid_from"
+        ).fetchall()
+        ledger = conn.execute(
+            "SELECT source_table, status, rows_staged FROM _sync_audit WHERE sync_id = %s ORDER BY entry_id",
+            (the_spec.sync_id,),
+        ).fetchall()
+    assert [v[1] for v in versions] == [False, True] and versions[-1][0] == 333
+    assert [(s, st) for s, st, _ in ledger] == [("api:/v1/cursor/customers", "applied")] * 2
+
+
+def test_bounded_batches_and_a_key_served_twice_across_files(env: SyncEnv, api: ApiServer) -> None:
+    def change(collection: str, served: int) -> None:
+        if served == 1:
+            api.touch("customers", 3, name="changed mid-run")
+
+    api.on_page = change
+    manifest, result = sync(env, api, spec("cursor", batch_records=60), keep_staged=True)
+    assert [f.rows for f in manifest.files] == [79, 80, 80, 11]  # 80 per file, the first lost key 3's old version
+    assert manifest.rows == RECORDS and result.inserted == RECORDS
+    assert target_rows(env)[3]["name"] == "changed mid-run"
