@@ -17,12 +17,13 @@ A failure at any step removes the half-written batch: nothing is staged for a lo
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -90,7 +91,7 @@ PREFETCH_PAGES = 2
 
 def fetch_pages(
     client: ApiClient, spec: ApiSpec, request: PageRequest, log: Logger, prefetch: int = PREFETCH_PAGES
-) -> Iterator[list[Any]]:
+) -> Generator[list[Any]]:
     """:func:`page_loop` in a thread of its own, up to ``prefetch`` pages ahead (bounded memory);
     its error is raised here, and closing this generator stops it at its next page."""
     if prefetch < 1:
@@ -218,8 +219,9 @@ def extract_api_to_staging(
     staging_dir = staging.batch_uri(spec.sync_id, manifest_id)
     writer = _BatchWriter(spec, staging, staging_dir, transform, window)
     try:
-        for page in fetch_pages(client, spec, request, log):
-            writer.add(page)
+        with contextlib.closing(fetch_pages(client, spec, request, log)) as pages:  # a failure stops the fetch
+            for page in pages:
+                writer.add(page)
         writer.flush()
         files, dropped = keep_newest(writer.files, spec.primary_key, writer.cursor_name)
     except BaseException:
