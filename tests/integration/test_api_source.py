@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -240,6 +241,7 @@ def test_a_page_failing_after_its_retries_commits_nothing_and_says_where(env: Sy
     assert caught.value.status == 500 and caught.value.attempts == 4
     assert state(env, "customers_offset") is None and target_rows(env) == {}
     assert staged_dirs(env, "customers_offset") == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("fetch ")]  # the fetch thread stopped
 
 
 def test_a_4xx_is_not_retried(env: SyncEnv, api: ApiServer) -> None:
@@ -387,7 +389,8 @@ def test_a_record_that_does_not_fit_names_endpoint_field_key_and_rule(env: SyncE
         },
     )
     with pytest.raises(DataError) as caught:
-        sync(env, api, spec("cursor"))
+        sync(env, api, spec("cursor", params={"limit": 10}, batch_records=10))
+    assert not [t for t in threading.enumerate() if t.name.startswith("fetch ")]  # stopped, pages left unread
     error = caught.value
     assert (error.table, error.column, error.key, error.rule) == (
         "api:/v1/cursor/customers",
