@@ -12,10 +12,13 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from contextlib import closing
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urljoin, urlsplit
 
 from airflow.sdk import BaseOperator, Context
 
+from airflow_sync_provider import lineage
+from airflow_sync_provider.assets import emit_table_events
 from airflow_sync_provider.core.api import (
     ApiColumn,
     ApiSpec,
@@ -31,9 +34,21 @@ from airflow_sync_provider.core.spec import DEFAULT_SCHEMA_DRIFT
 from airflow_sync_provider.core.staging import StagingArea
 from airflow_sync_provider.hooks.api import ApiSourceHook
 from airflow_sync_provider.hooks.target import target_connection
-from airflow_sync_provider.operators.common import as_task_error, default_staging_uri, resolve_transform
+from airflow_sync_provider.operators.common import (
+    as_task_error,
+    default_staging_uri,
+    record_dag_run,
+    resolve_transform,
+)
 from airflow_sync_provider.operators.events import event_columns
-from airflow_sync_provider.operators.sync import backfill_window, manifest_summary
+from airflow_sync_provider.operators.sync import _load_lineage, _watch, backfill_window, manifest_summary
+from airflow_sync_provider.plugins.links import SYNC_LINKS
+
+if TYPE_CHECKING:
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
+    from airflow_sync_provider.core.load import LoadResult
+    from airflow_sync_provider.core.manifest import Manifest
 
 API_TEMPLATE_FIELDS: tuple[str, ...] = (
     "sync_id",
@@ -91,6 +106,7 @@ class _ApiDeclaration(BaseOperator):
 
     template_fields: Sequence[str] = API_TEMPLATE_FIELDS
     ui_color = "#eef6ee"
+    operator_extra_links = SYNC_LINKS
 
     def __init__(
         self,
@@ -196,6 +212,12 @@ class _ApiDeclaration(BaseOperator):
             return self.http_retry
         return RetryPolicy(**dict(self.http_retry))
 
+    def api_dataset(self) -> lineage.DatasetName:
+        """The endpoint as an OpenLineage dataset: namespace the base URL's scheme and host, name its path."""
+        base = ApiSourceHook(self.http_conn_id).url_from_endpoint(None)
+        url = urlsplit(urljoin(base.rstrip("/") + "/", self.endpoint.lstrip("/")))
+        return lineage.DatasetName(f"{url.scheme}://{url.netloc.rsplit('@', 1)[-1]}", url.path)
+
     def window(self, spec: ApiSpec, context: Context) -> tuple[Any, Any] | None:
         window = backfill_window(context, spec.sync_id) if self.backfill and spec.mode == "incremental" else None
         if window is not None:
@@ -224,16 +246,18 @@ class ApiToPostgresOperator(_ApiDeclaration):
         try:
             spec = self.build_spec()
             window = self.window(spec, context)
+            self._transform_watch = _watch(resolve_transform(self.transform))
             client = ApiSourceHook(self.http_conn_id).api_client(retry=self.http_retry_policy(), logger=self.log)
             try:
                 with closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target:
+                    record_dag_run(target, spec.target_schema, spec.sync_id, context, source_conn_id=self.http_conn_id)
                     manifest, result = run_api_sync(
                         client,
                         target,
                         spec,
                         staging=StagingArea(self.staging_uri or default_staging_uri()),
                         run_id=context["run_id"],
-                        transform=resolve_transform(self.transform),
+                        transform=self._transform_watch,
                         logger=self.log,
                         window=window,
                         keep_staged=self.keep_staged,
@@ -242,8 +266,22 @@ class ApiToPostgresOperator(_ApiDeclaration):
                 client.close()
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
+        self._manifest, self._result = manifest, result
         self.log.info("%s", manifest.summary())
+        emit_table_events(context, self.outlets, self.target_conn_id, lineage.sync_writes(manifest, result), self.log)
         return {"manifest": manifest_summary(manifest), "load": result.to_dict()}
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        """The endpoint -> the target table (and history), with column lineage and row counts."""
+        manifest: Manifest | None = getattr(self, "_manifest", None)
+        result: LoadResult | None = getattr(self, "_result", None)
+        source = self.api_dataset()
+        if manifest is None:  # failed before a batch was staged: the declared datasets
+            target = lineage.database_dataset(
+                lineage.connection_url(self.target_conn_id), f"{self.target_schema}.{self.target_table}"
+            )
+            return lineage.operator_lineage([lineage.input_dataset(source)], [lineage.output_dataset(target)])
+        return _load_lineage(self.target_conn_id, source, manifest, result, getattr(self, "_transform_watch", None))
 
 
 class ApiToStagingOperator(_ApiDeclaration):
@@ -260,16 +298,18 @@ class ApiToStagingOperator(_ApiDeclaration):
         try:
             spec = self.build_spec()
             window = self.window(spec, context)
+            self._transform_watch = _watch(resolve_transform(self.transform))
             client = ApiSourceHook(self.http_conn_id).api_client(retry=self.http_retry_policy(), logger=self.log)
             try:
                 with closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target:
+                    record_dag_run(target, spec.target_schema, spec.sync_id, context, source_conn_id=self.http_conn_id)
                     manifest = extract_api_for(
                         client,
                         target,
                         spec,
                         staging=StagingArea(self.staging_uri or default_staging_uri()),
                         run_id=context["run_id"],
-                        transform=resolve_transform(self.transform),
+                        transform=self._transform_watch,
                         logger=self.log,
                         window=window,
                     )
@@ -277,8 +317,19 @@ class ApiToStagingOperator(_ApiDeclaration):
                 client.close()
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
+        self._manifest = manifest
         self.log.info("%s", manifest.summary())
         return manifest.to_dict()
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        """The endpoint -> the sync's staging folder, with column lineage through the transform."""
+        manifest: Manifest | None = getattr(self, "_manifest", None)
+        if manifest is None:
+            return lineage.operator_lineage()
+        staged = lineage.staging_dataset(manifest.staging_dir)
+        watch = getattr(self, "_transform_watch", None)
+        inputs, output = lineage.table_lineage(self.api_dataset(), staged, manifest, watch=watch)
+        return lineage.operator_lineage([inputs], [output])
 
 
 __all__ = ["API_TEMPLATE_FIELDS", "ApiToPostgresOperator", "ApiToStagingOperator"]

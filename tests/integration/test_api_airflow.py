@@ -154,3 +154,19 @@ def test_an_outage_is_left_to_airflow_retries(env: SyncEnv, api: ApiServer, monk
     with pytest.raises(ApiUnavailableError, match=r"HTTP 503 .*nothing was committed") as caught:
         ApiToPostgresOperator(**options()).execute({"run_id": "r"})  # type: ignore[arg-type]
     assert "t0ken" not in str(caught.value) and count_tables(env) == 0
+
+
+def test_lineage_names_the_endpoint_and_the_target(
+    env: SyncEnv, api: ApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connect(monkeypatch, env, api)
+    operator = ApiToPostgresOperator(**options())
+    declared = operator.get_openlineage_facets_on_complete(None)  # before a run: the declared datasets
+    operator.execute({"run_id": "manual__1"})  # type: ignore[arg-type]
+    facets = operator.get_openlineage_facets_on_complete(None)
+    for found in (declared, facets):
+        ((source,), (target,)) = found.inputs, found.outputs
+        assert (source.namespace, source.name) == (f"http://127.0.0.1:{api.port}", "/v1/cursor/customers")
+        assert target.name.endswith("public.customers")
+    fields = facets.outputs[0].facets["columnLineage"].fields
+    assert fields["risk_score"].inputFields[0].field == "risk_score"
