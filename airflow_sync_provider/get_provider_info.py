@@ -26,6 +26,7 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_sync_provider.hooks.target",
                     "airflow_sync_provider.hooks.cdc",
                     "airflow_sync_provider.hooks.events",
+                    "airflow_sync_provider.hooks.api",
                 ],
             }
         ],
@@ -39,6 +40,7 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_sync_provider.operators.quality",
                     "airflow_sync_provider.operators.events",
                     "airflow_sync_provider.operators.health",
+                    "airflow_sync_provider.operators.api",
                 ],
             }
         ],
