@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
 
     from airflow_sync_provider.core.cdc import CdcLoadResult, CdcManifest
+    from airflow_sync_provider.core.extract import BatchTransform
     from airflow_sync_provider.core.load import LoadResult
 
 #: Columns the sync adds (the load's ``_sync_*``, a CDC batch's ``_cdc_*``): no source column feeds them.
@@ -358,6 +359,30 @@ def manifest_columns(manifest: Manifest) -> list[tuple[str, str | None]]:
     return [(c.name, c.pg_type) for c in manifest.columns if not c.name.startswith(METADATA_PREFIXES)]
 
 
+def watch_transform(transform: BatchTransform | None) -> TransformWatch | None:
+    """The transform, wrapped to note the source columns it receives (for column lineage)."""
+    return TransformWatch(transform) if transform is not None else None
+
+
+def load_lineage(
+    target_conn_id: str,
+    source: DatasetName,
+    manifest: Manifest,
+    result: LoadResult | None,
+    watch: TransformWatch | None,
+) -> OperatorLineage:
+    """``source`` -> the manifest's target table (and its history table) in ``target_conn_id``."""
+    url = connection_url(target_conn_id)
+    writes = {w.table: w for w in sync_writes(manifest, result)} if result is not None else {}
+    tables = [manifest.target_table, *([manifest.history_table] if manifest.history_table else [])]
+    outputs = []
+    for table in tables:
+        target = database_dataset(url, f"{manifest.target_schema}.{table}")
+        source_in, output = table_lineage(source, target, manifest, write=writes.get(table), watch=watch)
+        outputs.append(output)
+    return operator_lineage([source_in], outputs)
+
+
 __all__ = [
     "LINEAGE_ATTRIBUTE",
     "ColumnSource",
@@ -369,6 +394,7 @@ __all__ = [
     "connection_url",
     "database_dataset",
     "input_dataset",
+    "load_lineage",
     "manifest_columns",
     "operator_lineage",
     "output_dataset",
@@ -379,4 +405,5 @@ __all__ = [
     "sync_writes",
     "table_lineage",
     "target_columns",
+    "watch_transform",
 ]

@@ -41,7 +41,7 @@ from airflow_sync_provider.operators.common import (
     resolve_transform,
 )
 from airflow_sync_provider.operators.events import event_columns
-from airflow_sync_provider.operators.sync import _load_lineage, _watch, backfill_window, manifest_summary
+from airflow_sync_provider.operators.sync import backfill_window, manifest_summary
 from airflow_sync_provider.plugins.links import SYNC_LINKS
 
 if TYPE_CHECKING:
@@ -246,7 +246,7 @@ class ApiToPostgresOperator(_ApiDeclaration):
         try:
             spec = self.build_spec()
             window = self.window(spec, context)
-            self._transform_watch = _watch(resolve_transform(self.transform))
+            self._transform_watch = lineage.watch_transform(resolve_transform(self.transform))
             client = ApiSourceHook(self.http_conn_id).api_client(retry=self.http_retry_policy(), logger=self.log)
             try:
                 with closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target:
@@ -281,7 +281,9 @@ class ApiToPostgresOperator(_ApiDeclaration):
                 lineage.connection_url(self.target_conn_id), f"{self.target_schema}.{self.target_table}"
             )
             return lineage.operator_lineage([lineage.input_dataset(source)], [lineage.output_dataset(target)])
-        return _load_lineage(self.target_conn_id, source, manifest, result, getattr(self, "_transform_watch", None))
+        return lineage.load_lineage(
+            self.target_conn_id, source, manifest, result, getattr(self, "_transform_watch", None)
+        )
 
 
 class ApiToStagingOperator(_ApiDeclaration):
@@ -298,7 +300,7 @@ class ApiToStagingOperator(_ApiDeclaration):
         try:
             spec = self.build_spec()
             window = self.window(spec, context)
-            self._transform_watch = _watch(resolve_transform(self.transform))
+            self._transform_watch = lineage.watch_transform(resolve_transform(self.transform))
             client = ApiSourceHook(self.http_conn_id).api_client(retry=self.http_retry_policy(), logger=self.log)
             try:
                 with closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target:

@@ -43,8 +43,6 @@ from airflow_sync_provider.plugins.links import SYNC_LINKS
 if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
 
-    from airflow_sync_provider.core.load import LoadResult
-
 
 def _utc(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
@@ -202,7 +200,7 @@ class ExtractToStagingOperator(BaseOperator):
         try:
             spec = self.build_spec()
             window = _run_window(self, self.backfill, spec, context)
-            self._transform_watch = _watch(resolve_transform(self.transform))
+            self._transform_watch = lineage.watch_transform(resolve_transform(self.transform))
             with (
                 source_engine(self.source_conn_id, sync_id=spec.sync_id) as engine,
                 closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target,
@@ -287,7 +285,7 @@ class LoadStagedToPostgresOperator(BaseOperator):
         if manifest is None:
             return lineage.operator_lineage()
         staged = lineage.staging_dataset(manifest.staging_dir)
-        return _load_lineage(self.target_conn_id, staged, manifest, getattr(self, "_result", None), None)
+        return lineage.load_lineage(self.target_conn_id, staged, manifest, getattr(self, "_result", None), None)
 
 
 class SyncTableOperator(BaseOperator):
@@ -396,7 +394,7 @@ class SyncTableOperator(BaseOperator):
         try:
             spec = self.build_spec()
             window = _run_window(self, self.backfill, spec, context)
-            self._transform_watch = _watch(resolve_transform(self.transform))
+            self._transform_watch = lineage.watch_transform(resolve_transform(self.transform))
             with (
                 source_engine(self.source_conn_id, sync_id=spec.sync_id) as engine,
                 closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target,
@@ -433,37 +431,13 @@ class SyncTableOperator(BaseOperator):
         if manifest is None:  # failed before a batch was staged: the declared tables
             return self.get_openlineage_facets_on_start()
         source = lineage.database_dataset(lineage.connection_url(self.source_conn_id), manifest.source_table)
-        return _load_lineage(
+        return lineage.load_lineage(
             self.target_conn_id,
             source,
             manifest,
             getattr(self, "_result", None),
             getattr(self, "_transform_watch", None),
         )
-
-
-def _watch(transform: BatchTransform | None) -> lineage.TransformWatch | None:
-    """The transform, wrapped to note the source columns it receives (for column lineage)."""
-    return lineage.TransformWatch(transform) if transform is not None else None
-
-
-def _load_lineage(
-    target_conn_id: str,
-    source: lineage.DatasetName,
-    manifest: Manifest,
-    result: LoadResult | None,
-    watch: lineage.TransformWatch | None,
-) -> OperatorLineage:
-    """``source`` -> the manifest's target table (and its history table) in ``target_conn_id``."""
-    url = lineage.connection_url(target_conn_id)
-    writes = {w.table: w for w in lineage.sync_writes(manifest, result)} if result is not None else {}
-    tables = [manifest.target_table, *([manifest.history_table] if manifest.history_table else [])]
-    outputs = []
-    for table in tables:
-        target = lineage.database_dataset(url, f"{manifest.target_schema}.{table}")
-        source_in, output = lineage.table_lineage(source, target, manifest, write=writes.get(table), watch=watch)
-        outputs.append(output)
-    return lineage.operator_lineage([source_in], outputs)
 
 
 def manifest_summary(manifest: Manifest) -> dict[str, Any]:

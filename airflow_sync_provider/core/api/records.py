@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from airflow_sync_provider.core.errors import DataError
-from airflow_sync_provider.core.events.schema import _CONVERT, TYPES, EventColumn, _lookup, _Reject
+from airflow_sync_provider.core.events.schema import CONVERTERS, TYPES, EventColumn, ValueRejected, lookup_path
 from airflow_sync_provider.core.manifest import ManifestColumn
 
 #: How many records of the first page an inferred schema looks at.
@@ -30,7 +30,7 @@ def path_keys(path: str) -> tuple[str, ...]:
 def select(document: Any, path: str) -> Any:
     """The value at a dotted ``path`` (``""``: the document itself); None when absent."""
     keys = path_keys(path)
-    return _lookup(document, keys) if keys else document
+    return lookup_path(document, keys) if keys else document
 
 
 def records_of(body: Any, path: str, *, where: str) -> list[Any]:
@@ -102,7 +102,7 @@ def record_key(record: Any, columns: Mapping[str, EventColumn], key: Sequence[st
     """The record's key as it came (for messages), whatever its types."""
     if not isinstance(record, dict):
         return {}
-    return {k: _lookup(record, columns[k].keys) if k in columns else record.get(k) for k in key}
+    return {k: lookup_path(record, columns[k].keys) if k in columns else record.get(k) for k in key}
 
 
 def to_table(
@@ -135,7 +135,7 @@ def to_table(
             name = keys[0]
             values = [record.get(name) for record in records]
         else:
-            values = [_lookup(record, keys) for record in records]
+            values = [lookup_path(record, keys) for record in records]
         array = _fast_column(values, column)
         if array is None:
             converted = _convert_column(values, records, column, by_name, key, where, sync_id)
@@ -184,7 +184,7 @@ def _convert_column(
     where: str,
     sync_id: str | None,
 ) -> list[Any]:
-    convert = _CONVERT[column.type]
+    convert = CONVERTERS[column.type]
     converted: list[Any] = []
     for value, record in zip(values, records, strict=True):
         if value is None:
@@ -201,7 +201,7 @@ def _convert_column(
             continue
         try:
             converted.append(convert(value))
-        except _Reject as reason:
+        except ValueRejected as reason:
             raise DataError(
                 f"value {str(value)[:80]!r} does not fit {column.type}: {reason}",
                 sync_id=sync_id,

@@ -39,7 +39,7 @@ _INT_RANGE = {"bigint": (-(2**63), 2**63 - 1), "integer": (-(2**31), 2**31 - 1)}
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
 
 
-class _Reject(Exception):
+class ValueRejected(Exception):
     """A value the declared column cannot take (the message says why)."""
 
 
@@ -146,7 +146,7 @@ def decode_events(events: Iterable[RawEvent], schema: EventSchema) -> Decoded:
     for event in events:
         try:
             row = _decode(event.payload, schema)
-        except _Reject as reason:
+        except ValueRejected as reason:
             rejected.append(Rejected(event, str(reason), _event_id_of(event.payload, schema)))
             continue
         for column_values, value in zip(values, row, strict=True):
@@ -158,29 +158,31 @@ def decode_events(events: Iterable[RawEvent], schema: EventSchema) -> Decoded:
 
 def _decode(payload: bytes, schema: EventSchema) -> list[Any]:
     if len(payload) > schema.max_payload_bytes:
-        raise _Reject(f"payload of {len(payload):,} bytes exceeds max_payload_bytes={schema.max_payload_bytes:,}")
+        raise ValueRejected(f"payload of {len(payload):,} bytes exceeds max_payload_bytes={schema.max_payload_bytes:,}")
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise _Reject(f"payload is not UTF-8: {error.reason} at byte {error.start}") from None
+        raise ValueRejected(f"payload is not UTF-8: {error.reason} at byte {error.start}") from None
     try:
         document = json.loads(text, parse_constant=_no_constant)
     except ValueError as error:
-        raise _Reject(f"payload is not JSON: {error}") from None
+        raise ValueRejected(f"payload is not JSON: {error}") from None
     if not isinstance(document, dict):
-        raise _Reject(f"payload is a JSON {type(document).__name__}, not an object")
+        raise ValueRejected(f"payload is a JSON {type(document).__name__}, not an object")
     row: list[Any] = []
     for column in schema.columns:
-        value = _lookup(document, column.keys)
+        value = lookup_path(document, column.keys)
         if value is None:
             if column.required:
-                raise _Reject(f"column {column.name!r}: required key {'.'.join(column.keys)!r} is missing or null")
+                raise ValueRejected(
+                    f"column {column.name!r}: required key {'.'.join(column.keys)!r} is missing or null"
+                )
             row.append(None)
             continue
         try:
-            row.append(_CONVERT[column.type](value))
-        except _Reject as reason:
-            raise _Reject(f"column {column.name!r}: {reason}") from None
+            row.append(CONVERTERS[column.type](value))
+        except ValueRejected as reason:
+            raise ValueRejected(f"column {column.name!r}: {reason}") from None
     return row
 
 
@@ -188,7 +190,7 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
-def _lookup(document: Mapping[str, Any], keys: Sequence[str]) -> Any:
+def lookup_path(document: Mapping[str, Any], keys: Sequence[str]) -> Any:
     value: Any = document
     for key in keys:
         if not isinstance(value, dict):
@@ -206,24 +208,24 @@ def _event_id_of(payload: bytes, schema: EventSchema) -> str | None:
     except ValueError:
         return None
     column = next(c for c in schema.columns if c.name == schema.event_id)
-    value = _lookup(document, column.keys) if isinstance(document, dict) else None
+    value = lookup_path(document, column.keys) if isinstance(document, dict) else None
     return None if value is None or isinstance(value, dict | list) else str(value)[:200]
 
 
 def _storable(text: str) -> str:
     """Text PostgreSQL can hold: no NUL character, no lone surrogate (``"\\ud800"`` in JSON)."""
     if "\x00" in text:
-        raise _Reject("text holds a NUL character (PostgreSQL text cannot)")
+        raise ValueRejected("text holds a NUL character (PostgreSQL text cannot)")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise _Reject("text holds a lone UTF-16 surrogate (not a Unicode character)") from None
+        raise ValueRejected("text holds a lone UTF-16 surrogate (not a Unicode character)") from None
     return text
 
 
 def _text(value: Any) -> str:
     if not isinstance(value, str):
-        raise _Reject(f"expected a string, got {_json_kind(value)}")
+        raise ValueRejected(f"expected a string, got {_json_kind(value)}")
     return _storable(value)
 
 
@@ -232,13 +234,13 @@ def _integer(kind: str) -> Callable[[Any], int]:
 
     def convert(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _Reject(f"expected an integer, got {_json_kind(value)}")
+            raise ValueRejected(f"expected an integer, got {_json_kind(value)}")
         if isinstance(value, float):
             if not value.is_integer():
-                raise _Reject(f"expected an integer, got {value!r}")
+                raise ValueRejected(f"expected an integer, got {value!r}")
             value = int(value)
         if not low <= value <= high:
-            raise _Reject(f"{value} is out of range for {kind}")
+            raise ValueRejected(f"{value} is out of range for {kind}")
         return value
 
     return convert
@@ -246,16 +248,16 @@ def _integer(kind: str) -> Callable[[Any], int]:
 
 def _double(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _Reject(f"expected a number, got {_json_kind(value)}")
+        raise ValueRejected(f"expected a number, got {_json_kind(value)}")
     number = float(value)
     if not math.isfinite(number):
-        raise _Reject(f"{value!r} is not a finite number")
+        raise ValueRejected(f"{value!r} is not a finite number")
     return number
 
 
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise _Reject(f"expected true or false, got {_json_kind(value)}")
+        raise ValueRejected(f"expected true or false, got {_json_kind(value)}")
     return value
 
 
@@ -265,23 +267,23 @@ def _timestamp(value: Any) -> dt.datetime:
         try:
             moment = dt.datetime.fromisoformat(value)
         except ValueError:
-            raise _Reject(f"{value[:64]!r} is not an ISO 8601 timestamp") from None
+            raise ValueRejected(f"{value[:64]!r} is not an ISO 8601 timestamp") from None
         return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
     if isinstance(value, int | float) and not isinstance(value, bool):
         try:
             return dt.datetime.fromtimestamp(value, dt.UTC)
         except (OverflowError, OSError, ValueError):
-            raise _Reject(f"{value!r} is out of range for epoch seconds") from None
-    raise _Reject(f"expected a timestamp (ISO 8601 text or epoch seconds), got {_json_kind(value)}")
+            raise ValueRejected(f"{value!r} is out of range for epoch seconds") from None
+    raise ValueRejected(f"expected a timestamp (ISO 8601 text or epoch seconds), got {_json_kind(value)}")
 
 
 def _jsonb(value: Any) -> str:
     try:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except ValueError as error:
-        raise _Reject(f"not storable as jsonb: {error}") from None
+        raise ValueRejected(f"not storable as jsonb: {error}") from None
     if "\\u0000" in text:
-        raise _Reject("jsonb cannot hold a NUL character (\\u0000)")
+        raise ValueRejected("jsonb cannot hold a NUL character (\\u0000)")
     return _storable(text)
 
 
@@ -291,7 +293,7 @@ def _json_kind(value: Any) -> str:
     )
 
 
-_CONVERT: dict[str, Callable[[Any], Any]] = {
+CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "text": _text,
     "bigint": _integer("bigint"),
     "integer": _integer("integer"),
