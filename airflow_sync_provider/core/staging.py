@@ -1,6 +1,12 @@
 """Where staged batches live: a local folder by default, or any URI pyarrow's filesystems open
 (``s3://``, ``gs://``, ``abfs://``, ``hdfs://``), so a cluster's workers can share them.
 
+A URI that names a connection (``s3://aws_default@bucket/prefix``, the form of Airflow's
+``ObjectStoragePath``) is resolved by a :data:`FilesystemResolver` that a layer above registers
+(:func:`register_filesystem_resolver`: the Airflow layer turns the connection into a pyarrow
+filesystem); the core itself knows nothing of connections.  The URI, not the filesystem, is what a
+manifest carries, so every worker resolves it again with its own credentials.
+
 Layout: ``<base>/<sync_id>/<manifest_id>/`` holds one batch: ``part-*.parquet`` (rows),
 ``keys-*.parquet`` (source keys for delete detection) and ``manifest.json``, written last, once the
 extraction is complete.  A CDC batch has the same folder; its files are ``<table label>-*.parquet``,
@@ -36,6 +42,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from airflow_sync_provider.core.errors import ConfigurationError
 from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.progress import LOG, Logger
 
@@ -72,7 +79,44 @@ def _to_uri(location: str | Path) -> str:
     return Path(text).expanduser().resolve().as_uri()
 
 
+#: Turns a staging URI into ``(filesystem, path)``, or returns None when the URI is not its kind.
+FilesystemResolver = Callable[[str], "tuple[pafs.FileSystem, str] | None"]
+
+_RESOLVERS: list[FilesystemResolver] = []
+
+
+def register_filesystem_resolver(resolver: FilesystemResolver) -> None:
+    """Let ``resolver`` open staging URIs before pyarrow's own URI handling (once per resolver)."""
+    if resolver not in _RESOLVERS:
+        _RESOLVERS.append(resolver)
+
+
+def names_connection(uri: str) -> str | None:
+    """The connection id a staging URI names (``s3://aws_default@bucket/prefix``), else None.
+
+    A user without a password is a connection id (Airflow's ``ObjectStoragePath`` form); pyarrow's
+    own URIs carry credentials as ``access_key:secret_key@``.
+    """
+    scheme, sep, rest = uri.partition("://")
+    authority = rest.split("/", 1)[0]
+    user, at, _ = authority.rpartition("@")
+    if not sep or scheme == "file" or not at or not user or ":" in user:
+        return None
+    return user
+
+
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path in it of a staging URI (file, folder or batch)."""
+    for resolver in _RESOLVERS:
+        found = resolver(uri)
+        if found is not None:
+            return found
+    conn_id = names_connection(uri)
+    if conn_id is not None:
+        raise ConfigurationError(
+            f"staging URI {uri} names the connection {conn_id!r}, but nothing resolves connections here: "
+            "use it from an Airflow task (the provider's operators resolve it) or pass a plain URI"
+        )
     return pafs.FileSystem.from_uri(uri)
 
 
@@ -101,6 +145,11 @@ class StagingArea:
             raise ValueError("abandoned_after must not be negative")
         self.base_uri = _to_uri(location or DEFAULT_STAGING_DIR)
         self.abandoned_after = abandoned_after
+
+    @property
+    def is_local(self) -> bool:
+        """Whether batches land on this machine's disk (other workers of a cluster cannot read them)."""
+        return self.base_uri.startswith("file://")
 
     @staticmethod
     def file_label(name: str) -> str:

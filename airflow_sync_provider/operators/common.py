@@ -1,5 +1,10 @@
-"""What the operators share: how a ``SyncError`` fails a task, XCom manifests, the staging default,
-transforms by path, and the sync declaration (the ``SyncSpec`` arguments) of the table operators.
+"""What the operators share: how a ``SyncError`` fails a task, XCom manifests, the staging location
+(default, connection URIs, the executor check), transforms by path, and the sync declaration (the
+``SyncSpec`` arguments) of the table operators.
+
+Importing this module registers :func:`airflow_sync_provider.staging_location.resolve` with the
+core, so staging URIs that name a connection (``s3://aws_default@bucket/prefix``) resolve in every
+task that runs one of the provider's operators, including a load that only has a manifest.
 """
 
 from __future__ import annotations
@@ -16,9 +21,16 @@ from typing import Any, Protocol
 import psycopg
 from airflow.sdk.exceptions import AirflowFailException
 
+from airflow_sync_provider import staging_location
 from airflow_sync_provider.core import ConfigurationError, Manifest, SyncError, SyncSpec, UnavailableError
 from airflow_sync_provider.core.extract import BatchTransform
 from airflow_sync_provider.core.status import RunContext, record_run_context
+from airflow_sync_provider.core.staging import StagingArea, register_filesystem_resolver
+
+register_filesystem_resolver(staging_location.resolve)
+
+#: Executors that run every task on the machine of the scheduler (so a local staging folder is shared).
+LOCAL_EXECUTORS = frozenset({"LocalExecutor", "SequentialExecutor", "DebugExecutor"})
 
 #: Template fields of the sync declaration (every operator declaring a :class:`SyncSpec`).
 SPEC_TEMPLATE_FIELDS: tuple[str, ...] = (
@@ -51,6 +63,45 @@ def default_staging_uri() -> str | None:
     from airflow.configuration import conf
 
     return conf.get("sync", "staging_uri", fallback=None) or os.environ.get("SYNC_STAGING_DIR") or None
+
+
+def configured_executor(task_executor: str | None = None) -> str:
+    """The class name of the executor a task runs on: its own ``executor`` argument, else the
+    default one (the first of ``[core] executor``, which may list several, ``alias:module.Class``)."""
+    from airflow.configuration import conf
+
+    name = task_executor or conf.get("core", "executor", fallback="LocalExecutor").split(",")[0]
+    return name.strip().rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+
+
+def check_shared_staging(staging_uri: str, *, executor: str | None = None, what: str = "this task") -> None:
+    """Refuse a local staging folder when tasks may run on other machines (any non-local executor).
+
+    The split operators (extract, gate, load as separate tasks) hand batches from one task to the
+    next through staging; on CeleryExecutor, KubernetesExecutor, EdgeExecutor... the next task may
+    run where the folder does not exist.  Raises :class:`ConfigurationError` naming what to set.
+    """
+    name = configured_executor(executor)
+    if name in LOCAL_EXECUTORS or not StagingArea(staging_uri).is_local:
+        return
+    raise ConfigurationError(
+        f"{what} stages batches in the local folder {staging_uri} but runs on {name}, whose tasks may run "
+        "on other machines: set [sync] staging_uri (AIRFLOW__SYNC__STAGING_URI) or the operator's staging_uri "
+        "to shared storage, e.g. s3://aws_default@my-bucket/sync-staging (credentials from the Airflow "
+        "connection aws_default)"
+    )
+
+
+def staging_area(staging_uri: str | None, *, split: bool = False, executor: str | None = None) -> StagingArea:
+    """The :class:`StagingArea` of an operator: its ``staging_uri``, else :func:`default_staging_uri`.
+
+    ``split``: the operator hands its batch to another task (extract, gate, load run separately),
+    so the location must be shared when the executor is not local (:func:`check_shared_staging`).
+    """
+    staging = StagingArea(staging_uri or default_staging_uri())
+    if split:
+        check_shared_staging(staging.base_uri, executor=executor)
+    return staging
 
 
 def resolve_transform(transform: BatchTransform | str | None) -> BatchTransform | None:
@@ -189,9 +240,12 @@ __all__ = [
     "SyncDeclaration",
     "as_task_error",
     "build_sync_spec",
+    "check_shared_staging",
+    "configured_executor",
     "default_staging_uri",
     "parse_manifest",
     "record_dag_run",
     "resolve_transform",
+    "staging_area",
     "xcom_dict",
 ]
