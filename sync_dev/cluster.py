@@ -310,12 +310,25 @@ class CeleryCluster:
         self.worker_processes[name] = worker
         return worker
 
-    def kill_worker(self, name: str) -> None:
-        """SIGKILL a worker and every process it forked (its running tasks die with it, like a lost machine)."""
+    def kill_worker(self, name: str) -> list[int]:
+        """SIGKILL a worker and every process it forked, like a lost machine; returns their pids.
+
+        Its whole tree, not only its group: the Task SDK puts each task process in a group of its own.
+        """
+        import psutil
+
         worker = self.worker_processes[name]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(worker.process.pid, signal.SIGKILL)
+        try:
+            root = psutil.Process(worker.process.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         worker.process.wait(30)
+        psutil.wait_procs(tree, timeout=30)
+        return [process.pid for process in tree]
 
     def stop(self) -> None:
         for worker in self.worker_processes.values():
@@ -373,7 +386,7 @@ class CeleryCluster:
         """Until the run is finished; returns its state (``success`` or ``failed``)."""
 
         def finished() -> bool:
-            self._check_alive()
+            self.check_alive()
             return self.run_state(dag_id, run_id) in ("success", "failed")
 
         _wait(finished, f"run {dag_id}/{run_id}", timeout, every=1)
@@ -401,7 +414,7 @@ class CeleryCluster:
             rows = conn.execute(query, {"d": dag_id, "r": run_id, "t": task_id}).fetchall()
         return [(int(tries), state, host) for tries, state, host in rows]
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
         dead = [name for name, process in self.processes.items() if process.poll() is not None]
         if dead:
             raise RuntimeError(f"cluster process(es) exited: {', '.join(dead)} (logs in {self.root})")

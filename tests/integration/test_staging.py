@@ -5,21 +5,28 @@ a later run once it is old enough (unless a load may still apply it)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
-from airflow_sync_provider.core import DataError, SyncError, SyncSpec, extract_for, load_manifest
+from airflow_sync_provider import staging_location
+from airflow_sync_provider.core import ConfigurationError, DataError, SyncError, SyncSpec, extract_for, load_manifest
+from airflow_sync_provider.core import staging as staging_module
 from airflow_sync_provider.core.cdc import CdcSpec, changes_to_staging
 from airflow_sync_provider.core.cdc import committed_cdc_state as committed_state
-from airflow_sync_provider.core.staging import StagingArea
+from airflow_sync_provider.core.staging import StagingArea, filesystem_for, names_connection
+from airflow_sync_provider.operators.common import staging_area
+from sync_dev.cluster import MotoS3, moto_s3
 
 from ..conftest import CdcEnv, SyncEnv
 
@@ -261,3 +268,91 @@ def test_a_cdc_run_sweeps_abandoned_batches_and_keeps_one_a_load_may_still_apply
     assert quiet.status == "no_changes"
     assert not pending.exists()  # now covered by the committed position: nothing would apply it
     cdc.assert_converged("items", ["id"])
+
+
+# --------------------------------------------------------------------------- object storage (S3, moto)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    """moto's S3 server on localhost, with the Airflow connections ``stage_s3`` (pyarrow's S3 client)
+    and ``stage_fsspec`` (botocore ``config_kwargs``: only fsspec honours them) pointing at it."""
+    with moto_s3(tmp_path_factory.mktemp("moto")) as server, pytest.MonkeyPatch.context() as patch:
+        server.create_bucket("stage")
+        connection = json.loads(server.airflow_connection())
+        patch.setenv("AIRFLOW_CONN_STAGE_S3", json.dumps(connection))
+        connection["extra"]["config_kwargs"] = {"retries": {"max_attempts": 2}}
+        patch.setenv("AIRFLOW_CONN_STAGE_FSSPEC", json.dumps(connection))
+        staging_location.filesystem.cache_clear()
+        yield server
+        staging_location.filesystem.cache_clear()
+
+
+def _s3_files(s3: MotoS3, prefix: str) -> list[str]:
+    return [key for key in s3.keys("stage", prefix) if not key.endswith("/")]  # not the directory markers
+
+
+@pytest.mark.parametrize(("conn_id", "filesystem"), [("stage_s3", "S3FileSystem"), ("stage_fsspec", "PyFileSystem")])
+def test_a_batch_staged_through_a_connection_loads_and_leaves_the_bucket_empty(
+    env: SyncEnv, s3: MotoS3, conn_id: str, filesystem: str
+) -> None:
+    _seed(env)
+    staging = StagingArea(f"s3://{conn_id}@stage/{conn_id}")
+    assert not staging.is_local
+    assert type(filesystem_for(staging.base_uri)[0]).__name__ == filesystem
+    spec = SyncSpec(sync_id="t", source_table="t", cursor_column="updated_at", batch_rows=100)
+    with env.target() as target:
+        manifest = extract_for(env.source_engine, target, spec, staging=staging, run_id="r")
+        assert manifest.staging_dir.startswith(f"s3://{conn_id}@stage/{conn_id}/t/")  # the URI, not credentials
+        staged = _s3_files(s3, f"{conn_id}/")
+        assert len(staged) == 4 and f"{conn_id}/t/{manifest.manifest_id}/manifest.json" in staged
+        assert load_manifest(target, manifest).inserted == 250
+    assert _s3_files(s3, f"{conn_id}/") == []  # removed once committed
+    with env.target() as target:
+        assert target.execute("SELECT count(*) FROM t").fetchone() == (250,)
+
+
+@pytest.mark.parametrize("conn_id", ["stage_s3", "stage_fsspec"])
+def test_sweep_ages_batches_by_the_object_store_times(s3: MotoS3, conn_id: str) -> None:
+    staging = StagingArea(f"s3://{conn_id}@stage/sweep-{conn_id}")
+    schema = pa.schema([("id", pa.int64())])
+    for batch in ("killed", "kept"):
+        with staging.open_writer(f"{staging.batch_uri('s', batch)}/part-00000.parquet", schema) as writer:
+            writer.write_table(pa.table({"id": list(range(10))}))
+    assert staging.sweep_abandoned("s", older_than=dt.timedelta(hours=1)).removed == ()  # young: kept
+    result = staging.sweep_abandoned("s", older_than=dt.timedelta(0), keep={"kept"})
+    assert result.removed == (staging.batch_uri("s", "killed"),) and result.files == 1 and result.bytes > 0
+    assert _s3_files(s3, f"sweep-{conn_id}/") == [f"sweep-{conn_id}/s/kept/part-00000.parquet"]
+
+
+def test_a_connection_uri_without_the_airflow_layer_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(staging_module, "_RESOLVERS", [])
+    with pytest.raises(ConfigurationError, match="names the connection 'aws_default'"):
+        filesystem_for("s3://aws_default@bucket/prefix/x.parquet")
+    assert names_connection("s3://key:secret@bucket/p") is None  # pyarrow's own credentials form
+    assert names_connection("file:///tmp/x") is None and names_connection("s3://bucket/p") is None
+
+
+@pytest.mark.parametrize(
+    ("executor", "staging", "refused"),
+    [
+        ("CeleryExecutor", "/tmp/staging", True),
+        ("airflow.providers.cncf.kubernetes.executors.kubernetes_executor.KubernetesExecutor", "/tmp/s", True),
+        ("LocalExecutor,CeleryExecutor", "/tmp/staging", False),  # the first one is the default
+        ("LocalExecutor", "/tmp/staging", False),
+        ("CeleryExecutor", "s3://aws_default@bucket/prefix", False),
+        ("CeleryExecutor", "gs://bucket/prefix", False),
+    ],
+)
+def test_split_operators_refuse_local_staging_on_a_remote_executor(
+    monkeypatch: pytest.MonkeyPatch, executor: str, staging: str, refused: bool
+) -> None:
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", executor)
+    monkeypatch.setenv("AIRFLOW__SYNC__STAGING_URI", staging)
+    if refused:
+        with pytest.raises(ConfigurationError, match=r"set \[sync\] staging_uri .*s3://aws_default@"):
+            staging_area(None, split=True)
+    else:
+        assert staging_area(None, split=True).base_uri.endswith(staging.rsplit("/", 1)[-1])
+    assert staging_area(None).base_uri  # one task (extract and load together): any location
+    assert staging_area(None, split=True, executor="LocalExecutor")  # the task's own executor decides
