@@ -81,17 +81,21 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _stop_group(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    """SIGTERM to the process group, SIGKILL to what is left after ``timeout``."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+def _stop_groups(processes: list[subprocess.Popen[bytes]], timeout: float = 20) -> None:
+    """SIGTERM to each process group at once, SIGKILL to what is left of them after ``timeout``."""
+    for process in processes:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in processes:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(5)
+            process.wait(max(0.1, deadline - time.monotonic()))
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(5)
 
 
 class MotoS3:
@@ -148,7 +152,7 @@ class MotoS3:
         )
 
     def stop(self) -> None:
-        _stop_group(self.process, timeout=5)
+        _stop_groups([self.process], timeout=5)
         self.log.close()
 
 
@@ -337,10 +341,8 @@ class CeleryCluster:
         return [process.pid for process in tree]
 
     def stop(self) -> None:
-        for worker in self.worker_processes.values():
-            _stop_group(worker.process)
-        for process in reversed(list(self.processes.values())):
-            _stop_group(process)
+        _stop_groups([worker.process for worker in self.worker_processes.values()])
+        _stop_groups(list(self.processes.values()))
         for log in self._logs:
             log.close()
         self._purge_broker()
