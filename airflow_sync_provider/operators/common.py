@@ -24,8 +24,8 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow_sync_provider import staging_location
 from airflow_sync_provider.core import ConfigurationError, Manifest, SyncError, SyncSpec, UnavailableError
 from airflow_sync_provider.core.extract import BatchTransform
-from airflow_sync_provider.core.status import RunContext, record_run_context
 from airflow_sync_provider.core.staging import StagingArea, register_filesystem_resolver
+from airflow_sync_provider.core.status import RunContext, record_run_context
 
 register_filesystem_resolver(staging_location.resolve)
 
