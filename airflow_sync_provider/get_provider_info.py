@@ -90,12 +90,15 @@ def get_provider_info() -> dict[str, Any]:
                 "description": "Defaults for airflow-sync-provider operators.",
                 "options": {
                     "staging_uri": {
-                        "description": "Where staged Parquet batches are written: a local folder, or a URI "
-                        "(s3://bucket/prefix, gs://..., abfs://...) that every worker can read. "
+                        "description": "Where staged Parquet batches are written: a local folder, or a URI every "
+                        "worker can read. <scheme>://<conn_id>@<bucket>/<prefix> (e.g. "
+                        "s3://aws_default@my-bucket/sync) takes credentials from that Airflow connection; "
+                        "plain pyarrow URIs (s3://bucket/prefix) use the workers' environment. Split "
+                        "operators refuse a local folder on a non-local executor. "
                         "Defaults to ~/.cache/airflow_sync_provider/staging.",
                         "version_added": "0.1.0",
                         "type": "string",
-                        "example": "s3://my-bucket/airflow-sync/staging",
+                        "example": "s3://aws_default@my-bucket/airflow-sync/staging",
                         "default": None,
                     },
                     "status_conn_ids": {

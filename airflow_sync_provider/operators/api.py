@@ -31,14 +31,13 @@ from airflow_sync_provider.core.api.paginate import Paginator
 from airflow_sync_provider.core.errors import SyncError
 from airflow_sync_provider.core.extract import BatchTransform
 from airflow_sync_provider.core.spec import DEFAULT_SCHEMA_DRIFT
-from airflow_sync_provider.core.staging import StagingArea
 from airflow_sync_provider.hooks.api import ApiSourceHook
 from airflow_sync_provider.hooks.target import target_connection
 from airflow_sync_provider.operators.common import (
     as_task_error,
-    default_staging_uri,
     record_dag_run,
     resolve_transform,
+    staging_area,
 )
 from airflow_sync_provider.operators.events import event_columns
 from airflow_sync_provider.operators.sync import backfill_window, manifest_summary
@@ -255,7 +254,7 @@ class ApiToPostgresOperator(_ApiDeclaration):
                         client,
                         target,
                         spec,
-                        staging=StagingArea(self.staging_uri or default_staging_uri()),
+                        staging=staging_area(self.staging_uri),
                         run_id=context["run_id"],
                         transform=self._transform_watch,
                         logger=self.log,
@@ -309,7 +308,7 @@ class ApiToStagingOperator(_ApiDeclaration):
                         client,
                         target,
                         spec,
-                        staging=StagingArea(self.staging_uri or default_staging_uri()),
+                        staging=staging_area(self.staging_uri, split=True, executor=self.executor),
                         run_id=context["run_id"],
                         transform=self._transform_watch,
                         logger=self.log,

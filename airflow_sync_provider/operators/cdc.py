@@ -17,7 +17,7 @@ from airflow.sdk import BaseOperator, Context
 
 from airflow_sync_provider import lineage
 from airflow_sync_provider.assets import emit_table_events
-from airflow_sync_provider.core import ConfigurationError, StagingArea, SyncError
+from airflow_sync_provider.core import ConfigurationError, SyncError
 from airflow_sync_provider.core.cdc import (
     CdcManifest,
     CdcPosition,
@@ -41,7 +41,13 @@ from airflow_sync_provider.core.streaming import (
 from airflow_sync_provider.hooks.cdc import PostgresCdcHook
 from airflow_sync_provider.hooks.source import source_connection_defined, source_engine
 from airflow_sync_provider.hooks.target import target_connection
-from airflow_sync_provider.operators.common import as_task_error, default_staging_uri, record_dag_run, xcom_dict
+from airflow_sync_provider.operators.common import (
+    as_task_error,
+    check_shared_staging,
+    record_dag_run,
+    staging_area,
+    xcom_dict,
+)
 from airflow_sync_provider.plugins.links import SYNC_LINKS
 
 if TYPE_CHECKING:
@@ -276,7 +282,7 @@ class CdcExtractOperator(BaseOperator):
                 engine,
                 spec,
                 state=state,
-                staging=StagingArea(self.staging_uri or default_staging_uri()),
+                staging=staging_area(self.staging_uri, split=True, executor=self.executor),
                 run_id=run_id,
                 logger=self.log,
             )
@@ -323,6 +329,7 @@ class CdcLoadOperator(BaseOperator):
         spec = manifest_spec(manifest)
         self._manifest = manifest
         try:
+            check_shared_staging(manifest.staging_dir, executor=self.executor, what=f"the load of {spec.sync_id}")
             if self.source_conn_id:
                 log_slot_lag(self.log, self.source_conn_id, spec)
             with closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target:
@@ -505,7 +512,7 @@ class CdcSyncOperator(BaseOperator):
                     engine,
                     target,
                     spec,
-                    staging=StagingArea(self.staging_uri or default_staging_uri()),
+                    staging=staging_area(self.staging_uri),
                     run_id=context["run_id"],
                     logger=self.log,
                 )
@@ -552,7 +559,7 @@ class CdcSyncOperator(BaseOperator):
                     engine,
                     target,
                     spec,
-                    staging=StagingArea(self.staging_uri or default_staging_uri()),
+                    staging=staging_area(self.staging_uri),
                     run_id=run_id,
                     logger=self.log,
                     idle_advance_bytes=int(self.idle_advance_bytes),

@@ -19,10 +19,14 @@ from airflow_sync_provider.core.errors import ConfigurationError, SyncError
 from airflow_sync_provider.core.events import EventColumn, EventSchema, EventSpec, drain_events
 from airflow_sync_provider.core.events.schema import DEFAULT_MAX_PAYLOAD_BYTES, EventTransform
 from airflow_sync_provider.core.events.spec import DEFAULT_BATCH_BYTES, DEFAULT_BATCH_EVENTS
-from airflow_sync_provider.core.staging import StagingArea
 from airflow_sync_provider.hooks.events import event_source
 from airflow_sync_provider.hooks.target import target_connection
-from airflow_sync_provider.operators.common import as_task_error, default_staging_uri, record_dag_run, resolve_transform
+from airflow_sync_provider.operators.common import (
+    as_task_error,
+    record_dag_run,
+    resolve_transform,
+    staging_area,
+)
 from airflow_sync_provider.plugins.links import SYNC_LINKS
 
 if TYPE_CHECKING:
@@ -168,7 +172,7 @@ class EventStreamToPostgresOperator(BaseOperator):
                         source,
                         target,
                         spec,
-                        staging=StagingArea(self.staging_uri or default_staging_uri()),
+                        staging=staging_area(self.staging_uri),
                         run_id=context["run_id"],
                         wait=self.wait_seconds,
                         max_batches=self.max_batches,

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, Context
 
 from airflow_sync_provider import lineage
-from airflow_sync_provider.core import ConfigurationError, Manifest, StagingArea, SyncError
+from airflow_sync_provider.core import ConfigurationError, Manifest, SyncError
 from airflow_sync_provider.hooks.target import target_connection
 from airflow_sync_provider.operators.common import (
     as_task_error,
-    default_staging_uri,
     parse_manifest,
     record_dag_run,
     resolve_transform,
+    staging_area,
 )
 from airflow_sync_provider.plugins.links import SYNC_LINKS
 
@@ -114,7 +114,7 @@ class DataQualityGateOperator(BaseOperator):
                     severities=self.severities,
                     quarantine=self.quarantine,
                     max_quarantine_fraction=self.max_quarantine_fraction,
-                    staging=StagingArea(self.staging_uri or default_staging_uri()),
+                    staging=staging_area(self.staging_uri, split=True, executor=self.executor),
                     target_conn=target,
                     run_id=context["run_id"],
                     logger=self.log,
@@ -209,7 +209,7 @@ class ReplayQuarantinedRowsOperator(BaseOperator):
                     severities=self.severities,
                     quarantined_in_run=self.quarantined_in_run or None,
                     target_schema=self.target_schema,
-                    staging=StagingArea(self.staging_uri or default_staging_uri()),
+                    staging=staging_area(self.staging_uri),
                     logger=self.log,
                 )
         except SyncError as error:

@@ -15,7 +15,7 @@ from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_sync_provider import lineage
-from airflow_sync_provider.core import Manifest, StagingArea, SyncError, SyncSpec
+from airflow_sync_provider.core import Manifest, SyncError, SyncSpec
 from airflow_sync_provider.core.reconcile import (
     ReconcileResult,
     ReconcileWindow,
@@ -31,7 +31,7 @@ from airflow_sync_provider.operators.common import (
     SPEC_TEMPLATE_FIELDS,
     as_task_error,
     build_sync_spec,
-    default_staging_uri,
+    staging_area,
     xcom_dict,
 )
 
@@ -210,7 +210,7 @@ class ReconcileOperator(BaseOperator):
     def _reconcile(
         self, spec: SyncSpec, window: ReconcileWindow | None, run_id: str
     ) -> tuple[ReconcileResult, Any, ReconcileResult]:
-        staging = StagingArea(self.staging_uri or default_staging_uri())
+        staging = staging_area(self.staging_uri)
         options: dict[str, Any] = {
             "window": window,
             "buckets": self.buckets,

@@ -18,7 +18,6 @@ from airflow_sync_provider.assets import emit_table_events
 from airflow_sync_provider.core import (
     ConfigurationError,
     Manifest,
-    StagingArea,
     SyncError,
     SyncSpec,
     extract_for,
@@ -33,10 +32,11 @@ from airflow_sync_provider.operators.common import (
     SPEC_TEMPLATE_FIELDS,
     as_task_error,
     build_sync_spec,
-    default_staging_uri,
+    check_shared_staging,
     parse_manifest,
     record_dag_run,
     resolve_transform,
+    staging_area,
 )
 from airflow_sync_provider.plugins.links import SYNC_LINKS
 
@@ -210,7 +210,7 @@ class ExtractToStagingOperator(BaseOperator):
                     engine,
                     target,
                     spec,
-                    staging=StagingArea(self.staging_uri or default_staging_uri()),
+                    staging=staging_area(self.staging_uri, split=True, executor=self.executor),
                     run_id=context["run_id"],
                     transform=self._transform_watch,
                     logger=self.log,
@@ -268,6 +268,7 @@ class LoadStagedToPostgresOperator(BaseOperator):
             raise as_task_error(error) from error
         self._manifest = manifest
         try:
+            check_shared_staging(manifest.staging_dir, executor=self.executor, what=f"the load of {manifest.sync_id}")
             with closing(target_connection(self.target_conn_id, sync_id=manifest.sync_id)) as target:
                 record_dag_run(target, manifest.target_schema, manifest.sync_id, context)
                 result = load_manifest(
@@ -404,7 +405,7 @@ class SyncTableOperator(BaseOperator):
                     engine,
                     target,
                     spec,
-                    staging=StagingArea(self.staging_uri or default_staging_uri()),
+                    staging=staging_area(self.staging_uri),
                     run_id=context["run_id"],
                     transform=self._transform_watch,
                     logger=self.log,

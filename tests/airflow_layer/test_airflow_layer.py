@@ -193,6 +193,39 @@ def _equal(env: SyncEnv, target_table: str = "orders") -> None:
         assert table_checksum(tgt, target_table, columns, ["id"]) == table_checksum(src, "orders", columns, ["id"])
 
 
+def test_split_operators_refuse_local_staging_on_celery_before_reading_anything(
+    connections: SyncEnv, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """On a non-local executor a split extract with a local staging folder fails at its start, with
+    what to set; the load of a manifest staged locally fails the same way; nothing is staged or loaded."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from airflow_sync_provider.operators.sync import ExtractToStagingOperator, LoadStagedToPostgresOperator
+
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", "CeleryExecutor")
+    staging = tmp_path / "staging"
+    extract = ExtractToStagingOperator(
+        task_id="extract",
+        source_conn_id="sync_source",
+        target_conn_id="sync_target",
+        sync_id="orders",
+        source_table="orders",
+        cursor_column="updated_at",
+        staging_uri=str(staging),
+    )
+    with pytest.raises(AirflowFailException, match=r"CeleryExecutor.*set \[sync\] staging_uri"):
+        extract.execute({"run_id": "manual__celery"})  # type: ignore[arg-type]
+    assert not staging.exists() or not any(staging.rglob("*.parquet"))
+
+    extract.executor = "LocalExecutor"  # the task's own executor decides: this one may stage locally
+    manifest = extract.execute({"run_id": "manual__celery"})  # type: ignore[arg-type]
+    load = LoadStagedToPostgresOperator(task_id="load", manifest=manifest, target_conn_id="sync_target")
+    with pytest.raises(AirflowFailException, match=r"the load of orders .*CeleryExecutor"):
+        load.execute({"run_id": "manual__celery"})  # type: ignore[arg-type]
+    with connections.target() as conn:
+        assert conn.execute("SELECT to_regclass('public.orders')").fetchone() == (None,)
+
+
 def test_split_operators_extract_then_load(connections: SyncEnv) -> None:
     from airflow_sync_provider.operators.sync import ExtractToStagingOperator, LoadStagedToPostgresOperator
 
