@@ -14,35 +14,29 @@ import psycopg
 from psycopg import sql
 
 from airflow_sync_provider.core.alerts import Alert
-from airflow_sync_provider.core.catalog import ddl_lock, table_exists
+from airflow_sync_provider.core.catalog import ensure_table, table_exists
 from airflow_sync_provider.core.sqltext import execute
 
 ALERT_TABLE = "_sync_alerts"
 
 
+_ALERT_COLUMNS = (
+    "run_scope text NOT NULL, "
+    "dedupe_key text NOT NULL, "
+    "sync_id text NOT NULL, "
+    "rule text NOT NULL, "
+    "severity text NOT NULL, "
+    "observed text NOT NULL, "
+    "threshold text NOT NULL, "
+    "message text NOT NULL, "
+    "sent_at timestamptz NOT NULL DEFAULT now(), "
+    "PRIMARY KEY (run_scope, dedupe_key)"
+)
+
+
 def ensure_alert_table(conn: psycopg.Connection[Any], schema: str) -> None:
     """Create ``_sync_alerts`` if missing (idempotent; outside a transaction)."""
-    if table_exists(conn, schema, ALERT_TABLE):
-        return
-    with conn.transaction():
-        ddl_lock(conn)
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        conn.execute(
-            sql.SQL(
-                """CREATE TABLE IF NOT EXISTS {} (
-                    run_scope text NOT NULL,
-                    dedupe_key text NOT NULL,
-                    sync_id text NOT NULL,
-                    rule text NOT NULL,
-                    severity text NOT NULL,
-                    observed text NOT NULL,
-                    threshold text NOT NULL,
-                    message text NOT NULL,
-                    sent_at timestamptz NOT NULL DEFAULT now(),
-                    PRIMARY KEY (run_scope, dedupe_key)
-                )"""
-            ).format(sql.Identifier(schema, ALERT_TABLE))
-        )
+    ensure_table(conn, schema, ALERT_TABLE, _ALERT_COLUMNS)
 
 
 def claim_alert(conn: psycopg.Connection[Any], schema: str, run_scope: str, alert: Alert) -> bool:

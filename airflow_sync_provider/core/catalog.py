@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 
 def ddl_lock(conn: psycopg.Connection[Any]) -> None:
@@ -25,6 +26,23 @@ def table_exists(conn: psycopg.Connection[Any], schema: str, table: str) -> bool
         (schema, table),
     ).fetchone()
     return row is not None
+
+
+def ensure_table(conn: psycopg.Connection[Any], schema: str, table: str, columns: str) -> None:
+    """Create ``schema`` and the engine's own table ``schema.table`` unless it exists (idempotent;
+    outside a transaction: it opens its own, under :func:`ddl_lock`).
+
+    ``columns``: the engine's constant column definitions (never user input), e.g.
+    ``"sync_id text NOT NULL, ..."``; the names are quoted here.
+    """
+    if table_exists(conn, schema, table):
+        return
+    with conn.transaction():
+        ddl_lock(conn)
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(
+            sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(sql.Identifier(schema, table), sql.SQL(columns))
+        )
 
 
 def column_types(conn: psycopg.Connection[Any], schema: str, table: str) -> dict[str, str] | None:
@@ -51,4 +69,4 @@ def unique_keys(conn: psycopg.Connection[Any], schema: str, table: str) -> list[
     return [set(r[0]) for r in rows]
 
 
-__all__ = ["column_types", "ddl_lock", "table_exists", "unique_keys"]
+__all__ = ["column_types", "ddl_lock", "ensure_table", "table_exists", "unique_keys"]

@@ -14,38 +14,32 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from airflow_sync_provider.core.catalog import ddl_lock, table_exists
+from airflow_sync_provider.core.catalog import ensure_table
 from airflow_sync_provider.core.events.schema import Rejected
 from airflow_sync_provider.core.sqltext import bindable
 
 EVENT_QUARANTINE_TABLE = "_sync_event_quarantine"
 
 
+_EVENT_QUARANTINE_COLUMNS = (
+    "quarantine_id bigserial PRIMARY KEY, "
+    "sync_id text NOT NULL, "
+    "message_id text NOT NULL, "
+    "subject text NOT NULL, "
+    "event_id text, "
+    "reason text NOT NULL, "
+    "payload bytea NOT NULL, "
+    "payload_bytes integer NOT NULL, "
+    "redelivered boolean NOT NULL, "
+    "received_at timestamptz NOT NULL, "
+    "run_id text NOT NULL, "
+    "quarantined_at timestamptz NOT NULL DEFAULT now(), "
+    "UNIQUE (sync_id, message_id)"
+)
+
+
 def ensure_event_quarantine(conn: psycopg.Connection[Any], schema: str) -> None:
-    if table_exists(conn, schema, EVENT_QUARANTINE_TABLE):
-        return
-    with conn.transaction():
-        ddl_lock(conn)
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        conn.execute(
-            sql.SQL(
-                """CREATE TABLE IF NOT EXISTS {} (
-                    quarantine_id bigserial PRIMARY KEY,
-                    sync_id text NOT NULL,
-                    message_id text NOT NULL,
-                    subject text NOT NULL,
-                    event_id text,
-                    reason text NOT NULL,
-                    payload bytea NOT NULL,
-                    payload_bytes integer NOT NULL,
-                    redelivered boolean NOT NULL,
-                    received_at timestamptz NOT NULL,
-                    run_id text NOT NULL,
-                    quarantined_at timestamptz NOT NULL DEFAULT now(),
-                    UNIQUE (sync_id, message_id)
-                )"""
-            ).format(sql.Identifier(schema, EVENT_QUARANTINE_TABLE))
-        )
+    ensure_table(conn, schema, EVENT_QUARANTINE_TABLE, _EVENT_QUARANTINE_COLUMNS)
 
 
 def quarantine_events(

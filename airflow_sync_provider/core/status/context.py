@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from airflow_sync_provider.core.catalog import ddl_lock, table_exists
+from airflow_sync_provider.core.catalog import ensure_table, table_exists
 from airflow_sync_provider.core.sqltext import execute
 
 CONTEXT_TABLE = "_sync_run_context"
@@ -33,27 +33,21 @@ class RunContext:
     slot_name: str | None = None
 
 
+_CONTEXT_COLUMNS = (
+    "sync_id text NOT NULL, "
+    "run_id text NOT NULL, "
+    "dag_id text NOT NULL, "
+    "task_id text NOT NULL, "
+    "source_conn_id text, "
+    "slot_name text, "
+    "recorded_at timestamptz NOT NULL DEFAULT now(), "
+    "PRIMARY KEY (sync_id, run_id, dag_id, task_id)"
+)
+
+
 def ensure_context_table(conn: psycopg.Connection[Any], schema: str) -> None:
     """Create ``_sync_run_context`` if missing (idempotent; outside a transaction)."""
-    if table_exists(conn, schema, CONTEXT_TABLE):
-        return
-    with conn.transaction():
-        ddl_lock(conn)
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        conn.execute(
-            sql.SQL(
-                """CREATE TABLE IF NOT EXISTS {} (
-                    sync_id text NOT NULL,
-                    run_id text NOT NULL,
-                    dag_id text NOT NULL,
-                    task_id text NOT NULL,
-                    source_conn_id text,
-                    slot_name text,
-                    recorded_at timestamptz NOT NULL DEFAULT now(),
-                    PRIMARY KEY (sync_id, run_id, dag_id, task_id)
-                )"""
-            ).format(sql.Identifier(schema, CONTEXT_TABLE))
-        )
+    ensure_table(conn, schema, CONTEXT_TABLE, _CONTEXT_COLUMNS)
 
 
 def record_run_context(conn: psycopg.Connection[Any], schema: str, context: RunContext) -> None:
