@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             "AIRFLOW_HOME": str(args.airflow_home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            # Browse -> Sync status reads the case studies' targets
+            "AIRFLOW__SYNC__STATUS_CONN_IDS": ",".join((databases.INVENTORY_TARGET, *databases.BANK_TARGETS)),
             **ui_environment(args.ui_port),
         }
         if args.print_env:
