@@ -1,22 +1,27 @@
 """Latency under the real scheduler: warehouse commit -> visible in every store's ``catalog_availability``.
 
-``python -m benchmarks.latency`` (``--quick``: shorter phases; ``--compare``: also the AssetWatcher
-variant).  Starts an embedded PostgreSQL with the inventory case study's databases (seeded) and
+``python -m benchmarks.latency`` (``--quick``: shorter phases; ``--no-variants``: the real-time DAG
+only).  Starts an embedded PostgreSQL with the inventory case study's databases (seeded) and
 ``airflow standalone`` (scheduler, dag-processor, triggerer, api-server; LocalExecutor; the metadata
-database on the same PostgreSQL server), unpauses ``inventory_sync_realtime`` and, per rate:
+database on the same PostgreSQL server), then measures the three inventory DAGs one after the other
+in the same run:
 
-* a writer commits stock changes at the warehouses at a steady rate (10, 100, 1,000 changes/s;
-  one row per transaction, both warehouses), receipts only;
-* a sampler sets a probe SKU's stock to a new value every half second (its own transaction, part of
-  the stream) and timestamps the commit; a watcher polls both stores until each shows the
-  allocation that value gives (``floor(share * on_hand)``): that interval is the sample;
-* a checker reads the stores throughout (:func:`case_studies.inventory.observe_oversell`).
+1. ``inventory_sync_realtime`` (one streaming task), per rate: a writer commits stock changes at
+   the warehouses at a steady rate (10, 100, 1,000 changes/s; one row per transaction, both
+   warehouses), receipts only; a sampler sets a probe SKU's stock to a new value every half second
+   (its own transaction, part of the stream) and timestamps the commit; a watcher polls both stores
+   until each shows the allocation that value gives (``floor(share * on_hand)``): that interval is
+   the sample; a checker reads the stores throughout (:func:`case_studies.inventory.observe_oversell`);
+2. ``inventory_sync_on_change`` (AssetWatchers on the warehouses' slots start a DAG run), at 10
+   changes/s, one probe every 5 s;
+3. ``inventory_sync`` (every five minutes), at 10 changes/s, one probe every 30 s over two periods
+   (its samples are minutes: the wait for the next run, plus the run).
 
-Results: ``benchmarks/results/latest-latency.json`` (per rate ``rate_per_s``, ``achieved_per_s``,
-``samples``, ``p50_s``, ``p95_s``, ``p99_s``, ``max_s``, ``oversell_observations``; top level
-``scheduler``, ``commit``), and a table on stdout.  With ``--compare`` the AssetWatcher variant
-(``inventory_sync_on_change``) is measured at 10 changes/s too.  The five-minute variant is not run
-(one sample costs up to five minutes): its latency is the schedule's period plus a run (~20 s).
+Results: ``benchmarks/results/latest-latency.json``: per rate of the real-time DAG (``rates``)
+``rate_per_s``, ``achieved_per_s``, ``samples``, ``p50_s``, ``p95_s``, ``p99_s``, ``max_s``,
+``oversell_observations``, the machine's load average and the samples themselves; the same fields
+per DAG under ``variants``; top level ``scheduler``, ``commit``.  ``benchmarks/results/latency.png``
+plots the distributions (:mod:`benchmarks.latency_plot`).
 """
 
 from __future__ import annotations
@@ -301,10 +306,18 @@ def _wait_streaming(uris: Mapping[str, str], timeout: float) -> None:
     raise RuntimeError("the realtime stream did not push to the stores in time")
 
 
-def measure(uris: Mapping[str, str], rate: float, seconds: float, every: float = 0.5) -> dict[str, Any]:
+def _load() -> list[float]:
+    """The machine's load average (1, 5, 15 min), as ``uptime`` shows it."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def measure(
+    uris: Mapping[str, str], rate: float, seconds: float, every: float = 0.5, timeout: float = 120
+) -> dict[str, Any]:
+    load_before = _load()
     checker = Checker(uris)
     writer = Writer(uris, rate)
-    sampler = Sampler(uris, every=every)
+    sampler = Sampler(uris, every=every, timeout=timeout)
     time.sleep(seconds)
     sampler.running.clear()
     achieved = writer.stop()
@@ -313,6 +326,7 @@ def measure(uris: Mapping[str, str], rate: float, seconds: float, every: float =
     values = sampler.latencies
     result = {
         "rate_per_s": rate,
+        "probe_every_s": every,
         "achieved_per_s": round(achieved + (1 / every), 1),
         "samples": len(values),
         "lost_samples": sampler.lost,
@@ -322,6 +336,8 @@ def measure(uris: Mapping[str, str], rate: float, seconds: float, every: float =
         "max_s": round(max(values), 3) if values else None,
         "oversell_observations": len(checker.violations),
         "checker_observations": checker.observations,
+        "load_average": {"before": load_before, "after": _load()},
+        "latencies_s": sorted(round(v, 3) for v in values),
     }
     print(
         f"  {rate:>6,.0f}/s (achieved {result['achieved_per_s']:>7,.1f}/s): {len(values):>3} samples  "
@@ -348,8 +364,8 @@ def _write(path: Path, results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="10 s per rate instead of 40 s")
-    parser.add_argument("--compare", action="store_true", help="also the AssetWatcher variant at 10 changes/s")
+    parser.add_argument("--quick", action="store_true", help="10 s per rate instead of 40 s, one 5-minute period")
+    parser.add_argument("--no-variants", action="store_true", help="only the real-time DAG")
     parser.add_argument("--rates", default="10,100,1000")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest-latency.json")
     args = parser.parse_args(argv)
@@ -364,20 +380,25 @@ def main(argv: list[str] | None = None) -> int:
         "what": "warehouse commit -> visible in every store's catalog_availability (probe SKUs, one sample "
         "every 0.5 s) while a writer commits receipts at the rate; the stream polls every 0.2 s",
         "cpus": os.cpu_count(),
+        "load_average_at_start": _load(),
         "rates": [],
     }
+    rates = [float(r) for r in args.rates.split(",")]
+    # The stream's run covers the measurement, then ends (the DAG is paused once it streams), so no
+    # run boundary (a new run to schedule) falls inside a rate's samples.
+    stream_seconds = len(rates) * (seconds + 20) + 120
     with local_postgres(work / "pg") as server:
         with server.connect() as admin:
             databases.create_databases(admin, "", (*databases.INVENTORY_SOURCES, databases.INVENTORY_TARGET))
         uris = databases.connection_uris("127.0.0.1", server.port)
         inventory.seed(uris, scale=SCALE)
         _add_probes(uris)
-        rates = [float(r) for r in args.rates.split(",")]
-        airflow = Airflow(server, uris, work / "airflow", stream_seconds=len(rates) * seconds + 240)
+        airflow = Airflow(server, uris, work / "airflow", stream_seconds=stream_seconds)
         try:
             print(f"airflow standalone starting in {work / 'airflow'} ...", flush=True)
             airflow.unpause("inventory_sync_realtime")
             _wait_streaming(uris, timeout=600)
+            airflow.pause("inventory_sync_realtime")  # the run streams on until stream_seconds, then ends
             results["scheduler"] = (
                 f"airflow standalone {airflow.version()} (scheduler, dag-processor, triggerer, api-server; "
                 "LocalExecutor; metadata on PostgreSQL); DAG inventory_sync_realtime (@continuous, one streaming task)"
@@ -386,18 +407,52 @@ def main(argv: list[str] | None = None) -> int:
             for rate in rates:
                 results["rates"].append(measure(uris, rate, seconds))
             _write(args.output, results)
-            if args.compare:
-                airflow.pause("inventory_sync_realtime")  # its run streams until stream_seconds, then ends
-                airflow.wait_no_running_run("inventory_sync_realtime", timeout=len(rates) * seconds + 300)
-                airflow.unpause("inventory_sync_on_change")
-                print("AssetWatcher variant (inventory_sync_on_change):", flush=True)
-                results["asset_watcher"] = measure(uris, 10, max(seconds, 90), every=5)
-                airflow.pause("inventory_sync_on_change")
+            if not args.no_variants:
+                results["variants"] = _variants(airflow, uris, results["rates"], seconds, stream_seconds, args.quick)
         finally:
             airflow.stop()
+    results["load_average_at_end"] = _load()
     _write(args.output, results)
     shutil.rmtree(work, ignore_errors=True)
+    from benchmarks.latency_plot import plot
+
+    print(f"plot: {plot(args.output)}", flush=True)
     return 0
+
+
+def _variants(
+    airflow: Airflow,
+    uris: Mapping[str, str],
+    realtime: list[dict[str, Any]],
+    seconds: float,
+    stream_seconds: float,
+    quick: bool,
+) -> dict[str, Any]:
+    """The AssetWatcher and five-minute DAGs, one after the other once the stream's run ended."""
+    variants: dict[str, Any] = {
+        "inventory_sync_realtime": {
+            "how": "one streaming task, micro-batches for stream_seconds per run (@continuous)",
+            "rates": realtime,
+        }
+    }
+    airflow.wait_no_running_run("inventory_sync_realtime", timeout=stream_seconds + 300)
+    airflow.unpause("inventory_sync_on_change")
+    print("AssetWatcher variant (inventory_sync_on_change):", flush=True)
+    variants["inventory_sync_on_change"] = {
+        "how": "AssetWatchers (CdcChangesEventTrigger, poll 5 s) on both warehouses' slots start a DAG run",
+        "rates": [measure(uris, 10, max(seconds, 90), every=5)],
+    }
+    airflow.pause("inventory_sync_on_change")
+    airflow.wait_no_running_run("inventory_sync_on_change", timeout=600)
+    airflow.unpause("inventory_sync")
+    periods = 1 if quick else 2
+    print(f"five-minute variant (inventory_sync), {periods} period(s):", flush=True)
+    variants["inventory_sync"] = {
+        "how": "a DAG run every 5 minutes",
+        "rates": [measure(uris, 10, periods * 300, every=30, timeout=420)],
+    }
+    airflow.pause("inventory_sync")
+    return variants
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -120,6 +121,71 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
+# --------------------------------------------------------------------------- in memory
+#: Staging in this process's memory (``memory://<name>``, see :func:`memory_staging`): each staged
+#: "file" is an Arrow table kept as it was written, no Parquet encoding, no file system.
+MEMORY_SCHEME = "memory://"
+_MEMORY_TABLES: dict[str, pa.Table] = {}
+_MEMORY_LOCK = threading.Lock()
+
+
+def is_memory(uri: str) -> bool:
+    return uri.startswith(MEMORY_SCHEME)
+
+
+def memory_staging(name: str = "streams") -> StagingArea:
+    """Staging in this process's memory, for a stream's micro-batches: staged and loaded by the same
+    process moments apart, they skip the Parquet round trip.  Not for batches another task loads,
+    nor for large ones (bound the batch, e.g. ``CdcSpec.max_batch_bytes``).  Its batches have no
+    ``manifest.json`` and are never swept: a load removes its batch, a failed one is discarded by the
+    caller, and a crash loses only what the source still holds."""
+    return StagingArea(f"{MEMORY_SCHEME}{_UNSAFE.sub('_', name)}")
+
+
+class _MemoryWriter:
+    """:meth:`StagingArea.open_writer` for memory staging: the written tables, stored at ``close``."""
+
+    def __init__(self, uri: str, schema: pa.Schema) -> None:
+        self.uri, self.schema, self.parts = uri, schema, []  # type: tuple[str, pa.Schema, list[pa.Table]]
+
+    def write_table(self, table: pa.Table, row_group_size: int | None = None) -> None:
+        self.parts.append(table)
+
+    def write_batch(self, batch: pa.RecordBatch, row_group_size: int | None = None) -> None:
+        self.parts.append(pa.Table.from_batches([batch], schema=self.schema))
+
+    write = write_table
+
+    def close(self) -> None:
+        table = pa.concat_tables(self.parts) if self.parts else self.schema.empty_table()
+        with _MEMORY_LOCK:
+            _MEMORY_TABLES[self.uri] = table
+
+    def __enter__(self) -> _MemoryWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_staged_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A whole staged file (or some of its columns)."""
+    if is_memory(uri):
+        table = _MEMORY_TABLES[uri]
+        return table.select(columns) if columns is not None else table
+    fs, path = filesystem_for(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def delete_staged_file(uri: str) -> None:
+    if is_memory(uri):
+        with _MEMORY_LOCK:
+            _MEMORY_TABLES.pop(uri, None)
+        return
+    fs, path = filesystem_for(uri)
+    fs.delete_file(path)
+
+
 @dataclass(frozen=True)
 class SweepResult:
     """What :meth:`StagingArea.sweep_abandoned` removed (batch folder URIs, their files and bytes)."""
@@ -164,7 +230,9 @@ class StagingArea:
     def batch_uri(self, sync_id: str, manifest_id: str) -> str:
         return f"{self.sync_uri(sync_id)}/{manifest_id}"
 
-    def open_writer(self, file_uri: str, schema: pa.Schema) -> pq.ParquetWriter:
+    def open_writer(self, file_uri: str, schema: pa.Schema) -> pq.ParquetWriter | _MemoryWriter:
+        if is_memory(file_uri):
+            return _MemoryWriter(file_uri, schema)
         fs, path = filesystem_for(file_uri)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         # A staged batch is written once and read once, whole: LZ4 without dictionaries or column
@@ -206,6 +274,8 @@ class StagingArea:
         log = log or LOG
         age = self.abandoned_after if older_than is None else older_than
         root_uri = self.sync_uri(sync_id)
+        if is_memory(root_uri):  # nothing in memory outlives the process that would abandon it
+            return SweepResult()
         try:
             fs, root = filesystem_for(root_uri)
             entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=True))
@@ -262,6 +332,8 @@ class StagingArea:
 
     def write_manifest(self, manifest: StagedBatch) -> str:
         uri = f"{manifest.staging_dir}/manifest.json"
+        if is_memory(uri):  # loaded by the process that staged it, from the manifest object
+            return uri
         fs, path = filesystem_for(uri)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path) as out:
@@ -303,6 +375,9 @@ def _read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
 
 def iter_staged_batches(file_uri: str, batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
     """Stream one staged file batch by batch (memory stays bounded by ``batch_rows``)."""
+    if is_memory(file_uri):
+        yield from _MEMORY_TABLES[file_uri].to_batches(max_chunksize=batch_rows)
+        return
     fs, path = filesystem_for(file_uri)
     with fs.open_input_file(path) as handle:
         parquet = pq.ParquetFile(handle)
@@ -310,6 +385,8 @@ def iter_staged_batches(file_uri: str, batch_rows: int = 65_536) -> Iterator[pa.
 
 
 def staged_schema(file_uri: str) -> pa.Schema:
+    if is_memory(file_uri):
+        return _MEMORY_TABLES[file_uri].schema
     fs, path = filesystem_for(file_uri)
     with fs.open_input_file(path) as handle:
         return pq.ParquetFile(handle).schema_arrow
@@ -328,6 +405,11 @@ def remove_staged(manifest: StagedBatch) -> None:
 
 
 def _remove_dir(uri: str) -> None:
+    if is_memory(uri):
+        with _MEMORY_LOCK:
+            for name in [n for n in _MEMORY_TABLES if n.startswith(uri.rstrip("/") + "/")]:
+                del _MEMORY_TABLES[name]
+        return
     fs, path = filesystem_for(uri)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)

@@ -19,11 +19,12 @@ Nothing here knows Airflow; the operator and the reference DAG give it their ste
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any
@@ -33,16 +34,19 @@ import sqlalchemy as sa
 
 from airflow_sync_provider.core.cdc import CdcSpec, run_cdc_sync
 from airflow_sync_provider.core.cdc import slot as cdc_slot
-from airflow_sync_provider.core.cdc.extract import open_source
+from airflow_sync_provider.core.cdc.extract import SourceSession
 from airflow_sync_provider.core.errors import SyncError
 from airflow_sync_provider.core.progress import Logger
-from airflow_sync_provider.core.staging import StagingArea
+from airflow_sync_provider.core.staging import StagingArea, memory_staging
 
 #: Seconds between two throughput/lag lines of a stream.
 LOG_EVERY = 30.0
 #: An idle CDC stream still runs a batch (whose heartbeat lets the slot advance) once the slot
 #: retains this much WAL written by others, so peeks stay cheap and the source can recycle WAL.
 IDLE_ADVANCE_BYTES = 16 * 1024 * 1024
+#: A stream's change batch staged in memory ends at the first transaction boundary past this many
+#: bytes of changes (pgoutput messages), which bounds the memory a catch-up takes.
+MEMORY_BATCH_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -202,10 +206,14 @@ def run_stream(
 class CdcStream:
     """The probe and the step of a streaming CDC sync: each batch is one :func:`run_cdc_sync`.
 
-    The probe peeks at the slot on a connection kept open for the stream (a peek writes nothing on
-    the source: no heartbeat, no WAL); a batch runs when the slot holds a data change, on the first
-    poll (snapshot or catch-up), or when the slot retains more than ``idle_advance_bytes`` of WAL
-    written by others (the batch's heartbeat then lets the slot advance).
+    One :class:`~.cdc.extract.SourceSession` serves the whole stream: the probe, the slot read and
+    the confirmation share its connection, and the source checks run once a minute, not per batch.
+    The probe peeks at the slot (a peek writes nothing on the source: no heartbeat, no WAL); a batch
+    runs when the slot holds a data change, on the first poll (snapshot or catch-up), or when the
+    slot retains more than ``idle_advance_bytes`` of WAL written by others (the batch's heartbeat
+    then lets the slot advance).  With ``in_memory`` (the default) a change batch is staged in this
+    process's memory, bounded to ``memory_batch_bytes`` of changes (a catch-up is then several
+    batches); the initial snapshot still goes to ``staging``.
     """
 
     def __init__(
@@ -218,38 +226,44 @@ class CdcStream:
         run_id: str = "stream",
         logger: Logger | None = None,
         idle_advance_bytes: int = IDLE_ADVANCE_BYTES,
+        in_memory: bool = True,
+        memory_batch_bytes: int = MEMORY_BATCH_BYTES,
     ) -> None:
+        if in_memory and (spec.max_batch_bytes is None or spec.max_batch_bytes > memory_batch_bytes):
+            spec = dataclasses.replace(spec, max_batch_bytes=memory_batch_bytes)
         self.source = source
         self.target = target
         self.spec = spec
         self.staging = staging or StagingArea()
+        self.change_staging = memory_staging(f"stream-{spec.sync_id}") if in_memory else None
         self.run_id = run_id
         self.logger = logger
         self.idle_advance_bytes = idle_advance_bytes
-        self._probe_conn: psycopg.Connection[Any] | None = None
-
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self._probe_conn is None or self._probe_conn.closed:
-            self._probe_conn = open_source(self.source, self.spec.sync_id)
-        return self._probe_conn
+        self.session = SourceSession(source, spec)
 
     def probe(self) -> bool:
         """Whether a batch would find something to do (never writes on the source)."""
         try:
-            conn = self._connection()
-            info = cdc_slot.slot_info(conn, self.spec.slot_name)
-            if not info.exists or info.retained_bytes > self.idle_advance_bytes:
-                return True  # the batch takes the snapshot, reports the lost slot, or lets the slot advance
-            return cdc_slot.has_pending_changes(conn, self.spec.slot_name, self.spec.publication)
+            with self.session.connection(f"peeking at slot {self.spec.slot_name}") as conn:
+                info = cdc_slot.slot_info(conn, self.spec.slot_name)
+                if not info.exists or info.retained_bytes > self.idle_advance_bytes:
+                    return True  # the batch takes the snapshot, reports the lost slot, or lets the slot advance
+                return cdc_slot.has_pending_changes(conn, self.spec.slot_name, self.spec.publication)
         except psycopg.errors.ObjectInUse:
             return True  # someone else holds the slot for a moment: let the batch wait for it
-        except (psycopg.OperationalError, SyncError):
-            self.close()
-            return True  # the batch reports a lost source with the engine's own error
+        except (psycopg.Error, SyncError):
+            return True  # the session dropped its connection: the batch reconnects or reports the lost source
 
     def step(self) -> BatchOutcome:
         manifest, result = run_cdc_sync(
-            self.source, self.target, self.spec, staging=self.staging, run_id=self.run_id, logger=self.logger
+            self.source,
+            self.target,
+            self.spec,
+            staging=self.staging,
+            run_id=self.run_id,
+            logger=self.logger,
+            session=self.session,
+            change_staging=self.change_staging,
         )
         changes = manifest.changes if result.status == "applied" else 0
         if result.status == "applied" and manifest.kind != "changes":
@@ -257,15 +271,13 @@ class CdcStream:
         return BatchOutcome(changes, detail=f"{manifest.kind} {result.status} {result.commit_lsn or ''}".strip())
 
     def close(self) -> None:
-        if self._probe_conn is not None:
-            with closing(self._probe_conn):
-                pass
-            self._probe_conn = None
+        self.session.close()
 
 
 __all__ = [
     "IDLE_ADVANCE_BYTES",
     "LOG_EVERY",
+    "MEMORY_BATCH_BYTES",
     "BatchOutcome",
     "CdcStream",
     "StopFlag",

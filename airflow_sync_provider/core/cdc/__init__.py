@@ -20,9 +20,10 @@ from airflow_sync_provider.core.cdc import slot
 from airflow_sync_provider.core.cdc.apply import CdcLoadResult, load_cdc_manifest
 from airflow_sync_provider.core.cdc.extract import (
     CdcPosition,
+    SourceSession,
     changes_to_staging,
     snapshot_to_staging,
-    source_connection,
+    source_connection_for,
     table_snapshot_to_staging,
 )
 from airflow_sync_provider.core.cdc.manifest import CdcManifest
@@ -37,9 +38,9 @@ from airflow_sync_provider.core.state import committed_state
 committed_cdc_state = committed_state
 
 
-def confirm_applied(source: sa.Engine, spec: CdcSpec, end_lsn: int) -> int:
+def confirm_applied(source: sa.Engine, spec: CdcSpec, end_lsn: int, session: SourceSession | None = None) -> int:
     """Advance the slot to what the target committed (after the commit, never before)."""
-    with source_connection(source, spec.sync_id, f"confirming slot {spec.slot_name}") as conn:
+    with source_connection_for(source, spec.sync_id, f"confirming slot {spec.slot_name}", session) as conn:
         return slot.advance_slot(conn, spec.slot_name, end_lsn)
 
 
@@ -53,6 +54,7 @@ def _stage_and_load(
     logger: Logger | None,
     observer: PhaseObserver | None,
     keep_staged: bool,
+    **stage_options: Any,
 ) -> tuple[CdcManifest, CdcLoadResult]:
     """Stage a batch from the committed state with ``stage``, then load it (one transaction with its position)."""
     manifest = stage(
@@ -62,10 +64,16 @@ def _stage_and_load(
         staging=staging or StagingArea(),
         run_id=run_id,
         logger=logger,
+        **stage_options,
     )
-    result = load_cdc_manifest(
-        target, manifest, run_id=run_id, logger=logger, observer=observer, keep_staged=keep_staged
-    )
+    try:
+        result = load_cdc_manifest(
+            target, manifest, run_id=run_id, logger=logger, observer=observer, keep_staged=keep_staged
+        )
+    except BaseException:
+        if stage_options.get("change_staging") is not None:  # memory is not swept by age: free it now
+            stage_options["change_staging"].discard(manifest.staging_dir)
+        raise
     return manifest, result
 
 
@@ -79,15 +87,32 @@ def run_cdc_sync(
     logger: Logger | None = None,
     observer: PhaseObserver | None = None,
     keep_staged: bool = False,
+    session: SourceSession | None = None,
+    change_staging: StagingArea | None = None,
 ) -> tuple[CdcManifest, CdcLoadResult]:
-    """Stage (snapshot or changes), apply with the position in one transaction, then confirm the slot."""
+    """Stage (snapshot or changes), apply with the position in one transaction, then confirm the slot.
+
+    A stream passes its ``session`` (one source connection for all its batches) and may stage its
+    change batches in ``change_staging`` (e.g. :func:`~..staging.memory_staging`); see
+    :class:`~.extract.SourceSession`.
+    """
     manifest, result = _stage_and_load(
-        changes_to_staging, source, target, spec, staging, run_id, logger, observer, keep_staged
+        changes_to_staging,
+        source,
+        target,
+        spec,
+        staging,
+        run_id,
+        logger,
+        observer,
+        keep_staged,
+        session=session,
+        change_staging=change_staging,
     )
     if result.status in ("applied", "already_applied"):
         position = CdcPosition.from_state(committed_state(target, spec))
         if position is not None:
-            confirm_applied(source, spec, position.end_lsn)
+            confirm_applied(source, spec, position.end_lsn, session)
     return manifest, result
 
 
@@ -129,6 +154,7 @@ __all__ = [
     "CdcManifest",
     "CdcPosition",
     "CdcSpec",
+    "SourceSession",
     "changes_to_staging",
     "committed_cdc_state",
     "confirm_applied",

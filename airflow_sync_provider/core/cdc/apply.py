@@ -29,7 +29,6 @@ from typing import Any
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from psycopg import sql
 
 from airflow_sync_provider.core.audit import AuditEntry, append_entry
@@ -56,7 +55,7 @@ from airflow_sync_provider.core.merge import merge_stage, rejected_by_target
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SYNCED_AT_COLUMN
 from airflow_sync_provider.core.sqltext import execute
-from airflow_sync_provider.core.staging import StagingArea, filesystem_for, remove_staged
+from airflow_sync_provider.core.staging import StagingArea, read_staged_table, remove_staged
 from airflow_sync_provider.core.state import lock_state, write_state
 from airflow_sync_provider.core.target import TargetTable, comparable, ensure_target_table, metadata_columns
 
@@ -355,8 +354,7 @@ def _net_files(manifest: Manifest, applied_lsn: int, last_truncate: int | None) 
 
 
 def _read(uri: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = filesystem_for(uri)
-    return pq.read_table(path, filesystem=fs, columns=columns)
+    return read_staged_table(uri, columns)
 
 
 def _row_count_estimate(conn: psycopg.Connection[Any], manifest: Manifest, stage: sql.Identifier) -> None:

@@ -36,7 +36,7 @@ from airflow_sync_provider.core.cdc.extract import (
 )
 from airflow_sync_provider.core.cdc.spec import CdcSpec
 from airflow_sync_provider.core.errors import SyncError
-from airflow_sync_provider.core.staging import filesystem_for
+from airflow_sync_provider.core.staging import delete_staged_file
 
 _B, _C, _R, _Y, _I, _U, _D, _T, _O, _M = (ord(c) for c in "BCRYIUDTOM")
 _TEXT, _NULL, _UNCHANGED, _BINARY = (ord(c) for c in "tnub")
@@ -556,8 +556,7 @@ class BulkDecoder:
             first = self.txn.files.get(oid)
             if first is not None:
                 for staged in stream.files[first:]:
-                    fs, path = filesystem_for(staged.uri)
-                    fs.delete_file(path)
+                    delete_staged_file(staged.uri)
                     stream.rows -= staged.rows
                 del stream.files[first:]
             if stream.pieces:

@@ -41,7 +41,7 @@ from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, Staged
 from airflow_sync_provider.core.progress import LOG, Logger, Progress
 from airflow_sync_provider.core.schema import validate_pg_type
 from airflow_sync_provider.core.spec import SyncSpec
-from airflow_sync_provider.core.staging import StagingArea, filesystem_for
+from airflow_sync_provider.core.staging import StagingArea, delete_staged_file
 from airflow_sync_provider.core.state import SyncState
 
 #: Key of the CDC position inside the state row's ``watermark`` JSON.
@@ -157,6 +157,88 @@ def source_connection(engine: sa.Engine, sync_id: str, doing: str) -> Iterator[p
         raise database_error(error, doing, sync_id=sync_id, table=None) from error
     finally:
         conn.close()
+
+
+class SourceSession:
+    """The source side of one stream: a connection kept open across its micro-batches.
+
+    A batch of a one-off run opens a connection to read the slot and another to confirm it, and checks
+    the source (wal_level, privileges, tables, keys, publication) each time: ~10 round trips and two
+    TCP + authentication handshakes, a third of a small batch's time (measured at 100 changes/s:
+    55 -> 36 ms per batch, client CPU 19.5 -> 16 ms).  A stream does that
+    once: the probe, the read and the confirmation share this connection, the checked tables are
+    reused for ``recheck_every`` seconds (a table's columns changing is seen in the stream itself, by
+    its Relation message), and the type names are looked up once.  A connection lost between batches
+    (the source restarted, the backend was terminated) is replaced by a new one, and the source is
+    checked again; one lost inside a batch fails that batch as a one-off run's would (nothing was
+    committed) and the next batch reconnects.  Each use first pings the kept connection (one round
+    trip), so a source restarted between two batches costs a reconnect, not a failed batch.
+    """
+
+    def __init__(self, engine: sa.Engine, spec: CdcSpec, *, recheck_every: float = 60.0) -> None:
+        self.engine = engine
+        self.spec = spec
+        self.recheck_every = recheck_every
+        #: (type oid, typmod) -> type name, shared by the batches' reads (see ``_columns``).
+        self.types: dict[tuple[int, int], str] = {}
+        self.connects = 0
+        self._conn: psycopg.Connection[Any] | None = None
+        self._tables: list[slot.SourceTableInfo] | None = None
+        self._checked_at = 0.0
+
+    def _open(self) -> psycopg.Connection[Any]:
+        if self._conn is not None and not (self._conn.closed or self._conn.broken):
+            try:  # one round trip: a server restarted since the last use is noticed here, not mid-batch
+                self._conn.execute("SELECT 1")
+                return self._conn
+            except psycopg.Error:
+                pass
+        self.close()
+        self._conn = open_source(self.engine, self.spec.sync_id)
+        self.connects += 1
+        return self._conn
+
+    @contextmanager
+    def connection(self, doing: str) -> Iterator[psycopg.Connection[Any]]:
+        """The session's connection for one use.  A lost connection is dropped and becomes a
+        :class:`~..errors.SourceUnavailableError` (as with :func:`source_connection`); after any other
+        error it is kept only when it is idle (a failed statement outside a transaction)."""
+        conn = self._open()
+        try:
+            yield conn
+        except (psycopg.OperationalError, psycopg.InterfaceError) as error:
+            self.close()
+            raise database_error(error, doing, sync_id=self.spec.sync_id, table=None) from error
+        except BaseException:
+            if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                self.close()
+            raise
+
+    def checked_tables(self, conn: psycopg.Connection[Any]) -> list[slot.SourceTableInfo]:
+        """The source checks of :func:`changes_to_staging`, once per ``recheck_every`` seconds."""
+        if self._tables is None or time.monotonic() - self._checked_at > self.recheck_every:
+            tables = slot.check_source(conn, self.spec)
+            slot.check_publication(conn, self.spec, tables)
+            self._tables, self._checked_at = tables, time.monotonic()
+        return self._tables
+
+    def close(self) -> None:
+        conn, self._conn, self._tables = self._conn, None, None
+        if conn is not None and not conn.closed:
+            conn.close()
+
+
+@contextmanager
+def source_connection_for(
+    engine: sa.Engine, sync_id: str, doing: str, session: SourceSession | None
+) -> Iterator[psycopg.Connection[Any]]:
+    """The session's connection when there is one, else a connection of its own for the block."""
+    if session is None:
+        with source_connection(engine, sync_id, doing) as conn:
+            yield conn
+    else:
+        with session.connection(doing) as conn:
+            yield conn
 
 
 #: Why a value of a SQL_ASCII source cannot be staged (the CDC and the snapshot errors say it).
@@ -475,8 +557,7 @@ class _Txn:
         for oid, (files, start) in self.marks.items():
             stream = streams[oid]
             for staged in stream.files[files:]:
-                fs, path = filesystem_for(staged.uri)
-                fs.delete_file(path)
+                delete_staged_file(staged.uri)
                 stream.rows -= staged.rows
             del stream.files[files:]
             del stream.buffer[start:]
@@ -590,19 +671,31 @@ def changes_to_staging(
     staging: StagingArea,
     run_id: str,
     logger: Logger | None = None,
+    session: SourceSession | None = None,
+    change_staging: StagingArea | None = None,
 ) -> CdcManifest:
-    """Stage the committed transactions the slot holds past the target's committed position."""
+    """Stage the committed transactions the slot holds past the target's committed position.
+
+    With a ``session`` (a stream) the slot is read on its connection; ``change_staging`` (e.g. in
+    memory) then holds a change batch, ``staging`` still the initial snapshot (which may be large).
+    """
     log = logger or LOG
     started = time.monotonic()
     position = CdcPosition.from_state(state)
     staging.sweep_abandoned(spec.sync_id, pending=_still_loadable(state, position), log=log)
     if position is None:
         return snapshot_to_staging(engine, spec, state=state, staging=staging, run_id=run_id, logger=log)
+    if change_staging is not None and change_staging is not staging:
+        staging = change_staging
+        staging.sweep_abandoned(spec.sync_id, pending=_still_loadable(state, position), log=log)
     manifest_id = _new_manifest_id()
     staging_dir = staging.batch_uri(spec.sync_id, manifest_id)
-    with source_connection(engine, spec.sync_id, f"reading slot {spec.slot_name}") as conn:
-        tables = slot.check_source(conn, spec)
-        slot.check_publication(conn, spec, tables)
+    with source_connection_for(engine, spec.sync_id, f"reading slot {spec.slot_name}", session) as conn:
+        if session is not None:
+            tables = session.checked_tables(conn)
+        else:
+            tables = slot.check_source(conn, spec)
+            slot.check_publication(conn, spec, tables)
         info = slot.slot_info(conn, spec.slot_name)
         slot.check_slot_usable(info, spec)
         # The target committed up to end_lsn: confirm it now (a crash after the commit may have
@@ -631,6 +724,7 @@ def changes_to_staging(
                 if t.qualified in position.table_snapshots
             },
             by_name={(t.schema, t.name): t.oid for t in tables},
+            pending_types=session.types if session is not None else {},
             last_commit=position.commit_lsn,
             last_end=position.end_lsn,
         )
