@@ -15,6 +15,7 @@ import pytest
 
 from airflow_sync_provider.core import staging as staging_module
 from airflow_sync_provider.core.cdc import CdcSpec
+from airflow_sync_provider.core.errors import SyncError
 from airflow_sync_provider.core.staging import memory_staging, read_staged_table
 from airflow_sync_provider.core.streaming import CdcStream
 
@@ -164,3 +165,25 @@ def test_memory_staging_reads_back_what_was_written_and_removes_it() -> None:
     area.discard(area.batch_uri("s", "m1"))
     with pytest.raises(KeyError):
         read_staged_table(uri)
+
+
+def test_a_failed_load_frees_the_memory_batch_and_the_next_step_applies_it(cdc: CdcEnv) -> None:
+    _seed(cdc)
+    engine = cdc.env.source_engine
+    with cdc.env.target() as target:
+        stream = CdcStream(engine, target, SPEC, staging=cdc.env.staging)
+        try:
+            stream.step()
+            target.execute("ALTER TABLE stock ADD CONSTRAINT small CHECK (qty < 1000)")
+            with cdc.env.source() as src:
+                src.execute("UPDATE stock SET qty = 5000 WHERE id = 7")
+                src.execute("UPDATE stock SET qty = qty + 1 WHERE id = 8")
+            with pytest.raises(SyncError):
+                stream.step()  # the target refuses the batch: rolled back, position unmoved
+            assert not [uri for uri in staging_module._MEMORY_TABLES if SPEC.sync_id in uri]
+            target.execute("ALTER TABLE stock DROP CONSTRAINT small")
+            assert stream.step().changes == 2  # the slot still held both changes
+        finally:
+            stream.close()
+            engine.dispose()
+    cdc.assert_converged("stock", ["id"])

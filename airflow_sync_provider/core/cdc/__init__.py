@@ -30,7 +30,7 @@ from airflow_sync_provider.core.cdc.manifest import CdcManifest
 from airflow_sync_provider.core.cdc.spec import CdcSpec
 from airflow_sync_provider.core.errors import SyncError
 from airflow_sync_provider.core.progress import Logger, PhaseObserver
-from airflow_sync_provider.core.staging import StagingArea
+from airflow_sync_provider.core.staging import StagingArea, is_memory
 from airflow_sync_provider.core.state import committed_state
 
 #: The committed state of a CDC sync: the one :func:`~airflow_sync_provider.core.state.committed_state`
@@ -57,22 +57,23 @@ def _stage_and_load(
     **stage_options: Any,
 ) -> tuple[CdcManifest, CdcLoadResult]:
     """Stage a batch from the committed state with ``stage``, then load it (one transaction with its position)."""
-    manifest = stage(
-        source,
-        spec,
-        state=committed_state(target, spec),
-        staging=staging or StagingArea(),
-        run_id=run_id,
-        logger=logger,
-        **stage_options,
-    )
+    in_memory: StagingArea | None = stage_options.get("change_staging")
     try:
+        manifest = stage(
+            source,
+            spec,
+            state=committed_state(target, spec),
+            staging=staging or StagingArea(),
+            run_id=run_id,
+            logger=logger,
+            **stage_options,
+        )
         result = load_cdc_manifest(
             target, manifest, run_id=run_id, logger=logger, observer=observer, keep_staged=keep_staged
         )
     except BaseException:
-        if stage_options.get("change_staging") is not None:  # memory is not swept by age: free it now
-            stage_options["change_staging"].discard(manifest.staging_dir)
+        if in_memory is not None and is_memory(in_memory.base_uri):  # never swept: free it now (the slot
+            in_memory.discard(in_memory.sync_uri(spec.sync_id))  # still holds the changes)
         raise
     return manifest, result
 
