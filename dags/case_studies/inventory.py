@@ -631,31 +631,38 @@ class RealtimeInventory:
             ).fetchall()
             frame = compute_atp(pd.DataFrame(rows, columns=["sku", "on_hand", "reserved", "open_orders"]))
             self._check(frame)
+            # One statement per table over arrays (unnest), not a statement per SKU: a 1,000/s batch
+            # recomputes hundreds of SKUs.
             columns = [c.split()[0] for c in ATP_COLUMNS.split(", ")]
-            statement = sql.SQL(
-                "INSERT INTO inventory.available_to_promise ({}) VALUES ({}) ON CONFLICT (sku) DO UPDATE SET {}"
-            ).format(
-                sql.SQL(", ").join(map(sql.Identifier, columns)),
-                sql.SQL(", ").join(sql.Placeholder() * len(columns)),
-                sql.SQL(", ").join(
-                    sql.SQL("{} = excluded.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in columns[1:]
+            types = [c.split()[1] for c in ATP_COLUMNS.split(", ")]
+            self.central.execute(
+                sql.SQL(
+                    "INSERT INTO inventory.available_to_promise ({}) SELECT * FROM unnest({}) "
+                    "ON CONFLICT (sku) DO UPDATE SET {}"
+                ).format(
+                    sql.SQL(", ").join(map(sql.Identifier, columns)),
+                    sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(t)) for t in types),
+                    sql.SQL(", ").join(
+                        sql.SQL("{} = excluded.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in columns[1:]
+                    ),
                 ),
+                [frame[c].tolist() for c in columns],
             )
-            values = [tuple(_plain(v) for v in row) for row in frame[columns].itertuples(index=False)]
-            with self.central.cursor() as cursor:
-                cursor.executemany(statement, values)
             present = set(frame["sku"])
             gone = [sku for sku in skus if sku not in present]
             if gone:
                 self.central.execute("DELETE FROM inventory.available_to_promise WHERE sku = ANY(%s)", (gone,))
-            outbox = [(r["sku"], int(r["store_web_qty"]), int(r["store_app_qty"]), False) for _, r in frame.iterrows()]
-            outbox += [(sku, 0, 0, True) for sku in gone]
-            with self.central.cursor() as cursor:
-                cursor.executemany(
-                    "INSERT INTO inventory.allocation_outbox (sku, store_web_qty, store_app_qty, discontinued) "
-                    "VALUES (%s, %s, %s, %s)",
-                    outbox,
-                )
+            self.central.execute(
+                "INSERT INTO inventory.allocation_outbox (sku, store_web_qty, store_app_qty, discontinued) "
+                "SELECT sku, web, app, gone FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bool[]) "
+                "WITH ORDINALITY AS e(sku, web, app, gone, n) ORDER BY n",
+                (
+                    [*frame["sku"].tolist(), *gone],
+                    [*frame["store_web_qty"].tolist(), *(0 for _ in gone)],
+                    [*frame["store_app_qty"].tolist(), *(0 for _ in gone)],
+                    [*(False for _ in range(len(frame))), *(True for _ in gone)],
+                ),
+            )
         return skus
 
     def _check(self, frame: pd.DataFrame) -> None:
@@ -803,11 +810,6 @@ class RealtimeInventory:
             {"skus": skus},
         ).fetchone()
         return None if row is None or row[0] is None else round(float(row[0]), 3)
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars as Python values (psycopg adapts those)."""
-    return value.item() if hasattr(value, "item") else value
 
 
 def observe_oversell(
