@@ -72,8 +72,9 @@ def _stage_and_load(
             target, manifest, run_id=run_id, logger=logger, observer=observer, keep_staged=keep_staged
         )
     except BaseException:
-        if in_memory is not None and is_memory(in_memory.base_uri):  # never swept: free it now (the slot
-            in_memory.discard(in_memory.sync_uri(spec.sync_id))  # still holds the changes)
+        # Memory is never swept by age: free the batch now (the slot still holds its changes).
+        if in_memory is not None and is_memory(in_memory.base_uri):
+            in_memory.discard(in_memory.sync_uri(spec.sync_id))
         raise
     return manifest, result
 
