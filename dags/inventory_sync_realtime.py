@@ -89,6 +89,12 @@ with DAG(
                 what="inventory stream",
             )
         result = stats.to_dict()
+        from airflow_sync_provider.assets import emit_table_event
+
+        for store in STORES:  # one event per store table for the whole run (its aliases fire)
+            emit_table_event(
+                context, store, "public", "catalog_availability", changes=result["changes"], batches=result["batches"]
+            )
         log.info(
             "streamed %s changes in %s micro-batches; newest stock change -> every store: p50 %s s, p95 %s s",
             result["changes"],
