@@ -389,7 +389,13 @@ def test_dag_run_emits_openlineage_events_and_postgres_asset_events(orders: Sync
     (dags / "lineage_dag.py").write_text(f"SUITE_PATH = {str(suite)!r}\n" + textwrap.dedent(LINEAGE_DAG))
     events_file = tmp_path / "openlineage.jsonl"
     transport = {"type": "file", "log_file_path": str(events_file), "append": True}
-    environment = {"AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(transport), "AIRFLOW__OPENLINEAGE__NAMESPACE": "sync"}
+    environment = {
+        "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(transport),
+        "AIRFLOW__OPENLINEAGE__NAMESPACE": "sync",
+        # The listener emits a task's event from a forked process and kills it after execution_timeout
+        # (10 s by default): on a loaded CI machine that dropped every task event (failed in CI once).
+        "AIRFLOW__OPENLINEAGE__EXECUTION_TIMEOUT": "120",
+    }
     with AirflowSandbox(tmp_path / "airflow", environment, dags_folder=dags) as box:
         box.migrate()
         outcome = box.run_dag("lineage_sync", dt.datetime(2026, 5, 1, tzinfo=dt.UTC))
