@@ -108,6 +108,26 @@ class SyncEnv:
             ).fetchone()
 
 
+def airflow_orders(env: SyncEnv, monkeypatch: pytest.MonkeyPatch, rows: int) -> SyncEnv:
+    """``sync_source`` / ``sync_target`` Airflow connections pointing at the test databases (and the
+    staging folder), and a source ``orders`` table of ``rows`` rows."""
+    port = env.server.port
+    monkeypatch.setenv("AIRFLOW_CONN_SYNC_SOURCE", f"postgres://postgres@127.0.0.1:{port}/{env.source_db}")
+    monkeypatch.setenv("AIRFLOW_CONN_SYNC_TARGET", f"postgres://postgres@127.0.0.1:{port}/{env.target_db}")
+    monkeypatch.setenv("SYNC_STAGING_DIR", str(Path(env.staging.base_uri.removeprefix("file://"))))
+    with env.source() as conn:
+        conn.execute(
+            "CREATE TABLE orders (id bigint PRIMARY KEY, customer text, quantity int, unit_price numeric(10,2), "
+            "updated_at timestamptz NOT NULL DEFAULT now())"
+        )
+        conn.execute(
+            "INSERT INTO orders (id, customer, quantity, unit_price) "
+            "SELECT g, 'customer ' || g, g %% 7, 9.99 FROM generate_series(1, %s) g",
+            (rows,),
+        )
+    return env
+
+
 def table_checksum(
     conn: psycopg.Connection[Any], table: str, columns: list[str], key: list[str], schema: str = "public"
 ) -> tuple[int, str]:

@@ -17,7 +17,7 @@ import pytest
 
 from airflow_sync_provider.core.errors import ConfigurationError, SourceUnavailableError, TargetUnavailableError
 
-from ..conftest import SyncEnv, source_columns, table_checksum
+from ..conftest import SyncEnv, airflow_orders, source_columns, table_checksum
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,20 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def connections(env: SyncEnv, monkeypatch: pytest.MonkeyPatch) -> SyncEnv:
     """``sync_source`` / ``sync_target`` Airflow connections pointing at the test databases."""
-    port = env.server.port
-    monkeypatch.setenv("AIRFLOW_CONN_SYNC_SOURCE", f"postgres://postgres@127.0.0.1:{port}/{env.source_db}")
-    monkeypatch.setenv("AIRFLOW_CONN_SYNC_TARGET", f"postgres://postgres@127.0.0.1:{port}/{env.target_db}")
-    monkeypatch.setenv("SYNC_STAGING_DIR", str(Path(env.staging.base_uri.removeprefix("file://"))))
-    with env.source() as conn:
-        conn.execute(
-            "CREATE TABLE orders (id bigint PRIMARY KEY, customer text, quantity int, unit_price numeric(10,2), "
-            "updated_at timestamptz NOT NULL DEFAULT now())"
-        )
-        conn.execute(
-            "INSERT INTO orders (id, customer, quantity, unit_price) "
-            "SELECT g, 'customer ' || g, g % 7, 9.99 FROM generate_series(1, 3000) g"
-        )
-    return env
+    return airflow_orders(env, monkeypatch, rows=3000)
 
 
 def test_provider_is_registered_under_its_distribution_name() -> None:

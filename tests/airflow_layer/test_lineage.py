@@ -27,7 +27,7 @@ from openlineage.client.serde import Serde
 from airflow_sync_provider.assets import table_asset
 from airflow_sync_provider.lineage import DatasetName, column_lineage, database_dataset, staging_dataset
 
-from ..conftest import CdcEnv, SyncEnv
+from ..conftest import CdcEnv, SyncEnv, airflow_orders
 
 ROWS = 300
 
@@ -35,21 +35,7 @@ ROWS = 300
 @pytest.fixture
 def orders(env: SyncEnv, monkeypatch: pytest.MonkeyPatch) -> SyncEnv:
     """``sync_source`` / ``sync_target`` connections and a source ``orders`` table."""
-    port = env.server.port
-    monkeypatch.setenv("AIRFLOW_CONN_SYNC_SOURCE", f"postgres://postgres@127.0.0.1:{port}/{env.source_db}")
-    monkeypatch.setenv("AIRFLOW_CONN_SYNC_TARGET", f"postgres://postgres@127.0.0.1:{port}/{env.target_db}")
-    monkeypatch.setenv("SYNC_STAGING_DIR", str(Path(env.staging.base_uri.removeprefix("file://"))))
-    with env.source() as conn:
-        conn.execute(
-            "CREATE TABLE orders (id bigint PRIMARY KEY, customer text, quantity int, unit_price numeric(10,2), "
-            "updated_at timestamptz NOT NULL DEFAULT now())"
-        )
-        conn.execute(
-            "INSERT INTO orders (id, customer, quantity, unit_price) "
-            "SELECT g, 'customer ' || g, g %% 7, 9.99 FROM generate_series(1, %s) g",
-            (ROWS,),
-        )
-    return env
+    return airflow_orders(env, monkeypatch, rows=ROWS)
 
 
 def add_total(batch: pd.DataFrame) -> pd.DataFrame:
