@@ -5,12 +5,19 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
+# The editable install leaves airflow_sync_provider.egg-info in the checkout (its metadata lives in
+# site-packages).  With the checkout on sys.path (tests, demo) Airflow then finds the provider's
+# entry points twice, and the Task SDK's plugin loader stops at the duplicate "sync_status" plugin,
+# dropping every plugin after it: the OpenLineage listener, so tasks sent no lineage events.
+DROP_EGG_INFO = rm -rf airflow_sync_provider.egg-info
+
 .PHONY: install demo ui test lint pytest clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip uv
 	$(VENV)/bin/uv pip install --python $(PY) --quiet -e ".[test]"
+	$(DROP_EGG_INFO)
 	touch $@
 
 install: $(VENV)/.installed
@@ -39,6 +46,7 @@ test: lint pytest
 #   make bench BENCH_ARGS="--quick"   - small scale (~3 min)
 $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 	$(VENV)/bin/uv pip install --python $(PY) --quiet -e ".[test,bench]"
+	$(DROP_EGG_INFO)
 	touch $@
 
 bench: $(VENV)/.bench-installed
