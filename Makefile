@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 # dropping every plugin after it: the OpenLineage listener, so tasks sent no lineage events.
 DROP_EGG_INFO = rm -rf airflow_sync_provider.egg-info
 
-.PHONY: install demo ui test lint pytest clean bench
+.PHONY: install demo ui test lint pytest clean bench latency
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 
 bench: $(VENV)/.bench-installed
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# Latency of the three inventory DAGs under airflow standalone (see README "Latency"; ~18 min; a quiet
+# machine: the figures are the scheduler's and the CPUs' as much as ours).
+#   make latency LATENCY_ARGS="--quick --no-variants"   - the real-time DAG only, 10 s per rate
+latency: $(VENV)/.bench-installed
+	$(PY) -m benchmarks.latency $(LATENCY_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
