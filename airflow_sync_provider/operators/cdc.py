@@ -1,4 +1,4 @@
-"""CDC operators: stage a batch of changes, apply it, or both in one task.
+"""CDC operators: stage a batch of changes, apply it, or both in one task; re-snapshot some tables.
 
 The engine is :mod:`airflow_sync_provider.core.cdc` (logical decoding with ``pgoutput``).  The first
 run of a sync takes the initial snapshot; later runs stage the committed transactions the slot
@@ -9,8 +9,8 @@ LSN range) and the load result, never rows.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
-from contextlib import closing
+from collections.abc import Iterator, Sequence
+from contextlib import closing, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from airflow.sdk import BaseOperator, Context
@@ -26,6 +26,7 @@ from airflow_sync_provider.core.cdc import (
     committed_cdc_state,
     confirm_applied,
     load_cdc_manifest,
+    resnapshot_tables,
     run_cdc_sync,
 )
 from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
@@ -51,6 +52,8 @@ from airflow_sync_provider.operators.common import (
 from airflow_sync_provider.plugins.links import SYNC_LINKS
 
 if TYPE_CHECKING:
+    import psycopg
+    import sqlalchemy as sa
     from airflow.providers.openlineage.extractors import OperatorLineage
 
     from airflow_sync_provider.core.cdc import CdcLoadResult
@@ -165,14 +168,9 @@ def manifest_summary(manifest: CdcManifest) -> dict[str, Any]:
     return summary
 
 
-class CdcExtractOperator(BaseOperator):
-    """Stage the next CDC batch: the initial snapshot on the first run, then the pending changes.
-
-    Reads the committed position from the target's state table, so it needs ``target_conn_id`` too.
-    Returns the manifest (a small dict) as XCom; pass it to :class:`CdcLoadOperator`.  The slot is not
-    consumed here: it moves only after the target has committed the batch.  The declaration
-    (``tables`` ... ``history``) is that of :class:`~airflow_sync_provider.core.cdc.CdcSpec`.
-
+#: The ``:param`` lines of a CDC declaration: the arguments of :class:`BaseCdcOperator`, which every
+#: operator that declares a sync takes and documents (its docstring ends with them).
+_DECLARATION_DOC = """
     :param source_conn_id: Airflow ``postgres`` connection of the source (PostgreSQL 14+,
         ``wal_level=logical``, a user with ``REPLICATION``). (templated)
     :param target_conn_id: Airflow ``postgres`` connection of the target; it holds the position. (templated)
@@ -196,10 +194,24 @@ class CdcExtractOperator(BaseOperator):
         reference pgoutput decoder, kept for comparison and as a fallback).
     :param staging_uri: where batches are staged; default ``[sync] staging_uri``, else
         ``$SYNC_STAGING_DIR``, else a local cache folder. (templated)
-    """
+"""
+
+
+class BaseCdcOperator(BaseOperator):
+    __doc__ = (
+        """Base of the operators that declare a CDC sync: the connections and a :class:`CdcSpec`.
+
+    It keeps the declaration, builds the spec from the rendered arguments, and runs a task's work
+    with the source and target open (the run recorded in the target).  A subclass that takes more
+    arguments repeats these in its own signature and docstring (typed, documented, checked by type
+    checkers) and passes them on, as ``apache-airflow-providers-common-sql`` operators do with
+    ``BaseSQLOperator``'s.  The declaration (``tables`` ... ``history``) is that of
+    :class:`~airflow_sync_provider.core.cdc.CdcSpec`.
+"""
+        + _DECLARATION_DOC
+    )
 
     template_fields: Sequence[str] = CDC_TEMPLATE_FIELDS
-    ui_color = "#e3eefc"
     operator_extra_links = SYNC_LINKS
 
     def __init__(
@@ -254,6 +266,62 @@ class CdcExtractOperator(BaseOperator):
             return self.build_spec()
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
+
+    @contextmanager
+    def _source_and_target(
+        self, spec: CdcSpec, context: Context
+    ) -> Iterator[tuple[sa.Engine, psycopg.Connection[Any]]]:
+        """The source engine and the target connection of a run (the slot's lag logged first, the
+        run tied to its DAG in the target), closed after the block."""
+        log_slot_lag(self.log, self.source_conn_id, spec)
+        with (
+            source_engine(self.source_conn_id, sync_id=spec.sync_id) as engine,
+            closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target,
+        ):
+            record_dag_run(
+                target,
+                spec.target_schema,
+                spec.sync_id,
+                context,
+                source_conn_id=self.source_conn_id,
+                slot_name=spec.slot_name,
+            )
+            yield engine, target
+
+    def _applied(self, manifest: CdcManifest, result: CdcLoadResult, context: Context) -> dict[str, Any]:
+        """What a task that applied ``manifest`` logs, announces (table asset events) and returns."""
+        self._manifest, self._result = manifest, result
+        self.log.info("%s", manifest.summary())
+        emit_table_events(context, self.outlets, self.target_conn_id, lineage.cdc_writes(manifest, result), self.log)
+        return {"manifest": manifest_summary(manifest), "load": result.to_dict()}
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        """The source tables -> the target tables, with column lineage and per-table row counts of
+        the batch the task applied (none applied: no datasets)."""
+        manifest: CdcManifest | None = getattr(self, "_manifest", None)
+        if manifest is None:
+            return lineage.operator_lineage()
+        return cdc_lineage(
+            manifest,
+            getattr(self, "_result", None),
+            source_conn_id=self.source_conn_id,
+            target_conn_id=self.target_conn_id,
+        )
+
+
+class CdcExtractOperator(BaseCdcOperator):
+    __doc__ = (
+        """Stage the next CDC batch: the initial snapshot on the first run, then the pending changes.
+
+    Reads the committed position from the target's state table, so it needs ``target_conn_id`` too.
+    Returns the manifest (a small dict) as XCom; pass it to :class:`CdcLoadOperator`.  The slot is not
+    consumed here: it moves only after the target has committed the batch.  The declaration
+    (``tables`` ... ``history``) is that of :class:`~airflow_sync_provider.core.cdc.CdcSpec`.
+"""
+        + _DECLARATION_DOC
+    )
+
+    ui_color = "#e3eefc"
 
     def execute(self, context: Context) -> dict[str, Any]:
         spec = self._spec()
@@ -376,38 +444,17 @@ class CdcLoadOperator(BaseOperator):
         return int_to_lsn(confirmed)
 
 
-class CdcSyncOperator(BaseOperator):
-    """Stage, apply and confirm one CDC batch in a single task: the simple case; or stream.
+class CdcSyncOperator(BaseCdcOperator):
+    __doc__ = (
+        """Stage, apply and confirm one CDC batch in a single task: the simple case; or stream.
 
     Runs :func:`~airflow_sync_provider.core.cdc.run_cdc_sync`.  Returns ``{"manifest": <manifest
     summary>, "load": <load result>}``.  With ``stream_for`` it runs such batches one after another
     (:func:`~airflow_sync_provider.core.streaming.run_stream`) and returns ``{"stream": <stats>}``.
     The declaration (``tables`` ... ``history``) is that of :class:`~airflow_sync_provider.core.cdc.CdcSpec`.
-
-    :param source_conn_id: Airflow ``postgres`` connection of the source (PostgreSQL 14+,
-        ``wal_level=logical``, a user with ``REPLICATION``). (templated)
-    :param target_conn_id: Airflow ``postgres`` connection of the target; it holds the position. (templated)
-    :param tables: source tables (``"table"`` or ``"schema.table"``), or one comma-separated string. (templated)
-    :param sync_id: names the sync (and by default its slot and publication); default the name of
-        the only table. (templated)
-    :param target_schema: schema the tables land in (under their own names). (templated)
-    :param slot_name: replication slot; default ``sync_<sync_id>``. (templated)
-    :param publication: publication; default ``sync_<sync_id>``. (templated)
-    :param delete_mode: ``"hard"`` (delete) or ``"soft"`` (set ``_sync_deleted_at``).
-    :param max_changes: at most this many changes per run (a run ends at a transaction boundary).
-    :param batch_rows: rows per staged file (bounds memory).
-    :param batch_bytes: bytes of changes per staged file (bounds memory for wide rows).
-    :param max_batch_bytes: a run ends at the first transaction boundary past this many bytes of
-        changes; ``None``: no limit.
-    :param max_retained_wal_bytes: fail when the slot retains more WAL than this (e.g. a paused DAG).
-    :param state_table: the state table (in ``target_schema``).
-    :param schema_drift: when a table's columns changed at the source: ``"freeze"`` (fail) or ``"evolve"``.
-    :param history: keep an SCD type 2 history of every table in ``<table>_history``.
-    :param decoder: ``"bulk"`` (numpy over a whole read, the default) or ``"per_message"`` (the
-        reference pgoutput decoder, kept for comparison and as a fallback).
-    :param staging_uri: where batches are staged; default ``[sync] staging_uri``, else
-        ``$SYNC_STAGING_DIR``, else a local cache folder. (templated)
-    :param stream_for: stream: run micro-batches (each one exactly-once batch as above) for this
+"""
+        + _DECLARATION_DOC
+        + """    :param stream_for: stream: run micro-batches (each one exactly-once batch as above) for this
         long, then end so the next run takes over (``schedule="@continuous"``, ``max_active_runs=1``);
         a ``timedelta`` or seconds.  ``None`` (default): one batch.  The task holds a worker slot
         while it streams. (templated)
@@ -416,11 +463,11 @@ class CdcSyncOperator(BaseOperator):
     :param log_every: streaming: seconds between two throughput and lag log lines.
     :param idle_advance_bytes: streaming: run a batch even without changes once the slot retains
         this much WAL written by others, so the slot advances and the source can recycle it.
-    """
+"""
+    )
 
     template_fields: Sequence[str] = (*CDC_TEMPLATE_FIELDS, "stream_for", "poll_interval")
     ui_color = "#fcf0dc"
-    operator_extra_links = SYNC_LINKS
 
     def __init__(
         self,
@@ -449,40 +496,32 @@ class CdcSyncOperator(BaseOperator):
         idle_advance_bytes: int = IDLE_ADVANCE_BYTES,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self.source_conn_id = source_conn_id
-        self.target_conn_id = target_conn_id
-        self.tables = tables
-        self.sync_id = sync_id
-        self.target_schema = target_schema
-        self.slot_name = slot_name
-        self.publication = publication
-        self.delete_mode = delete_mode
-        self.max_changes = max_changes
-        self.batch_rows = batch_rows
-        self.batch_bytes = batch_bytes
-        self.max_batch_bytes = max_batch_bytes
-        self.max_retained_wal_bytes = max_retained_wal_bytes
-        self.state_table = state_table
-        self.schema_drift = schema_drift
-        self.history = history
-        self.decoder = decoder
-        self.staging_uri = staging_uri
+        super().__init__(
+            source_conn_id=source_conn_id,
+            target_conn_id=target_conn_id,
+            tables=tables,
+            sync_id=sync_id,
+            target_schema=target_schema,
+            slot_name=slot_name,
+            publication=publication,
+            delete_mode=delete_mode,
+            max_changes=max_changes,
+            batch_rows=batch_rows,
+            batch_bytes=batch_bytes,
+            max_batch_bytes=max_batch_bytes,
+            max_retained_wal_bytes=max_retained_wal_bytes,
+            state_table=state_table,
+            schema_drift=schema_drift,
+            history=history,
+            decoder=decoder,
+            staging_uri=staging_uri,
+            **kwargs,
+        )
         self.stream_for = stream_for
         self.poll_interval = poll_interval
         self.log_every = log_every
         self.idle_advance_bytes = idle_advance_bytes
         self._stop: StopFlag | None = None  # made by execute: an Event cannot be deep-copied with the task
-
-    def build_spec(self) -> CdcSpec:
-        """The :class:`CdcSpec` of the (rendered) arguments; raises ``ConfigurationError``."""
-        return build_cdc_spec(self)
-
-    def _spec(self) -> CdcSpec:
-        try:
-            return self.build_spec()
-        except SyncError as error:
-            raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
 
     def on_kill(self) -> None:
         """Cancelled or marked failed: a stream stops after the batch in flight (one transaction)."""
@@ -495,19 +534,7 @@ class CdcSyncOperator(BaseOperator):
         if stream_seconds is not None:
             return self._stream(spec, stream_seconds, context)
         try:
-            log_slot_lag(self.log, self.source_conn_id, spec)
-            with (
-                source_engine(self.source_conn_id, sync_id=spec.sync_id) as engine,
-                closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target,
-            ):
-                record_dag_run(
-                    target,
-                    spec.target_schema,
-                    spec.sync_id,
-                    context,
-                    source_conn_id=self.source_conn_id,
-                    slot_name=spec.slot_name,
-                )
+            with self._source_and_target(spec, context) as (engine, target):
                 manifest, result = run_cdc_sync(
                     engine,
                     target,
@@ -518,43 +545,16 @@ class CdcSyncOperator(BaseOperator):
                 )
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
-        self._manifest, self._result = manifest, result
-        self.log.info("%s", manifest.summary())
-        emit_table_events(context, self.outlets, self.target_conn_id, lineage.cdc_writes(manifest, result), self.log)
-        return {"manifest": manifest_summary(manifest), "load": result.to_dict()}
-
-    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
-        """The source tables -> the target tables, with column lineage and per-table row counts
-        (a one-batch run; a streaming run reports nothing: it never completes one manifest)."""
-        manifest: CdcManifest | None = getattr(self, "_manifest", None)
-        if manifest is None:
-            return lineage.operator_lineage()
-        return cdc_lineage(
-            manifest,
-            getattr(self, "_result", None),
-            source_conn_id=self.source_conn_id,
-            target_conn_id=self.target_conn_id,
-        )
+        return self._applied(manifest, result, context)
 
     def _stream(self, spec: CdcSpec, stream_seconds: float, context: Context) -> dict[str, Any]:
+        """Micro-batches for ``stream_seconds`` (a streaming run reports no lineage: it never
+        completes one manifest)."""
         run_id = context["run_id"]
         poll = seconds_of(self.poll_interval, "poll_interval") or 0.0
         stop = self._stop = StopFlag()
         try:
-            log_slot_lag(self.log, self.source_conn_id, spec)
-            with (
-                source_engine(self.source_conn_id, sync_id=spec.sync_id) as engine,
-                closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target,
-                stop_on_signals(stop),
-            ):
-                record_dag_run(
-                    target,
-                    spec.target_schema,
-                    spec.sync_id,
-                    context,
-                    source_conn_id=self.source_conn_id,
-                    slot_name=spec.slot_name,
-                )
+            with self._source_and_target(spec, context) as (engine, target), stop_on_signals(stop):
                 stream = CdcStream(
                     engine,
                     target,
@@ -580,6 +580,98 @@ class CdcSyncOperator(BaseOperator):
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
         return {"stream": stats.to_dict()}
+
+
+class CdcResnapshotOperator(BaseCdcOperator):
+    __doc__ = (
+        """Copy some tables of a CDC sync anew, replacing their target rows, without resetting the sync.
+
+    Runs :func:`~airflow_sync_provider.core.cdc.resnapshot_tables`: the recovery for a table whose
+    target copy cannot be trusted (a load failed with ``rule=unchanged TOAST value``, rows were
+    edited in the target, a schema change inside one transaction).  The other tables keep their rows
+    and position; the next change batches skip, for the re-snapshotted tables only, what the new
+    copy already holds.  Give it the same declaration as the sync's other tasks (``tables`` ...
+    ``history``, see :class:`~airflow_sync_provider.core.cdc.CdcSpec`), and pause the sync's DAG
+    while it runs (a change batch committed meanwhile makes it retry, ``attempts`` times).
+    Returns ``{"manifest": <manifest summary>, "load": <load result>}``.
+"""
+        + _DECLARATION_DOC
+        + """    :param resnapshot: the tables to copy anew: some of ``tables`` (same spelling rules), or one
+        comma-separated string. (templated)
+    :param attempts: copies tried when change batches keep committing between a copy and its load.
+"""
+    )
+
+    template_fields: Sequence[str] = (*CDC_TEMPLATE_FIELDS, "resnapshot")
+    ui_color = "#f6e3f0"
+
+    def __init__(
+        self,
+        *,
+        source_conn_id: str,
+        target_conn_id: str,
+        tables: Sequence[str] | str,
+        sync_id: str | None = None,
+        target_schema: str = "public",
+        slot_name: str = "",
+        publication: str = "",
+        delete_mode: str = "hard",
+        max_changes: int = 1_000_000,
+        batch_rows: int = 50_000,
+        batch_bytes: int = 16 * 1024 * 1024,
+        max_batch_bytes: int | None = 2 * 1024 * 1024 * 1024,
+        max_retained_wal_bytes: int | None = None,
+        state_table: str = "_sync_state",
+        schema_drift: str = DEFAULT_SCHEMA_DRIFT,
+        history: bool = False,
+        decoder: str = "bulk",
+        staging_uri: str | None = None,
+        resnapshot: Sequence[str] | str,
+        attempts: int = 3,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            source_conn_id=source_conn_id,
+            target_conn_id=target_conn_id,
+            tables=tables,
+            sync_id=sync_id,
+            target_schema=target_schema,
+            slot_name=slot_name,
+            publication=publication,
+            delete_mode=delete_mode,
+            max_changes=max_changes,
+            batch_rows=batch_rows,
+            batch_bytes=batch_bytes,
+            max_batch_bytes=max_batch_bytes,
+            max_retained_wal_bytes=max_retained_wal_bytes,
+            state_table=state_table,
+            schema_drift=schema_drift,
+            history=history,
+            decoder=decoder,
+            staging_uri=staging_uri,
+            **kwargs,
+        )
+        self.resnapshot = resnapshot
+        self.attempts = attempts
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        spec = self._spec()
+        tables = _table_list(self.resnapshot)
+        try:
+            with self._source_and_target(spec, context) as (engine, target):
+                manifest, result = resnapshot_tables(
+                    engine,
+                    target,
+                    spec,
+                    tables,
+                    staging=staging_area(self.staging_uri),
+                    run_id=context["run_id"],
+                    logger=self.log,
+                    attempts=int(self.attempts),
+                )
+        except SyncError as error:
+            raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
+        return self._applied(manifest, result, context)
 
 
 def cdc_lineage(
@@ -630,8 +722,10 @@ def seconds_of(value: dt.timedelta | float | str | None, name: str) -> float | N
 
 
 __all__: Sequence[str] = (
+    "BaseCdcOperator",
     "CdcExtractOperator",
     "CdcLoadOperator",
+    "CdcResnapshotOperator",
     "CdcSyncOperator",
     "parse_cdc_manifest",
 )

@@ -18,15 +18,11 @@ import sqlalchemy as sa
 
 from airflow_sync_provider.core.cdc import slot
 from airflow_sync_provider.core.cdc.apply import CdcLoadResult, load_cdc_manifest
-from airflow_sync_provider.core.cdc.extract import (
-    CdcPosition,
-    SourceSession,
-    changes_to_staging,
-    snapshot_to_staging,
-    source_connection_for,
-    table_snapshot_to_staging,
-)
+from airflow_sync_provider.core.cdc.extract import changes_to_staging
 from airflow_sync_provider.core.cdc.manifest import CdcManifest
+from airflow_sync_provider.core.cdc.position import CdcPosition
+from airflow_sync_provider.core.cdc.session import SourceSession, source_connection_for
+from airflow_sync_provider.core.cdc.snapshot import snapshot_to_staging, table_snapshot_to_staging
 from airflow_sync_provider.core.cdc.spec import CdcSpec
 from airflow_sync_provider.core.errors import SyncError
 from airflow_sync_provider.core.progress import Logger, PhaseObserver
@@ -96,7 +92,7 @@ def run_cdc_sync(
 
     A stream passes its ``session`` (one source connection for all its batches) and may stage its
     change batches in ``change_staging`` (e.g. :func:`~..staging.memory_staging`); see
-    :class:`~.extract.SourceSession`.
+    :class:`~.session.SourceSession`.
     """
     manifest, result = _stage_and_load(
         changes_to_staging,

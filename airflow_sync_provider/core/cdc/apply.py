@@ -32,7 +32,6 @@ import pyarrow.compute as pc
 from psycopg import sql
 
 from airflow_sync_provider.core.audit import AuditEntry, append_entry
-from airflow_sync_provider.core.cdc.extract import CdcPosition
 from airflow_sync_provider.core.cdc.manifest import (
     CHANGE_COLUMNS,
     LSN_COLUMN,
@@ -46,6 +45,7 @@ from airflow_sync_provider.core.cdc.manifest import (
     skip_reason,
 )
 from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
+from airflow_sync_provider.core.cdc.position import CdcPosition
 from airflow_sync_provider.core.cdc.watch import Watch
 from airflow_sync_provider.core.errors import DataError, SchemaError
 from airflow_sync_provider.core.history import close_deleted, record_history

@@ -25,14 +25,14 @@ import numpy as np
 import pyarrow as pa
 
 from airflow_sync_provider.core.cdc import pgoutput, slot
-from airflow_sync_provider.core.cdc.extract import (
+from airflow_sync_provider.core.cdc.manifest import TruncateEvent
+from airflow_sync_provider.core.cdc.position import SnapshotFilter
+from airflow_sync_provider.core.cdc.read import (
     ChangeRead,
-    SnapshotFilter,
-    TruncateEvent,
-    _columns,
-    _refuse_not_utf8,
-    _relation_shape,
-    _TableStream,
+    TableStream,
+    refuse_not_utf8,
+    relation_shape,
+    stream_columns,
 )
 from airflow_sync_provider.core.cdc.spec import CdcSpec
 from airflow_sync_provider.core.errors import SyncError
@@ -229,7 +229,7 @@ class BulkDecoder:
             stream = read.streams[oid]
             if (
                 stream.relation is not None
-                and _relation_shape(stream.relation) != _relation_shape(message)
+                and relation_shape(stream.relation) != relation_shape(message)
                 and read.relation_changed(stream, txn.lsn, read.transactions)
             ):
                 self._undo()
@@ -380,7 +380,7 @@ class BulkDecoder:
     # ------------------------------------------------------------------ rows of one table
 
     def _decode_rows(
-        self, buf: np.ndarray, stream: _TableStream, tags: np.ndarray, starts: np.ndarray, ends: np.ndarray
+        self, buf: np.ndarray, stream: TableStream, tags: np.ndarray, starts: np.ndarray, ends: np.ndarray
     ) -> _Rows:
         """Walk one table's row messages (of one segment) and lay out the rows they yield."""
         assert stream.relation is not None
@@ -515,7 +515,7 @@ class BulkDecoder:
             _int64s(moved_from, has_moved),
         ]
         if not stream.columns:
-            stream.columns = _columns(stream, read.conn, read.pending_types)
+            stream.columns = stream_columns(stream, read.conn, read.pending_types)
         batch = pa.RecordBatch.from_arrays(arrays, schema=stream.schema())
         stream.pieces.append(batch)
         stream.buffer_bytes += int(message_bytes[at].sum())
@@ -534,7 +534,7 @@ class BulkDecoder:
             ):
                 self._flush(oid, stream)
 
-    def _flush(self, oid: int, stream: _TableStream) -> None:
+    def _flush(self, oid: int, stream: TableStream) -> None:
         """Write a stream's buffer; the open transaction's rows go to a file of their own (see ``_undo``)."""
         table = pa.Table.from_batches(stream.pieces, schema=stream.schema())
         seqs = table.column(stream.schema().get_field_index("_cdc_seq")).to_numpy()
@@ -567,7 +567,7 @@ class BulkDecoder:
                 self.buffered_rows[oid] = keep
         self.txn.files.clear()
 
-    def _check_utf8(self, stream: _TableStream, arrays: list[pa.Array], rows: _Rows) -> None:
+    def _check_utf8(self, stream: TableStream, arrays: list[pa.Array], rows: _Rows) -> None:
         """A SQL_ASCII source passes text through unconverted: refuse a value that is not UTF-8, by name."""
         for array in arrays:
             try:
@@ -577,7 +577,7 @@ class BulkDecoder:
                     try:
                         array.slice(r, 1).validate(full=True)
                     except pa.ArrowInvalid:
-                        _refuse_not_utf8(stream, self._python_row(rows, r), self.read.spec)
+                        refuse_not_utf8(stream, self._python_row(rows, r), self.read.spec)
                 raise
 
     def _python_row(self, rows: _Rows, r: int) -> list[Any]:
@@ -642,7 +642,7 @@ def _part_bytes(spec: CdcSpec) -> int:
 
 
 def read_bulk(read: ChangeRead) -> None:
-    """Read and stage the slot's changes with the bulk decoder (the counterpart of ``_read_per_message``)."""
+    """Stage the slot's changes with the bulk decoder (counterpart of :func:`~.per_message.read_per_message`)."""
     decoder = BulkDecoder(read)
     # A read of at most WHOLE_READ_WAL_BYTES of WAL is fetched in one row (its messages are rarely more
     # than the WAL that holds them: only compressed TOAST values grow); a bigger one part by part.

@@ -7,16 +7,20 @@ range, the truncates, and the snapshot hand-off facts.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
+from airflow_sync_provider.core.cdc.spec import CdcSpec
 from airflow_sync_provider.core.errors import ConfigurationError
 from airflow_sync_provider.core.manifest import Manifest
 
 if TYPE_CHECKING:
-    from airflow_sync_provider.core.cdc.extract import CdcPosition
+    from airflow_sync_provider.core.cdc.position import CdcPosition
 
 CdcLoadStatus = Literal["applied", "stale", "already_applied", "no_changes"]
 
@@ -113,6 +117,31 @@ class CdcManifest:
             f"({self.changes} changes in {self.transactions} transactions) for {len(self.tables)} table(s), "
             f"up to commit {int_to_lsn(self.commit_lsn)}"
         )
+
+
+def new_manifest_id() -> str:
+    """A batch's id: sortable by when it was staged, unique across runs."""
+    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+
+
+def manifest_header(
+    spec: CdcSpec, run_id: str, manifest_id: str, kind: CdcKind, staging_dir: str, started: float
+) -> dict[str, Any]:
+    """What every CDC manifest (snapshot, table re-snapshot, changes) says of its sync, run and batch."""
+    return {
+        "sync_id": spec.sync_id,
+        "run_id": run_id,
+        "manifest_id": manifest_id,
+        "kind": kind,
+        "slot_name": spec.slot_name,
+        "publication": spec.publication,
+        "target_schema": spec.target_schema,
+        "state_table": spec.state_table,
+        "delete_mode": spec.delete_mode,
+        "staging_dir": staging_dir,
+        "extracted_at": dt.datetime.now(dt.UTC).isoformat(),
+        "extract_seconds": round(time.monotonic() - started, 3),
+    }
 
 
 def skip_reason(
