@@ -393,7 +393,12 @@ def test_operator_arguments_are_explicit_and_match_the_specs() -> None:
 
     from airflow_sync_provider.core import SyncSpec
     from airflow_sync_provider.core.cdc import CdcSpec
-    from airflow_sync_provider.operators.cdc import CdcExtractOperator, CdcLoadOperator, CdcSyncOperator
+    from airflow_sync_provider.operators.cdc import (
+        CdcExtractOperator,
+        CdcLoadOperator,
+        CdcResnapshotOperator,
+        CdcSyncOperator,
+    )
     from airflow_sync_provider.operators.quality import (
         DataQualityGateOperator,
         ReferentialIntegrityGateOperator,
@@ -411,7 +416,7 @@ def test_operator_arguments_are_explicit_and_match_the_specs() -> None:
     own_defaults = {"sync_id": None, "target_table": None, "tables": inspect.Parameter.empty}
     declaring = {
         SyncSpec: (ExtractToStagingOperator, SyncTableOperator, ReconcileOperator),
-        CdcSpec: (CdcExtractOperator, CdcSyncOperator),
+        CdcSpec: (CdcExtractOperator, CdcSyncOperator, CdcResnapshotOperator),
     }
     for spec, operators in declaring.items():
         for operator in operators:
