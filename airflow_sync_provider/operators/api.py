@@ -10,12 +10,13 @@ it exactly as they follow a table extract.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
-from contextlib import closing
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
-from airflow.sdk import BaseOperator, Context
+import psycopg
+from airflow.sdk import Context
 
 from airflow_sync_provider import lineage
 from airflow_sync_provider.assets import emit_table_events
@@ -27,20 +28,16 @@ from airflow_sync_provider.core.api import (
     paginator_from,
     run_api_sync,
 )
+from airflow_sync_provider.core.api.client import ApiClient
 from airflow_sync_provider.core.api.paginate import Paginator
 from airflow_sync_provider.core.errors import SyncError
 from airflow_sync_provider.core.extract import BatchTransform
 from airflow_sync_provider.core.spec import DEFAULT_SCHEMA_DRIFT
 from airflow_sync_provider.hooks.api import ApiSourceHook
-from airflow_sync_provider.hooks.target import target_connection
-from airflow_sync_provider.operators.common import (
-    as_task_error,
-    record_dag_run,
-    resolve_transform,
-    staging_area,
-)
+from airflow_sync_provider.operators.batch import BaseExtractOperator
+from airflow_sync_provider.operators.common import as_task_error, target_for_run
 from airflow_sync_provider.operators.events import event_columns
-from airflow_sync_provider.operators.sync import backfill_window, manifest_summary
+from airflow_sync_provider.operators.sync import manifest_summary
 from airflow_sync_provider.plugins.links import SYNC_LINKS
 
 if TYPE_CHECKING:
@@ -100,7 +97,7 @@ _PARAMS_DOC = """
 """
 
 
-class _ApiDeclaration(BaseOperator):
+class _ApiDeclaration(BaseExtractOperator):
     """The declaration both API operators take (an :class:`ApiSpec` plus the connections)."""
 
     template_fields: Sequence[str] = API_TEMPLATE_FIELDS
@@ -217,11 +214,17 @@ class _ApiDeclaration(BaseOperator):
         url = urlsplit(urljoin(base.rstrip("/") + "/", self.endpoint.lstrip("/")))
         return lineage.DatasetName(f"{url.scheme}://{url.netloc.rsplit('@', 1)[-1]}", url.path)
 
-    def window(self, spec: ApiSpec, context: Context) -> tuple[Any, Any] | None:
-        window = backfill_window(context, spec.sync_id) if self.backfill and spec.mode == "incremental" else None
-        if window is not None:
-            self.log.info("backfill: re-syncing %s for [%s, %s); the watermark stays", spec.sync_id, *window)
-        return window
+    @contextmanager
+    def connections(self, spec: ApiSpec, context: Context) -> Iterator[tuple[ApiClient, psycopg.Connection[Any]]]:
+        """The API client and the target connection of a run (its DAG run recorded), closed after."""
+        client = ApiSourceHook(self.http_conn_id).api_client(retry=self.http_retry_policy(), logger=self.log)
+        try:
+            with target_for_run(
+                self.target_conn_id, spec.target_schema, spec.sync_id, context, source_conn_id=self.http_conn_id
+            ) as target:
+                yield client, target
+        finally:
+            client.close()
 
 
 class ApiToPostgresOperator(_ApiDeclaration):
@@ -244,25 +247,9 @@ class ApiToPostgresOperator(_ApiDeclaration):
     def execute(self, context: Context) -> dict[str, Any]:
         try:
             spec = self.build_spec()
-            window = self.window(spec, context)
-            self._transform_watch = lineage.watch_transform(resolve_transform(self.transform))
-            client = ApiSourceHook(self.http_conn_id).api_client(retry=self.http_retry_policy(), logger=self.log)
-            try:
-                with closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target:
-                    record_dag_run(target, spec.target_schema, spec.sync_id, context, source_conn_id=self.http_conn_id)
-                    manifest, result = run_api_sync(
-                        client,
-                        target,
-                        spec,
-                        staging=staging_area(self.staging_uri),
-                        run_id=context["run_id"],
-                        transform=self._transform_watch,
-                        logger=self.log,
-                        window=window,
-                        keep_staged=self.keep_staged,
-                    )
-            finally:
-                client.close()
+            options = self.batch_options(spec, context)
+            with self.connections(spec, context) as (client, target):
+                manifest, result = run_api_sync(client, target, spec, keep_staged=self.keep_staged, **options)
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
         self._manifest, self._result = manifest, result
@@ -298,24 +285,9 @@ class ApiToStagingOperator(_ApiDeclaration):
     def execute(self, context: Context) -> dict[str, Any]:
         try:
             spec = self.build_spec()
-            window = self.window(spec, context)
-            self._transform_watch = lineage.watch_transform(resolve_transform(self.transform))
-            client = ApiSourceHook(self.http_conn_id).api_client(retry=self.http_retry_policy(), logger=self.log)
-            try:
-                with closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target:
-                    record_dag_run(target, spec.target_schema, spec.sync_id, context, source_conn_id=self.http_conn_id)
-                    manifest = extract_api_for(
-                        client,
-                        target,
-                        spec,
-                        staging=staging_area(self.staging_uri, split=True, executor=self.executor),
-                        run_id=context["run_id"],
-                        transform=self._transform_watch,
-                        logger=self.log,
-                        window=window,
-                    )
-            finally:
-                client.close()
+            options = self.batch_options(spec, context, split=True)
+            with self.connections(spec, context) as (client, target):
+                manifest = extract_api_for(client, target, spec, **options)
         except SyncError as error:
             raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
         self._manifest = manifest

@@ -1,6 +1,7 @@
 """What the operators share: how a ``SyncError`` fails a task, XCom manifests, the staging location
-(default, connection URIs, the executor check), transforms by path, and the sync declaration (the
-``SyncSpec`` arguments) of the table operators.
+(default, connection URIs, the executor check), transforms by path, the target connection of a run,
+the sync declaration (the ``SyncSpec`` arguments) of the table operators, and the explicit signature
+of an operator whose base class takes most of its arguments.
 
 Importing this module registers :func:`airflow_sync_provider.staging_location.resolve` with the
 core, so staging URIs that name a connection (``s3://aws_default@bucket/prefix``) resolve in every
@@ -12,11 +13,13 @@ from __future__ import annotations
 import ast
 import datetime as dt
 import importlib
+import inspect
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 from airflow.sdk.exceptions import AirflowFailException
@@ -26,6 +29,7 @@ from airflow_sync_provider.core import ConfigurationError, Manifest, SyncError, 
 from airflow_sync_provider.core.extract import BatchTransform
 from airflow_sync_provider.core.staging import StagingArea, register_filesystem_resolver
 from airflow_sync_provider.core.status import RunContext, record_run_context
+from airflow_sync_provider.hooks.target import target_connection
 
 register_filesystem_resolver(staging_location.resolve)
 
@@ -143,6 +147,15 @@ def parse_manifest(value: Any) -> Manifest:
         raise ConfigurationError(f"manifest is not a table-sync manifest: {error!r}") from error
 
 
+def manifest_argument(value: Any) -> Manifest:
+    """A task's ``manifest`` argument as a :class:`Manifest`; one that is not fails the task (a retry
+    would get the same XCom)."""
+    try:
+        return parse_manifest(value)
+    except SyncError as error:
+        raise as_task_error(error) from error
+
+
 def record_dag_run(
     target: psycopg.Connection[Any],
     schema: str,
@@ -176,6 +189,53 @@ def record_dag_run(
         logging.getLogger(__name__).warning(
             "sync %s: could not record its DAG %s in %s._sync_run_context: %s", sync_id, dag_id, schema, error
         )
+
+
+@contextmanager
+def target_for_run(
+    conn_id: str,
+    schema: str,
+    sync_id: str,
+    context: Mapping[str, Any],
+    *,
+    source_conn_id: str | None = None,
+    slot_name: str | None = None,
+) -> Iterator[psycopg.Connection[Any]]:
+    """The target connection of a task run, its DAG run recorded (:func:`record_dag_run`), closed after."""
+    with closing(target_connection(conn_id, sync_id=sync_id)) as target:
+        record_dag_run(target, schema, sync_id, context, source_conn_id=source_conn_id, slot_name=slot_name)
+        yield target
+
+
+_Init = TypeVar("_Init", bound=Callable[..., None])
+
+
+def extends_signature(*bases: Callable[..., Any]) -> Callable[[_Init], _Init]:
+    """Give an operator's ``__init__`` that passes ``**kwargs`` on to its bases' the whole signature.
+
+    The arguments a base class declares are written (typed, with their defaults) once, in that
+    base; the subclass declares only its own.  ``inspect.signature`` of the subclass's ``__init__``
+    (Airflow's required-argument check and ``partial``/``expand`` validation, the docs) then still
+    lists every keyword-only argument the operator takes, in the order base arguments, own arguments.
+    """
+
+    def decorate(init: _Init) -> _Init:
+        own = inspect.signature(init)
+        parameters = list(own.parameters.values())
+        head = [p for p in parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY and p.kind is not p.VAR_KEYWORD]
+        mine = [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        names = {p.name for p in mine}
+        inherited: list[inspect.Parameter] = []
+        for base in bases:
+            for parameter in inspect.signature(base).parameters.values():
+                if parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.name not in names:
+                    names.add(parameter.name)
+                    inherited.append(parameter)
+        rest = [p for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD]
+        init.__signature__ = own.replace(parameters=[*head, *inherited, *mine, *rest])  # type: ignore[attr-defined]
+        return init
+
+    return decorate
 
 
 class SyncDeclaration(Protocol):
@@ -243,9 +303,12 @@ __all__ = [
     "check_shared_staging",
     "configured_executor",
     "default_staging_uri",
+    "extends_signature",
+    "manifest_argument",
     "parse_manifest",
     "record_dag_run",
     "resolve_transform",
     "staging_area",
+    "target_for_run",
     "xcom_dict",
 ]

@@ -18,10 +18,10 @@ from airflow_sync_provider.core import ConfigurationError, Manifest, SyncError
 from airflow_sync_provider.hooks.target import target_connection
 from airflow_sync_provider.operators.common import (
     as_task_error,
-    parse_manifest,
-    record_dag_run,
+    manifest_argument,
     resolve_transform,
     staging_area,
+    target_for_run,
 )
 from airflow_sync_provider.plugins.links import SYNC_LINKS
 
@@ -99,15 +99,10 @@ class DataQualityGateOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from airflow_sync_provider.core.quality import validate_manifest
 
-        try:
-            manifest = parse_manifest(self.manifest)
-        except SyncError as error:
-            raise as_task_error(error) from error
-        self._manifest = manifest
+        manifest = self._manifest = manifest_argument(self.manifest)
         try:
             suite = _suite_argument(self.expectations, self.suite_path)
-            with closing(target_connection(self.target_conn_id, sync_id=manifest.sync_id)) as target:
-                record_dag_run(target, manifest.target_schema, manifest.sync_id, context)
+            with target_for_run(self.target_conn_id, manifest.target_schema, manifest.sync_id, context) as target:
                 result = validate_manifest(
                     manifest,
                     suite,
@@ -242,10 +237,7 @@ class ReferentialIntegrityGateOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from airflow_sync_provider.core.references import Reference, check_references
 
-        try:
-            manifest = parse_manifest(self.manifest)
-        except SyncError as error:
-            raise as_task_error(error) from error
+        manifest = manifest_argument(self.manifest)
         try:
             references = [Reference.parse(column, target) for column, target in self.references.items()]
             with closing(target_connection(self.target_conn_id, sync_id=manifest.sync_id)) as target:

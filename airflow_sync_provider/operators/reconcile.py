@@ -6,12 +6,10 @@ dict (counts and a few example keys), never the keys themselves.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Sequence
-from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator, Context
+from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_sync_provider import lineage
@@ -24,13 +22,10 @@ from airflow_sync_provider.core.reconcile import (
     repair,
     window_from_manifest,
 )
-from airflow_sync_provider.core.spec import DEFAULT_SCHEMA_DRIFT
-from airflow_sync_provider.hooks.source import source_engine
-from airflow_sync_provider.hooks.target import target_connection
+from airflow_sync_provider.operators.batch import SPEC_PARAMS_DOC, BaseTableSyncOperator
 from airflow_sync_provider.operators.common import (
-    SPEC_TEMPLATE_FIELDS,
     as_task_error,
-    build_sync_spec,
+    extends_signature,
     staging_area,
     xcom_dict,
 )
@@ -47,78 +42,40 @@ def parse_window_manifest(value: Any) -> ReconcileWindow | None:
     return window_from_manifest(xcom_dict(value, argument="window_from_manifest", producer="a sync task"))
 
 
-class ReconcileOperator(BaseOperator):
-    """Compare a synced table with its source: row counts and keyed hash buckets, then the keys.
+class ReconcileOperator(BaseTableSyncOperator):
+    __doc__ = (
+        """Compare a synced table with its source: row counts and keyed hash buckets, then the keys.
 
     Takes the same sync declaration as the sync operators (that of
-    :class:`~airflow_sync_provider.core.SyncSpec`).  ``window_from_manifest`` limits the
+    :class:`~airflow_sync_provider.core.SyncSpec`): give it the sync's, since windows are ranges of
+    its cursor, and a repair deletes (or soft-deletes) as its ``delete_mode`` says and fails
+    instead of deleting more than its ``max_delete_fraction``.  ``staging_uri`` is where the
+    differing keys and the repair batches are staged.  ``window_from_manifest`` limits the
     comparison to the cursor window that manifest synced; without it the whole table is compared.
 
     With ``repair=True`` the differing keys are re-synced from the source (merged, or deleted where
     the source no longer has them) in one transaction that leaves the sync state untouched, and the
     table is reconciled again.  Differences that remain fail the task (``fail_on_difference``) with
     a message naming the table, the counts and example keys.  Returns a small result dict.
-
-    :param source_conn_id: Airflow connection of the source database. (templated)
-    :param target_conn_id: Airflow ``postgres`` connection of the target. (templated)
-    :param source_table: the table (or view) the sync reads. (templated)
-    :param sync_id: names the sync in the state table; default ``source_table``. (templated)
-    :param target_table: the synced table; default ``source_table``. (templated)
-    :param source_schema: schema of ``source_table``; default the connection's. (templated)
-    :param target_schema: schema of ``target_table`` and of the state table. (templated)
-    :param mode: ``"incremental"`` or ``"full"``, as declared for the sync.
-    :param cursor_column: the sync's cursor column (windows are cursor ranges). (templated)
-    :param primary_key: key columns; default the source table's primary key.
-    :param columns: the synced columns (including the key and the cursor); default all.
-    :param delete_mode: as declared for the sync; a repair deletes (or soft-deletes) the same way.
-    :param detect_deletes: as declared for the sync; default on for ``full`` only.
-    :param batch_rows: as declared for the sync.
-    :param lag: as declared for the sync.
-    :param lookback: as declared for the sync.
-    :param guard_open_transactions: as declared for the sync.
-    :param state_table: the state table (in ``target_schema``).
-    :param max_delete_fraction: a repair fails instead of deleting more than this share of the rows.
-    :param history_table: as declared for the sync.
-    :param schema_drift: as declared for the sync.
-    :param staging_uri: where the differing keys and repair batches are staged; default as for the
-        sync operators. (templated)
-    :param window_from_manifest: a manifest dict or XCom (``extract.output`` or ``sync.output``) whose
+"""
+        + SPEC_PARAMS_DOC
+        + """    :param window_from_manifest: a manifest dict or XCom (``extract.output`` or ``sync.output``) whose
         cursor window is compared, instead of the whole table. (templated)
     :param buckets: number of hash buckets the keys are compared in.
     :param repair: re-sync the differing keys from the source, then reconcile again.
     :param fail_on_difference: fail the task when differences remain (otherwise log a warning).
     :param max_keys_reported: example keys named in the result and the failure message.
     :param method: ``"auto"``, ``"sql"`` (both PostgreSQL servers hash) or ``"python"`` (any source).
-    """
+"""
+    )
 
-    template_fields: Sequence[str] = (*SPEC_TEMPLATE_FIELDS, "window_from_manifest")
+    template_fields: Sequence[str] = (*BaseTableSyncOperator.template_fields, "window_from_manifest")
     ui_color = "#f3e8fb"
 
+    @extends_signature(BaseTableSyncOperator.__init__)
     def __init__(
         self,
         *,
-        source_conn_id: str,
-        target_conn_id: str,
-        source_table: str,
-        sync_id: str | None = None,
-        target_table: str | None = None,
-        source_schema: str | None = None,
-        target_schema: str = "public",
-        mode: str = "incremental",
-        cursor_column: str | None = None,
-        primary_key: Sequence[str] = (),
-        columns: Sequence[str] = (),
-        delete_mode: str = "hard",
-        detect_deletes: bool | None = None,
-        batch_rows: int = 50_000,
-        lag: dt.timedelta = dt.timedelta(0),
-        lookback: dt.timedelta | int | None = None,
-        guard_open_transactions: bool = True,
-        state_table: str = "_sync_state",
-        max_delete_fraction: float | None = None,
-        history_table: str | None = None,
-        schema_drift: str = DEFAULT_SCHEMA_DRIFT,
-        staging_uri: str | None = None,
         window_from_manifest: Any = None,
         buckets: int = 256,
         repair: bool = False,
@@ -128,38 +85,12 @@ class ReconcileOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.source_conn_id = source_conn_id
-        self.target_conn_id = target_conn_id
-        self.source_table = source_table
-        self.sync_id = sync_id or source_table
-        self.target_table = target_table
-        self.source_schema = source_schema
-        self.target_schema = target_schema
-        self.mode = mode
-        self.cursor_column = cursor_column
-        self.primary_key = primary_key
-        self.columns = columns
-        self.delete_mode = delete_mode
-        self.detect_deletes = detect_deletes
-        self.batch_rows = batch_rows
-        self.lag = lag
-        self.lookback = lookback
-        self.guard_open_transactions = guard_open_transactions
-        self.state_table = state_table
-        self.max_delete_fraction = max_delete_fraction
-        self.history_table = history_table
-        self.schema_drift = schema_drift
-        self.staging_uri = staging_uri
         self.window_from_manifest = window_from_manifest
         self.buckets = buckets
         self.repair = repair
         self.fail_on_difference = fail_on_difference
         self.max_keys_reported = max_keys_reported
         self.method = method
-
-    def build_spec(self) -> SyncSpec:
-        """The :class:`SyncSpec` of the (rendered) arguments; raises ``ConfigurationError``."""
-        return build_sync_spec(self)
 
     def execute(self, context: Context) -> dict[str, Any]:
         run_id = context["run_id"]
@@ -220,10 +151,7 @@ class ReconcileOperator(BaseOperator):
             "staging": staging,
             "logger": self.log,
         }
-        with (
-            source_engine(self.source_conn_id, sync_id=spec.sync_id) as engine,
-            closing(target_connection(self.target_conn_id, sync_id=spec.sync_id)) as target,
-        ):
+        with self.connections(spec) as (engine, target):
             first = reconcile(engine, target, spec, **options)
             if first.equal or not self.repair:
                 discard_keys(first)
