@@ -83,40 +83,49 @@ def _ledger_rows(env: SyncEnv) -> int:
     return int(row[0])
 
 
+def _stream(
+    env: SyncEnv, spec: SyncSpec = SPEC, *, stream_for: float, poll_interval: float = 0.05, stop: StopFlag | None = None
+) -> tuple[StreamStats, int]:
+    """Run a table stream on a pooled engine, as the operator does: its stats and how many source
+    connections it opened."""
+    engine = sa.create_engine(env.source_url)
+    connects = itertools.count()
+    sa.event.listen(engine, "connect", lambda *_: next(connects))
+    try:
+        with env.target() as target:
+            stream = TableStream(engine, target, spec, staging=env.staging, run_id="stream")
+            try:
+                stats = run_stream(
+                    stream.step,
+                    probe=stream.probe,
+                    stream_for=stream_for,
+                    poll_interval=poll_interval,
+                    stop=stop,
+                    probe_first=True,
+                )
+            finally:
+                stream.close()
+    finally:
+        engine.dispose()
+    return stats, next(connects)
+
+
 @contextmanager
 def _streaming(
     env: SyncEnv, spec: SyncSpec = SPEC, *, stream_for: float = 60, poll_interval: float = 0.05
 ) -> Iterator[tuple[StopFlag, dict[str, Any]]]:
-    """Run a table stream in a thread on a pooled engine; yields its stop flag and, once it ended,
-    ``{"stats": ..., "connects": <new source connections>}``."""
+    """Run :func:`_stream` in a thread; yields its stop flag and, once it ended, ``{"stats": ...,
+    "connects": ...}``."""
     stop = StopFlag()
-    out: dict[str, Any] = {"connects": 0}
-    engine = sa.create_engine(env.source_url)
-
-    def connected(*_: Any) -> None:
-        out["connects"] += 1
-
-    sa.event.listen(engine, "connect", connected)
+    out: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            with env.target() as target:
-                stream = TableStream(engine, target, spec, staging=env.staging, run_id="stream")
-                try:
-                    out["stats"] = run_stream(
-                        stream.step,
-                        probe=stream.probe,
-                        stream_for=stream_for,
-                        poll_interval=poll_interval,
-                        stop=stop,
-                        probe_first=True,
-                    )
-                finally:
-                    stream.close()
+            out["stats"], out["connects"] = _stream(
+                env, spec, stream_for=stream_for, poll_interval=poll_interval, stop=stop
+            )
         except BaseException as error:  # the test thread re-raises it
             out["error"] = error
-        finally:
-            engine.dispose()
 
     thread = threading.Thread(target=run, name="table-stream")
     thread.start()
@@ -214,9 +223,7 @@ def test_an_idle_stream_commits_nothing_and_lag_holds_new_rows_back_without_a_co
         _create(conn, rows=50)
     env.sync(SPEC)
     version, ledger = _version(env), _ledger_rows(env)
-    with _streaming(env, stream_for=1.5) as (_, out):
-        pass
-    idle: StreamStats = out["stats"]
+    idle, _ = _stream(env, stream_for=1.5)
     assert idle.ended == "stream_for elapsed"
     assert idle.batches == 0 and idle.idle_polls >= 10
     assert (_version(env), _ledger_rows(env)) == (version, ledger)
@@ -226,9 +233,7 @@ def test_an_idle_stream_commits_nothing_and_lag_holds_new_rows_back_without_a_co
     lagging = SPEC.with_options(lag=dt.timedelta(minutes=10))
     with env.source() as conn:
         conn.execute("INSERT INTO events (region, id, qty) VALUES ('eu', 9001, 1), ('us', 9002, 2)")
-    with _streaming(env, lagging, stream_for=1.5) as (_, out):
-        pass
-    held: StreamStats = out["stats"]
+    held, _ = _stream(env, lagging, stream_for=1.5)
     assert held.batches == 0 and held.idle_polls >= 5
     assert (_version(env), _ledger_rows(env)) == (version, ledger)
     # Without the lag the rows are there to sync: the probe says so.
@@ -284,10 +289,8 @@ def _orders_equal(env: SyncEnv) -> bool:
 def _sync_orders(**kwargs: Any) -> Any:
     from airflow_sync_provider.operators.sync import SyncTableOperator
 
-    return SyncTableOperator(
-        task_id="stream_orders", source_conn_id="sync_source", target_conn_id="sync_target", source_table="orders",
-        cursor_column="updated_at", **kwargs,
-    )  # fmt: skip
+    arguments = {"source_conn_id": "sync_source", "target_conn_id": "sync_target", "cursor_column": "updated_at"}
+    return SyncTableOperator(task_id="stream_orders", source_table="orders", **{**arguments, **kwargs})
 
 
 def test_sync_table_operator_streams_for_its_time_then_returns_its_stats(connections: SyncEnv) -> None:
