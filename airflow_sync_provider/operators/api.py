@@ -19,7 +19,6 @@ import psycopg
 from airflow.sdk import Context
 
 from airflow_sync_provider import lineage
-from airflow_sync_provider.assets import emit_table_events
 from airflow_sync_provider.core.api import (
     ApiColumn,
     ApiSpec,
@@ -30,20 +29,17 @@ from airflow_sync_provider.core.api import (
 )
 from airflow_sync_provider.core.api.client import ApiClient
 from airflow_sync_provider.core.api.paginate import Paginator
-from airflow_sync_provider.core.errors import SyncError
 from airflow_sync_provider.core.extract import BatchTransform
 from airflow_sync_provider.core.spec import DEFAULT_SCHEMA_DRIFT
 from airflow_sync_provider.hooks.api import ApiSourceHook
 from airflow_sync_provider.operators.batch import BaseExtractOperator
-from airflow_sync_provider.operators.common import as_task_error, target_for_run
+from airflow_sync_provider.operators.common import target_for_run
 from airflow_sync_provider.operators.events import event_columns
-from airflow_sync_provider.operators.sync import manifest_summary
 from airflow_sync_provider.plugins.links import SYNC_LINKS
 
 if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
 
-    from airflow_sync_provider.core.load import LoadResult
     from airflow_sync_provider.core.manifest import Manifest
 
 API_TEMPLATE_FIELDS: tuple[str, ...] = (
@@ -208,6 +204,9 @@ class _ApiDeclaration(BaseExtractOperator):
             return self.http_retry
         return RetryPolicy(**dict(self.http_retry))
 
+    def source_dataset(self, manifest: Manifest) -> lineage.DatasetName:
+        return self.api_dataset()
+
     def api_dataset(self) -> lineage.DatasetName:
         """The endpoint as an OpenLineage dataset: namespace the base URL's scheme and host, name its path."""
         base = ApiSourceHook(self.http_conn_id).url_from_endpoint(None)
@@ -245,31 +244,17 @@ class ApiToPostgresOperator(_ApiDeclaration):
         self.keep_staged = keep_staged
 
     def execute(self, context: Context) -> dict[str, Any]:
-        try:
-            spec = self.build_spec()
-            options = self.batch_options(spec, context)
-            with self.connections(spec, context) as (client, target):
-                manifest, result = run_api_sync(client, target, spec, keep_staged=self.keep_staged, **options)
-        except SyncError as error:
-            raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
-        self._manifest, self._result = manifest, result
-        self.log.info("%s", manifest.summary())
-        emit_table_events(context, self.outlets, self.target_conn_id, lineage.sync_writes(manifest, result), self.log)
-        return {"manifest": manifest_summary(manifest), "load": result.to_dict()}
+        return self.sync_batch(context, run_api_sync, keep_staged=self.keep_staged)
+
+    def declared_lineage(self) -> OperatorLineage:
+        target = lineage.database_dataset(
+            lineage.connection_url(self.target_conn_id), f"{self.target_schema}.{self.target_table}"
+        )
+        return lineage.operator_lineage([lineage.input_dataset(self.api_dataset())], [lineage.output_dataset(target)])
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
         """The endpoint -> the target table (and history), with column lineage and row counts."""
-        manifest: Manifest | None = getattr(self, "_manifest", None)
-        result: LoadResult | None = getattr(self, "_result", None)
-        source = self.api_dataset()
-        if manifest is None:  # failed before a batch was staged: the declared datasets
-            target = lineage.database_dataset(
-                lineage.connection_url(self.target_conn_id), f"{self.target_schema}.{self.target_table}"
-            )
-            return lineage.operator_lineage([lineage.input_dataset(source)], [lineage.output_dataset(target)])
-        return lineage.load_lineage(
-            self.target_conn_id, source, manifest, result, getattr(self, "_transform_watch", None)
-        )
+        return self.synced_lineage()
 
 
 class ApiToStagingOperator(_ApiDeclaration):
@@ -283,26 +268,11 @@ class ApiToStagingOperator(_ApiDeclaration):
     )
 
     def execute(self, context: Context) -> dict[str, Any]:
-        try:
-            spec = self.build_spec()
-            options = self.batch_options(spec, context, split=True)
-            with self.connections(spec, context) as (client, target):
-                manifest = extract_api_for(client, target, spec, **options)
-        except SyncError as error:
-            raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
-        self._manifest = manifest
-        self.log.info("%s", manifest.summary())
-        return manifest.to_dict()
+        return self.stage_batch(context, extract_api_for)
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
         """The endpoint -> the sync's staging folder, with column lineage through the transform."""
-        manifest: Manifest | None = getattr(self, "_manifest", None)
-        if manifest is None:
-            return lineage.operator_lineage()
-        staged = lineage.staging_dataset(manifest.staging_dir)
-        watch = getattr(self, "_transform_watch", None)
-        inputs, output = lineage.table_lineage(self.api_dataset(), staged, manifest, watch=watch)
-        return lineage.operator_lineage([inputs], [output])
+        return self.staged_lineage()
 
 
 __all__ = ["API_TEMPLATE_FIELDS", "ApiToPostgresOperator", "ApiToStagingOperator"]

@@ -14,8 +14,8 @@ The concrete operators add only their own arguments (see
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Sequence
-from contextlib import closing, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, closing, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -23,13 +23,15 @@ import sqlalchemy as sa
 from airflow.sdk import BaseOperator, Context
 
 from airflow_sync_provider import lineage
-from airflow_sync_provider.core import ConfigurationError, SyncSpec
+from airflow_sync_provider.assets import emit_table_events
+from airflow_sync_provider.core import ConfigurationError, LoadResult, Manifest, SyncError, SyncSpec
 from airflow_sync_provider.core.extract import BatchTransform
 from airflow_sync_provider.core.spec import DEFAULT_SCHEMA_DRIFT
 from airflow_sync_provider.hooks.source import source_engine
 from airflow_sync_provider.hooks.target import target_connection
 from airflow_sync_provider.operators.common import (
     SPEC_TEMPLATE_FIELDS,
+    as_task_error,
     build_sync_spec,
     extends_signature,
     resolve_transform,
@@ -38,6 +40,8 @@ from airflow_sync_provider.operators.common import (
 )
 
 if TYPE_CHECKING:
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
     from airflow_sync_provider.core.api import ApiSpec
 
 #: ``:param`` lines of the table-sync declaration (:class:`BaseTableSyncOperator`'s arguments).
@@ -115,13 +119,50 @@ def backfill_window(context: Context, sync_id: str) -> tuple[Any, Any] | None:
     return start, end
 
 
-class BaseExtractOperator(BaseOperator):
-    """An operator that extracts one batch of a sync, with a ``transform``, ``backfill`` and
-    ``staging_uri`` argument (its subclasses declare and set them)."""
+def manifest_summary(manifest: Manifest) -> dict[str, Any]:
+    """The manifest without its file and column lists: what a one-task sync returns as XCom."""
+    return {k: v for k, v in manifest.to_dict().items() if k not in ("files", "key_files", "columns")}
 
+
+@contextmanager
+def task_errors(sync_id: str | None) -> Iterator[None]:
+    """A :class:`SyncError` raised in the block fails the task as :func:`~.common.as_task_error` says."""
+    try:
+        yield
+    except SyncError as error:
+        raise as_task_error(error.with_context(sync_id=sync_id)) from error
+
+
+class BaseExtractOperator(BaseOperator):
+    """An operator that extracts one batch of a sync (a table, an API endpoint) and stages it
+    (:meth:`stage_batch`) or loads it too (:meth:`sync_batch`).
+
+    Subclasses declare and set ``sync_id``, ``target_conn_id``, ``transform``, ``backfill`` and
+    ``staging_uri``, and say how to build the spec, what connections a run takes and what the
+    source is as a lineage dataset.
+    """
+
+    sync_id: str
+    target_conn_id: str
     transform: BatchTransform | str | None
     backfill: bool
     staging_uri: str | None
+
+    def build_spec(self) -> Any:
+        """The spec of the (rendered) arguments; raises ``ConfigurationError``."""
+        raise NotImplementedError
+
+    def connections(self, spec: Any, context: Context) -> AbstractContextManager[tuple[Any, psycopg.Connection[Any]]]:
+        """The source (an engine, an API client) and the target connection of a run, closed after."""
+        raise NotImplementedError
+
+    def source_dataset(self, manifest: Manifest) -> lineage.DatasetName:
+        """The source of ``manifest`` as an OpenLineage dataset."""
+        raise NotImplementedError
+
+    def declared_lineage(self) -> OperatorLineage:
+        """Lineage from the declaration alone, for a run that failed before it staged a batch."""
+        return lineage.operator_lineage()
 
     def batch_options(self, spec: SyncSpec | ApiSpec, context: Context, *, split: bool = False) -> dict[str, Any]:
         """The keyword arguments of this run's extraction (``run_sync``, ``extract_for``, the API's):
@@ -140,6 +181,59 @@ class BaseExtractOperator(BaseOperator):
             "logger": self.log,
             "window": window,
         }
+
+    def stage_batch(self, context: Context, extract: Callable[..., Manifest]) -> dict[str, Any]:
+        """The run of an extract task: ``extract(source, target, spec, **options)`` stages the batch
+        for another task; returns its manifest (XCom)."""
+        with task_errors(self.sync_id):
+            spec = self.build_spec()
+            options = self.batch_options(spec, context, split=True)
+            with self.connections(spec, context) as (source, target):
+                manifest = extract(source, target, spec, **options)
+        self._manifest = manifest
+        self.log.info("%s", manifest.summary())
+        return manifest.to_dict()
+
+    def sync_batch(
+        self, context: Context, sync: Callable[..., tuple[Manifest, LoadResult]], *, keep_staged: bool
+    ) -> dict[str, Any]:
+        """The run of a one-task sync: ``sync(source, target, spec, **options)`` extracts and loads
+        the batch; emits the asset events of what it wrote; returns ``{"manifest": <summary>,
+        "load": <load result>}`` (XCom)."""
+        with task_errors(self.sync_id):
+            spec = self.build_spec()
+            options = self.batch_options(spec, context)
+            with self.connections(spec, context) as (source, target):
+                manifest, result = sync(source, target, spec, keep_staged=keep_staged, **options)
+        self._manifest, self._result = manifest, result
+        self.log.info("%s", manifest.summary())
+        emit_table_events(context, self.outlets, self.target_conn_id, lineage.sync_writes(manifest, result), self.log)
+        return {"manifest": manifest_summary(manifest), "load": result.to_dict()}
+
+    def staged_lineage(self) -> OperatorLineage:
+        """After :meth:`stage_batch`: the source -> the sync's staging folder, with column lineage
+        through the transform."""
+        manifest: Manifest | None = getattr(self, "_manifest", None)
+        if manifest is None:
+            return lineage.operator_lineage()
+        staged = lineage.staging_dataset(manifest.staging_dir)
+        watch = getattr(self, "_transform_watch", None)
+        inputs, output = lineage.table_lineage(self.source_dataset(manifest), staged, manifest, watch=watch)
+        return lineage.operator_lineage([inputs], [output])
+
+    def synced_lineage(self) -> OperatorLineage:
+        """After :meth:`sync_batch`: the source -> the target table (and history), with column
+        lineage and row counts; the declared datasets when no batch was staged."""
+        manifest: Manifest | None = getattr(self, "_manifest", None)
+        if manifest is None:
+            return self.declared_lineage()
+        return lineage.load_lineage(
+            self.target_conn_id,
+            self.source_dataset(manifest),
+            manifest,
+            getattr(self, "_result", None),
+            getattr(self, "_transform_watch", None),
+        )
 
 
 class BaseTableSyncOperator(BaseOperator):
@@ -243,6 +337,9 @@ class BaseTableExtractOperator(BaseTableSyncOperator, BaseExtractOperator):
         self.transform = transform
         self.backfill = backfill
 
+    def source_dataset(self, manifest: Manifest) -> lineage.DatasetName:
+        return lineage.database_dataset(lineage.connection_url(self.source_conn_id), manifest.source_table)
+
 
 __all__: Sequence[str] = (
     "EXTRACT_PARAMS_DOC",
@@ -251,4 +348,6 @@ __all__: Sequence[str] = (
     "BaseTableExtractOperator",
     "BaseTableSyncOperator",
     "backfill_window",
+    "manifest_summary",
+    "task_errors",
 )

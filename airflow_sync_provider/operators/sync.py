@@ -13,16 +13,17 @@ from airflow.sdk import BaseOperator, Context
 
 from airflow_sync_provider import lineage
 from airflow_sync_provider.assets import emit_table_events
-from airflow_sync_provider.core import Manifest, SyncError, SyncSpec, extract_for, load_manifest, run_sync
+from airflow_sync_provider.core import Manifest, SyncSpec, extract_for, load_manifest, run_sync
 from airflow_sync_provider.core.streaming import TableStream, check_streamable
 from airflow_sync_provider.operators.batch import (
     EXTRACT_PARAMS_DOC,
     SPEC_PARAMS_DOC,
     BaseTableExtractOperator,
     backfill_window,
+    manifest_summary,
+    task_errors,
 )
 from airflow_sync_provider.operators.common import (
-    as_task_error,
     check_shared_staging,
     extends_signature,
     manifest_argument,
@@ -64,26 +65,11 @@ class ExtractToStagingOperator(BaseTableExtractOperator):
     operator_extra_links = SYNC_LINKS
 
     def execute(self, context: Context) -> dict[str, Any]:
-        try:
-            spec = self.build_spec()
-            options = self.batch_options(spec, context, split=True)
-            with self.connections(spec, context) as (engine, target):
-                manifest = extract_for(engine, target, spec, **options)
-        except SyncError as error:
-            raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
-        self._manifest = manifest
-        self.log.info("%s", manifest.summary())
-        return manifest.to_dict()
+        return self.stage_batch(context, extract_for)
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
         """Source table -> the sync's staging folder, with column lineage through the transform."""
-        manifest: Manifest | None = getattr(self, "_manifest", None)
-        if manifest is None:
-            return lineage.operator_lineage()
-        source = lineage.database_dataset(lineage.connection_url(self.source_conn_id), manifest.source_table)
-        staged = lineage.staging_dataset(manifest.staging_dir)
-        inputs, output = lineage.table_lineage(source, staged, manifest, watch=getattr(self, "_transform_watch", None))
-        return lineage.operator_lineage([inputs], [output])
+        return self.staged_lineage()
 
 
 class LoadStagedToPostgresOperator(BaseOperator):
@@ -116,14 +102,12 @@ class LoadStagedToPostgresOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         manifest = self._manifest = manifest_argument(self.manifest)
-        try:
+        with task_errors(manifest.sync_id):
             check_shared_staging(manifest.staging_dir, executor=self.executor, what=f"the load of {manifest.sync_id}")
             with target_for_run(self.target_conn_id, manifest.target_schema, manifest.sync_id, context) as target:
                 result = load_manifest(
                     target, manifest, run_id=context["run_id"], logger=self.log, keep_staged=self.keep_staged
                 )
-        except SyncError as error:
-            raise as_task_error(error.with_context(sync_id=manifest.sync_id)) from error
         self._result = result
         emit_table_events(context, self.outlets, self.target_conn_id, lineage.sync_writes(manifest, result), self.log)
         return result.to_dict()
@@ -167,23 +151,17 @@ class SyncTableOperator(BaseTableExtractOperator, StreamingOperator):
         self.keep_staged = keep_staged
 
     def execute(self, context: Context) -> dict[str, Any]:
-        try:
-            spec = self.build_spec()
+        with task_errors(self.sync_id):
             stream_for = self.stream_seconds()
+        if stream_for is None:
+            return self.sync_batch(context, run_sync, keep_staged=self.keep_staged)
+        with task_errors(self.sync_id):
+            spec = self.build_spec()
             options = self.batch_options(spec, context)
-            if stream_for is not None:
-                return self._stream(spec, options, stream_for, context)
-            with self.connections(spec, context) as (engine, target):
-                manifest, result = run_sync(engine, target, spec, keep_staged=self.keep_staged, **options)
-        except SyncError as error:
-            raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
-        self._manifest, self._result = manifest, result
-        self.log.info("%s", manifest.summary())
-        emit_table_events(context, self.outlets, self.target_conn_id, lineage.sync_writes(manifest, result), self.log)
-        return {"manifest": manifest_summary(manifest), "load": result.to_dict()}
+            check_streamable(spec, window=options["window"])
+            return self._stream(spec, options, stream_for, context)
 
     def _stream(self, spec: SyncSpec, options: dict[str, Any], stream_for: float, context: Context) -> dict[str, Any]:
-        check_streamable(spec, window=options["window"])
         with self.stopping() as stop, self.connections(spec, context) as (engine, target):
             stream = TableStream(
                 engine,
@@ -209,24 +187,12 @@ class SyncTableOperator(BaseTableExtractOperator, StreamingOperator):
         target = lineage.database_dataset(lineage.connection_url(self.target_conn_id), spec.qualified_target)
         return lineage.operator_lineage([lineage.input_dataset(source)], [lineage.output_dataset(target)])
 
+    def declared_lineage(self) -> OperatorLineage:
+        return self.get_openlineage_facets_on_start()
+
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
         """Source table -> target table (and history), with column lineage and row counts."""
-        manifest: Manifest | None = getattr(self, "_manifest", None)
-        if manifest is None:  # failed before a batch was staged: the declared tables
-            return self.get_openlineage_facets_on_start()
-        source = lineage.database_dataset(lineage.connection_url(self.source_conn_id), manifest.source_table)
-        return lineage.load_lineage(
-            self.target_conn_id,
-            source,
-            manifest,
-            getattr(self, "_result", None),
-            getattr(self, "_transform_watch", None),
-        )
-
-
-def manifest_summary(manifest: Manifest) -> dict[str, Any]:
-    """The manifest without its file and column lists: what a one-task sync returns as XCom."""
-    return {k: v for k, v in manifest.to_dict().items() if k not in ("files", "key_files", "columns")}
+        return self.synced_lineage()
 
 
 __all__: Sequence[str] = (
