@@ -265,7 +265,7 @@ def extract_to_staging(
         notes.append(f"backfill window [{window_bounds[0]!r}, {window_bounds[1]!r}); the watermark stays as committed")
         after, first_lower = None, window_bounds[0]
 
-    manifest_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+    manifest_id = new_manifest_id()
     staging_dir = staging.batch_uri(spec.sync_id, manifest_id)
     progress = Progress(f"sync {spec.sync_id}: extracted from {spec.qualified_source}", log)
     files: list[StagedFile] = []
@@ -281,35 +281,22 @@ def extract_to_staging(
         high: tuple[Any, ...] | None,
         key_files: Sequence[StagedFile],
     ) -> Manifest:
-        return Manifest(
-            sync_id=spec.sync_id,
+        return staged_manifest(
+            spec,
             run_id=run_id,
             manifest_id=manifest_id,
-            mode=spec.mode,
-            source_table=spec.qualified_source,
-            target_schema=spec.target_schema,
-            target_table=spec.target_table,
+            staging_dir=staging_dir,
+            started=started,
             primary_key=source.primary_key,
-            cursor_column=spec.cursor_column,
             columns=columns,
-            files=tuple(files),
-            rows=sum(f.rows for f in files),
+            files=files,
             base_version=base_version,
             watermark_low=low,
             watermark_high=encode_row(high) if high is not None and spec.mode == "incremental" and not window else low,
-            upper_bound=encode_value(upper),
-            extracted_at=dt.datetime.now(dt.UTC).isoformat(),
-            staging_dir=staging_dir,
-            delete_mode=spec.delete_mode,
-            detect_deletes=bool(spec.detect_deletes) and window is None,
-            key_files=tuple(key_files),
-            state_table=spec.state_table,
-            max_delete_fraction=spec.max_delete_fraction,
-            history_table=spec.history_table,
-            window=[encode_value(v) for v in window_bounds] if window_bounds is not None else None,
-            extract_seconds=round(time.monotonic() - started, 3),
-            notes=tuple(notes),
-            schema_drift=spec.schema_drift,
+            window=window_bounds,
+            notes=notes,
+            upper_bound=upper,
+            key_files=key_files,
         )
 
     owned = connection is None
@@ -367,6 +354,67 @@ def extract_to_staging(
     manifest = batch(columns, files, high, key_files)
     staging.write_manifest(manifest)
     return manifest
+
+
+def new_manifest_id() -> str:
+    """A unique, time-ordered id for a staged batch (its folder's name under the sync's)."""
+    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+
+
+def staged_manifest(
+    spec: SyncSpec,
+    *,
+    run_id: str,
+    manifest_id: str,
+    staging_dir: str,
+    started: float,
+    primary_key: tuple[str, ...],
+    columns: tuple[ManifestColumn, ...],
+    files: Sequence[StagedFile],
+    base_version: int,
+    watermark_low: list[Any] | None,
+    watermark_high: list[Any] | None,
+    window: tuple[Any, Any] | None,
+    notes: Sequence[str],
+    upper_bound: Any = None,
+    key_files: Sequence[StagedFile] = (),
+) -> Manifest:
+    """The manifest of an extracted batch: what the extraction staged, with the settings of ``spec``
+    the load reads from it (a table sync's spec, or an API sync's table-sync view).
+
+    ``started``: the extraction's ``time.monotonic()`` start; ``window``: a backfill's cursor bounds
+    (a backfill never detects deletes).
+    """
+    return Manifest(
+        sync_id=spec.sync_id,
+        run_id=run_id,
+        manifest_id=manifest_id,
+        mode=spec.mode,
+        source_table=spec.qualified_source,
+        target_schema=spec.target_schema,
+        target_table=spec.target_table,
+        primary_key=primary_key,
+        cursor_column=spec.cursor_column,
+        columns=columns,
+        files=tuple(files),
+        rows=sum(f.rows for f in files),
+        base_version=base_version,
+        watermark_low=watermark_low,
+        watermark_high=watermark_high,
+        upper_bound=encode_value(upper_bound),
+        extracted_at=dt.datetime.now(dt.UTC).isoformat(),
+        staging_dir=staging_dir,
+        delete_mode=spec.delete_mode,
+        detect_deletes=bool(spec.detect_deletes) and window is None,
+        key_files=tuple(key_files),
+        state_table=spec.state_table,
+        max_delete_fraction=spec.max_delete_fraction,
+        history_table=spec.history_table,
+        window=[encode_value(v) for v in window] if window is not None else None,
+        extract_seconds=round(time.monotonic() - started, 3),
+        notes=tuple(notes),
+        schema_drift=spec.schema_drift,
+    )
 
 
 def quiet_run_columns(

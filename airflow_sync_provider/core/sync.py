@@ -24,7 +24,10 @@ from airflow_sync_provider.core.manifest import Manifest, StagedFile
 from airflow_sync_provider.core.progress import Logger, PhaseObserver
 from airflow_sync_provider.core.spec import SyncSpec
 from airflow_sync_provider.core.staging import StagingArea, iter_staged_batches
-from airflow_sync_provider.core.state import SyncState, committed_state, read_source_schema
+from airflow_sync_provider.core.state import StateOwner, SyncState, committed_state, read_source_schema
+
+#: Called with each staged file's batch so far and its rows (``on_file`` of :func:`extract_to_staging`).
+OnFile = Callable[[Manifest, pa.Table], None]
 
 
 def extract_for(
@@ -44,31 +47,54 @@ def extract_for(
     (older than ``staging.abandoned_after`` and no longer loadable: see
     :meth:`StagingArea.sweep_abandoned`).
     """
-    state, recorded = _before_extract(target, spec, staging, transform, logger)
-    return extract_to_staging(
-        source,
-        spec,
-        state=state,
-        staging=staging,
-        run_id=run_id,
-        transform=transform,
-        logger=logger,
-        window=window,
-        recorded_columns=recorded,
+    extract = _extraction(
+        source, target, spec, staging=staging, run_id=run_id, transform=transform, logger=logger, window=window
     )
+    return extract(None)
 
 
-def _before_extract(
+def _extraction(
+    source: sa.Engine,
     target: psycopg.Connection[Any],
     spec: SyncSpec,
+    *,
     staging: StagingArea,
+    run_id: str,
     transform: BatchTransform | None,
     logger: Logger | None,
-) -> tuple[SyncState | None, tuple[tuple[str, str], ...] | None]:
-    """The committed state and recorded columns an extraction starts from, after the sweep."""
+    window: tuple[Any, Any] | None,
+) -> Callable[[OnFile | None], Manifest]:
+    """The run's :func:`extract_to_staging`, bound to the committed state (read after the sweep) and the
+    recorded columns.  The target is read here, in the caller's thread: the extraction may run in another."""
+    state = start_state(target, spec, staging, logger)
+    recorded = recorded_columns(target, spec) if transform is not None else None
+
+    def extract(on_file: OnFile | None) -> Manifest:
+        return extract_to_staging(
+            source,
+            spec,
+            state=state,
+            staging=staging,
+            run_id=run_id,
+            transform=transform,
+            logger=logger,
+            window=window,
+            recorded_columns=recorded,
+            on_file=on_file,
+        )
+
+    return extract
+
+
+def start_state(
+    target: psycopg.Connection[Any], spec: StateOwner, staging: StagingArea, logger: Logger | None
+) -> SyncState | None:
+    """The committed state a run of ``spec`` starts from, after sweeping the staged batches of the sync
+    that killed or abandoned runs left behind and that no load can apply any more (table, API and
+    event syncs alike: their batches are pinned to a state version, see :func:`loadable_at`)."""
     state = committed_state(target, spec)
     staging.sweep_abandoned(spec.sync_id, pending=loadable_at(state), log=logger)
-    return state, recorded_columns(target, spec) if transform is not None else None
+    return state
 
 
 def loadable_at(state: SyncState | None) -> Callable[[dict[str, Any]], bool]:
@@ -107,26 +133,11 @@ def run_sync(
     ``keep_staged`` keeps the staged files after the load (they are removed by default).
     """
     staging = staging or StagingArea()
-    state, recorded = _before_extract(target, spec, staging, transform, logger)
+    extract = _extraction(
+        source, target, spec, staging=staging, run_id=run_id, transform=transform, logger=logger, window=window
+    )
     feed = _ExtractionFeed()
-
-    def extract() -> None:
-        feed.run(
-            lambda on_file: extract_to_staging(
-                source,
-                spec,
-                state=state,
-                staging=staging,
-                run_id=run_id,
-                transform=transform,
-                logger=logger,
-                window=window,
-                recorded_columns=recorded,
-                on_file=on_file,
-            )
-        )
-
-    worker = threading.Thread(target=extract, name=f"extract {spec.sync_id}", daemon=True)
+    worker = threading.Thread(target=feed.run, args=(extract,), name=f"extract {spec.sync_id}", daemon=True)
     worker.start()
     try:
         result = load_manifest(
@@ -179,7 +190,7 @@ class _ExtractionFeed:
         self.failure: BaseException | None = None
 
     # the extraction's side
-    def run(self, extract: Callable[[Callable[[Manifest, pa.Table], None]], Manifest]) -> None:
+    def run(self, extract: Callable[[OnFile], Manifest]) -> None:
         try:
             final = extract(lambda snapshot, page: self._put(("file", (snapshot, page))))
         except _Cancelled:

@@ -22,7 +22,6 @@ import datetime as dt
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
@@ -36,7 +35,13 @@ from airflow_sync_provider.core.api.records import infer_columns, manifest_colum
 from airflow_sync_provider.core.api.spec import ApiColumn, ApiSpec
 from airflow_sync_provider.core.errors import ConfigurationError, SyncError
 from airflow_sync_provider.core.events.schema import TYPES
-from airflow_sync_provider.core.extract import BatchTransform, _lookback_start, apply_transform
+from airflow_sync_provider.core.extract import (
+    BatchTransform,
+    _lookback_start,
+    apply_transform,
+    new_manifest_id,
+    staged_manifest,
+)
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger
 from airflow_sync_provider.core.schema import pg_type_for_arrow
@@ -215,7 +220,7 @@ def extract_api_to_staging(
     low = committed_cursor(state, spec)
     notes: list[str] = []
     request = first_request(spec, low, window, notes)
-    manifest_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+    manifest_id = new_manifest_id()
     staging_dir = staging.batch_uri(spec.sync_id, manifest_id)
     writer = _BatchWriter(spec, staging, staging_dir, transform, window)
     try:
@@ -242,33 +247,20 @@ def extract_api_to_staging(
         if low is not None and high < low:
             high = low
     columns = writer.columns() or _recorded(recorded_columns)
-    manifest = Manifest(
-        sync_id=spec.sync_id,
+    manifest = staged_manifest(
+        spec.as_sync_spec(),
         run_id=run_id,
         manifest_id=manifest_id,
-        mode=spec.mode,
-        source_table=spec.source_name,
-        target_schema=spec.target_schema,
-        target_table=spec.target_table,
+        staging_dir=staging_dir,
+        started=started,
         primary_key=spec.primary_key,
-        cursor_column=spec.cursor_field if spec.mode == "incremental" else None,
         columns=columns,
-        files=tuple(files),
-        rows=sum(f.rows for f in files),
+        files=files,
         base_version=state.version if state else 0,
         watermark_low=[encode_value(low)] if low is not None else None,
         watermark_high=[encode_value(high)] if high is not None else None,
-        extracted_at=dt.datetime.now(dt.UTC).isoformat(),
-        staging_dir=staging_dir,
-        delete_mode=spec.delete_mode,
-        detect_deletes=bool(spec.detect_deletes) and window is None,
-        state_table=spec.state_table,
-        max_delete_fraction=spec.max_delete_fraction,
-        history_table=spec.history_table,
-        window=[encode_value(v) for v in window] if window is not None else None,
-        extract_seconds=round(time.monotonic() - started, 3),
-        notes=tuple(notes),
-        schema_drift=spec.schema_drift,
+        window=window,
+        notes=notes,
     )
     staging.write_manifest(manifest)
     return manifest

@@ -16,8 +16,7 @@ from airflow_sync_provider.core.load import LoadResult, load_manifest
 from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver
 from airflow_sync_provider.core.staging import StagingArea, remove_staged
-from airflow_sync_provider.core.state import committed_state
-from airflow_sync_provider.core.sync import loadable_at, recorded_columns
+from airflow_sync_provider.core.sync import recorded_columns, start_state
 
 
 def extract_api_for(
@@ -34,12 +33,10 @@ def extract_api_for(
 ) -> Manifest:
     """Fetch from where the committed state in the target says the sync is (or a backfill ``window``),
     after sweeping the batches killed runs of this sync left behind."""
-    state = committed_state(target, spec)
-    staging.sweep_abandoned(spec.sync_id, pending=loadable_at(state), log=logger or LOG)
     return extract_api_to_staging(
         client,
         spec,
-        state=state,
+        state=start_state(target, spec, staging, logger),
         staging=staging,
         run_id=run_id,
         transform=transform,

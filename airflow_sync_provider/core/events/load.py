@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,6 +38,7 @@ from airflow_sync_provider.core.events.quarantine import EVENT_QUARANTINE_TABLE,
 from airflow_sync_provider.core.events.schema import EventSchema, EventTransform, decode_events
 from airflow_sync_provider.core.events.source import EventBatch, EventSource, Position
 from airflow_sync_provider.core.events.spec import EventSpec
+from airflow_sync_provider.core.extract import new_manifest_id
 from airflow_sync_provider.core.load import LoadResult, load_manifest
 from airflow_sync_provider.core.manifest import Manifest, StagedFile
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver
@@ -46,7 +46,7 @@ from airflow_sync_provider.core.schema import validate_pg_type
 from airflow_sync_provider.core.sqltext import execute
 from airflow_sync_provider.core.staging import StagingArea
 from airflow_sync_provider.core.state import SyncState, committed_state
-from airflow_sync_provider.core.sync import loadable_at
+from airflow_sync_provider.core.sync import start_state
 
 _ARRIVAL = "__arrival"
 
@@ -132,8 +132,7 @@ def drain_events(
     staging = staging or StagingArea()
     started = time.monotonic()
     result = DrainResult(spec.sync_id)
-    state = committed_state(conn, spec)
-    staging.sweep_abandoned(spec.sync_id, pending=loadable_at(state), log=log)
+    start_state(conn, spec, staging, log)  # for its sweep: each batch reads the state it loads on
     while max_batches is None or result.batches < max_batches:
         if max_seconds is not None and time.monotonic() - started >= max_seconds:
             break
@@ -298,7 +297,7 @@ def stage_rows(
     The stream position goes into the manifest's watermark (``[position]``), so the load commits it
     to ``_sync_state`` with the rows; the state version pins the batch to the state it was read at.
     """
-    manifest_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+    manifest_id = new_manifest_id()
     batch_dir = staging.batch_uri(spec.sync_id, manifest_id)
     files: tuple[StagedFile, ...] = ()
     if rows.num_rows:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -197,92 +197,113 @@ def read_sync_history(
     most ``limit`` of each) and the runs they make up (oldest first: the chart's points)."""
     entries: list[HistoryEntry] = []
     truncated = False
-    if table_exists(conn, schema, AUDIT_TABLE):
-        rows = _dicts(
-            conn,
-            sql.SQL(
-                "SELECT recorded_at, run_id, status, mode, rows_staged, inserted, updated, deleted, "
-                "extract_seconds, load_seconds, range_low, range_high, details FROM {} "
-                "WHERE sync_id = %(sync)s AND recorded_at >= %(since)s ORDER BY entry_id DESC LIMIT %(limit)s"
-            ).format(sql.Identifier(schema, AUDIT_TABLE)),
-            {"sync": sync_id, "since": since, "limit": limit + 1},
-        )
-        truncated |= len(rows) > limit
-        for r in rows[:limit]:
-            details = _json(r["details"]) or {}
-            entries.append(
-                HistoryEntry(
-                    "load",
-                    r["recorded_at"],
-                    r["run_id"],
-                    r["status"],
-                    rows_staged=r["rows_staged"],
-                    inserted=r["inserted"],
-                    updated=r["updated"],
-                    deleted=r["deleted"],
-                    seconds=(r["extract_seconds"] or 0.0) + (r["load_seconds"] or 0.0),
-                    extract_seconds=r["extract_seconds"] or 0.0,
-                    load_seconds=r["load_seconds"] or 0.0,
-                    range_low=_json(r["range_low"]),
-                    range_high=_json(r["range_high"]),
-                    detail="; ".join(
-                        [*details.get("notes", []), *([details["message"]] if details.get("message") else [])]
-                    ),
-                )
-            )
-    if table_exists(conn, schema, QUALITY_TABLE):
-        rows = _dicts(
-            conn,
-            sql.SQL(
-                "SELECT validated_at, run_id, success, rows, quarantined_rows, summary FROM {} "
-                "WHERE sync_id = %(sync)s AND validated_at >= %(since)s ORDER BY result_id DESC LIMIT %(limit)s"
-            ).format(sql.Identifier(schema, QUALITY_TABLE)),
-            {"sync": sync_id, "since": since, "limit": limit + 1},
-        )
-        truncated |= len(rows) > limit
-        for r in rows[:limit]:
-            failing = _failing_rules(_json(r["summary"]) or {})
-            entries.append(
-                HistoryEntry(
-                    "gate",
-                    r["validated_at"],
-                    r["run_id"],
-                    "passed" if r["success"] else "failed",
-                    rows_staged=r["rows"],
-                    detail=", ".join(f.label for f in failing)
-                    + (f"; {r['quarantined_rows']} quarantined" if r["quarantined_rows"] else ""),
-                )
-            )
-    if table_exists(conn, schema, RECONCILE_TABLE):
-        rows = _dicts(
-            conn,
-            sql.SQL(
-                "SELECT * FROM {} WHERE sync_id = %(sync)s AND reconciled_at >= %(since)s "
-                "ORDER BY reconciliation_id DESC LIMIT %(limit)s"
-            ).format(sql.Identifier(schema, RECONCILE_TABLE)),
-            {"sync": sync_id, "since": since, "limit": limit + 1},
-        )
-        truncated |= len(rows) > limit
-        for r in rows[:limit]:
-            recon = _reconciliation(r)
-            entries.append(
-                HistoryEntry(
-                    "reconciliation",
-                    recon.reconciled_at,
-                    recon.run_id,
-                    recon.result,
-                    seconds=r["seconds"],
-                    detail=(
-                        f"source {recon.source_count:,}, target {recon.target_count:,}: {recon.missing_in_target} "
-                        f"missing, {recon.extra_in_target} extra, {recon.different} different"
-                    ),
-                )
-            )
+    for source in _HISTORY_SOURCES:
+        rows, more = _history_rows(conn, schema, source, sync_id, since, limit)
+        truncated |= more
+        entries.extend(source.entry(r) for r in rows)
     entries.sort(key=lambda e: e.at, reverse=True)
     return SyncHistory(sync_id, since, tuple(entries), tuple(_runs_of(entries)), truncated)
 
 
 # --------------------------------------------------------------------------- internals
+
+
+def _load_entry(r: Mapping[str, Any]) -> HistoryEntry:
+    details = _json(r["details"]) or {}
+    return HistoryEntry(
+        "load",
+        r["recorded_at"],
+        r["run_id"],
+        r["status"],
+        rows_staged=r["rows_staged"],
+        inserted=r["inserted"],
+        updated=r["updated"],
+        deleted=r["deleted"],
+        seconds=(r["extract_seconds"] or 0.0) + (r["load_seconds"] or 0.0),
+        extract_seconds=r["extract_seconds"] or 0.0,
+        load_seconds=r["load_seconds"] or 0.0,
+        range_low=_json(r["range_low"]),
+        range_high=_json(r["range_high"]),
+        detail="; ".join([*details.get("notes", []), *([details["message"]] if details.get("message") else [])]),
+    )
+
+
+def _gate_entry(r: Mapping[str, Any]) -> HistoryEntry:
+    failing = _failing_rules(_json(r["summary"]) or {})
+    return HistoryEntry(
+        "gate",
+        r["validated_at"],
+        r["run_id"],
+        "passed" if r["success"] else "failed",
+        rows_staged=r["rows"],
+        detail=", ".join(f.label for f in failing)
+        + (f"; {r['quarantined_rows']} quarantined" if r["quarantined_rows"] else ""),
+    )
+
+
+def _reconciliation_entry(r: Mapping[str, Any]) -> HistoryEntry:
+    recon = _reconciliation(r)
+    return HistoryEntry(
+        "reconciliation",
+        recon.reconciled_at,
+        recon.run_id,
+        recon.result,
+        seconds=r["seconds"],
+        detail=(
+            f"source {recon.source_count:,}, target {recon.target_count:,}: {recon.missing_in_target} "
+            f"missing, {recon.extra_in_target} extra, {recon.different} different"
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class _HistorySource:
+    """An evidence table as :func:`read_sync_history` reads it: which columns (None: all), the time
+    ``since`` filters on, the id that orders it (newest first) and how a row becomes an entry."""
+
+    table: str
+    columns: tuple[str, ...] | None
+    at: str
+    order: str
+    entry: Callable[[Mapping[str, Any]], HistoryEntry]
+
+
+_LEDGER_COLUMNS = (
+    "recorded_at", "run_id", "status", "mode", "rows_staged", "inserted", "updated", "deleted",
+    "extract_seconds", "load_seconds", "range_low", "range_high", "details",
+)  # fmt: skip
+_HISTORY_SOURCES = (
+    _HistorySource(AUDIT_TABLE, _LEDGER_COLUMNS, "recorded_at", "entry_id", _load_entry),
+    _HistorySource(
+        QUALITY_TABLE,
+        ("validated_at", "run_id", "success", "rows", "quarantined_rows", "summary"),
+        "validated_at",
+        "result_id",
+        _gate_entry,
+    ),
+    _HistorySource(RECONCILE_TABLE, None, "reconciled_at", "reconciliation_id", _reconciliation_entry),
+)
+
+
+def _history_rows(
+    conn: psycopg.Connection[Any], schema: str, source: _HistorySource, sync_id: str, since: dt.datetime, limit: int
+) -> tuple[list[dict[str, Any]], bool]:
+    """The newest ``limit`` rows of ``sync_id`` in ``source`` since ``since`` (none when its table does not
+    exist yet), and whether older ones were left out."""
+    if not table_exists(conn, schema, source.table):
+        return [], False
+    columns = sql.SQL(", ").join(map(sql.Identifier, source.columns)) if source.columns else sql.SQL("*")
+    rows = _dicts(
+        conn,
+        sql.SQL(
+            "SELECT {} FROM {} WHERE sync_id = %(sync)s AND {} >= %(since)s ORDER BY {} DESC LIMIT %(limit)s"
+        ).format(
+            columns, sql.Identifier(schema, source.table), sql.Identifier(source.at), sql.Identifier(source.order)
+        ),
+        {"sync": sync_id, "since": since, "limit": limit + 1},
+    )
+    return rows[:limit], len(rows) > limit
+
 
 _EVIDENCE = (AUDIT_TABLE, QUALITY_TABLE, RECONCILE_TABLE, QUARANTINE_TABLE, EVENT_QUARANTINE_TABLE, CONTEXT_TABLE)
 
