@@ -40,7 +40,7 @@ from airflow_sync_provider.core.merge import delete_missing, merge_and_delete
 from airflow_sync_provider.core.pgcopy import BoundedQueuedWriter, hex_bytea, naive_utc, utc_session
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver, Progress
 from airflow_sync_provider.core.spec import RUN_ID_COLUMN, SYNCED_AT_COLUMN
-from airflow_sync_provider.core.staging import iter_staged_batches, remove_staged
+from airflow_sync_provider.core.staging import StagedBatch, iter_staged_batches, remove_staged
 from airflow_sync_provider.core.state import SyncState, ensure_state_table, lock_state, write_state
 from airflow_sync_provider.core.target import TargetTable, ensure_target_table, idle_autocommit
 
@@ -186,13 +186,33 @@ def _load_manifest(
         deleted,
         result.seconds,
     )
-    notify(observer, "committed", result.to_dict())
+    after_commit(manifest, result.to_dict(), observer=observer, keep_staged=keep_staged, log=log)
+    return result
+
+
+class CommittedBatch(StagedBatch, Protocol):
+    """What :func:`after_commit` needs of a manifest (table or CDC)."""
+
+    @property
+    def sync_id(self) -> str: ...
+
+
+def after_commit(
+    manifest: CommittedBatch,
+    result: dict[str, Any],
+    *,
+    observer: PhaseObserver | None,
+    keep_staged: bool,
+    log: Logger,
+) -> None:
+    """Once a load (table or CDC) committed: tell the observer, then remove the staged files unless
+    ``keep_staged``.  Best effort: the data is committed, so a leftover file is only clutter."""
+    notify(observer, "committed", result)
     if not keep_staged:
         try:
             remove_staged(manifest)
-        except OSError as error:  # the data is committed; a leftover file is only clutter
+        except OSError as error:
             log.warning("sync %s: could not remove staged files %s: %s", manifest.sync_id, manifest.staging_dir, error)
-    return result
 
 
 @dataclass(frozen=True)
