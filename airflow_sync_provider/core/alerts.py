@@ -38,56 +38,71 @@ RULES: tuple[AlertRule, ...] = (
 #: ``warning`` past the threshold, ``critical`` past twice the threshold.
 Severity = Literal["warning", "critical"]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)?\s*$", re.IGNORECASE)
-_DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
-_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*$", re.IGNORECASE)
-_BYTE_UNITS = {
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
+
+@dataclass(frozen=True)
+class _Scale:
+    """A kind of threshold quantity: a number, or text of a number and an optional unit."""
+
+    what: str
+    pattern: re.Pattern[str]
+    units: Mapping[str, int]
+    default_unit: str
+    examples: str
+
+    def parse(self, value: float | str, name: str) -> float:
+        """``value`` in the smallest unit; a bool, text that does not match or a negative amount is refused."""
+        if isinstance(value, bool):
+            raise ConfigurationError(f"threshold {name} must be {self.what}, got {value!r}")
+        if isinstance(value, (int, float)):
+            amount = float(value)
+        else:
+            match = self.pattern.match(str(value))
+            if not match:
+                raise ConfigurationError(f"threshold {name}: {value!r} is not {self.examples}")
+            amount = float(match.group(1)) * self.units[(match.group(2) or self.default_unit).lower()]
+        if amount < 0:
+            raise ConfigurationError(f"threshold {name} must not be negative, got {value!r}")
+        return amount
+
+
+_DURATION = _Scale(
+    "a duration",
+    re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)?\s*$", re.IGNORECASE),
+    {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800},
+    "s",
+    "a duration like '90s', '15m', '2h' or '1d'",
+)
+_BYTES = _Scale(
+    "a size in bytes",
+    re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*$", re.IGNORECASE),
+    {
+        "b": 1,
+        "kb": 1000,
+        "mb": 1000**2,
+        "gb": 1000**3,
+        "tb": 1000**4,
+        "kib": 1024,
+        "mib": 1024**2,
+        "gib": 1024**3,
+        "tib": 1024**4,
+    },
+    "b",
+    "a size like 1048576, '512MB' or '2GiB'",
+)
 
 
 def parse_duration(value: dt.timedelta | float | str | None, *, name: str = "duration") -> dt.timedelta | None:
     """A threshold duration from a timedelta, seconds, or text such as ``"90s"``, ``"15m"``, ``"2h"``, ``"1d"``."""
     if value is None or isinstance(value, dt.timedelta):
         return value
-    if isinstance(value, bool):
-        raise ConfigurationError(f"threshold {name} must be a duration, got {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise ConfigurationError(f"threshold {name}: {value!r} is not a duration like '90s', '15m', '2h' or '1d'")
-        seconds = float(match.group(1)) * _DURATION_UNITS[(match.group(2) or "s").lower()]
-    if seconds < 0:
-        raise ConfigurationError(f"threshold {name} must not be negative, got {value!r}")
-    return dt.timedelta(seconds=seconds)
+    return dt.timedelta(seconds=_DURATION.parse(value, name))
 
 
 def parse_bytes(value: float | str | None, *, name: str = "bytes") -> int | None:
     """A threshold size from a number of bytes or text such as ``"512MB"``, ``"2GiB"``."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise ConfigurationError(f"threshold {name} must be a size in bytes, got {value!r}")
-    if isinstance(value, (int, float)):
-        size = float(value)
-    else:
-        match = _BYTES.match(str(value))
-        if not match:
-            raise ConfigurationError(f"threshold {name}: {value!r} is not a size like 1048576, '512MB' or '2GiB'")
-        size = float(match.group(1)) * _BYTE_UNITS[(match.group(2) or "b").lower()]
-    if size < 0:
-        raise ConfigurationError(f"threshold {name} must not be negative, got {value!r}")
-    return int(size)
+    return int(_BYTES.parse(value, name))
 
 
 def _parse_count(value: Any, *, name: str) -> int | None:

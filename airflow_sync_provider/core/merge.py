@@ -195,7 +195,7 @@ def merge_and_delete(
                     row = execute(conn, merge, {"run_id": run_id}).fetchone()
                     if deleting and row is not None:
                         deleted = int(row[2])
-                        _check_delete_fraction(manifest, target, deleted, before)
+                        _check_delete_fraction(manifest, target, deleted, before, "delete detection")
             except psycopg.errors.UniqueViolation:
                 row = None
         if row is None:
@@ -209,29 +209,51 @@ def merge_and_delete(
 def delete_missing(
     conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, stage: sql.Identifier, run_id: str
 ) -> int:
-    """Remove (or mark) target rows whose key is not in ``stage`` (the complete source key set).
-
-    Run with parameters (an empty tuple for the DELETE), through :func:`~.sqltext.execute`.
-    """
+    """Remove (or mark) target rows whose key is not in ``stage`` (the complete source key set)."""
     match = sql.SQL(" AND ").join(
         sql.SQL("{} = {}").format(sql.Identifier("s", k), sql.Identifier("t", k)) for k in manifest.primary_key
     )
     missing = sql.SQL("NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(stage, match)
+    return remove_rows(conn, manifest, target, run_id, where=missing, guard="delete detection")
+
+
+def remove_rows(
+    conn: psycopg.Connection[Any],
+    manifest: Manifest,
+    target: TargetTable,
+    run_id: str,
+    *,
+    where: sql.Composable | None = None,
+    using: sql.Composable | None = None,
+    guard: str | None = None,
+) -> int:
+    """Delete the target rows (alias ``t``) that ``where`` selects, ``using`` a table joined as ``s``;
+    with ``delete_mode="soft"``, mark those not marked yet instead.  Returns how many.
+
+    ``guard`` names the step (``"delete detection"``) when ``max_delete_fraction`` applies: removing
+    a larger share of the target raises.  Run with parameters, through :func:`~.sqltext.execute` (a
+    ``%`` in a name must not read as a placeholder).
+    """
+    conditions = [where] if where is not None else []
     if manifest.delete_mode == "soft":
-        statement = sql.SQL("UPDATE {} t SET {} = now(), {} = %s WHERE {} IS NULL AND {}").format(
-            target.ident,
-            sql.Identifier(DELETED_AT_COLUMN),
-            sql.Identifier(RUN_ID_COLUMN),
-            sql.Identifier("t", DELETED_AT_COLUMN),
-            missing,
+        conditions.insert(0, sql.SQL("{} IS NULL").format(sql.Identifier("t", DELETED_AT_COLUMN)))
+        statement = sql.SQL("UPDATE {} t SET {} = now(), {} = %s").format(
+            target.ident, sql.Identifier(DELETED_AT_COLUMN), sql.Identifier(RUN_ID_COLUMN)
         )
+        join = sql.SQL(" FROM {} s")
         params: tuple[Any, ...] = (run_id,)
     else:
-        statement = sql.SQL("DELETE FROM {} t WHERE {}").format(target.ident, missing)
+        statement = sql.SQL("DELETE FROM {} t").format(target.ident)
+        join = sql.SQL(" USING {} s")
         params = ()
-    before = _count_before_deletes(conn, manifest, target)
-    deleted = execute(conn, statement, params).rowcount
-    _check_delete_fraction(manifest, target, deleted, before)
+    if using is not None:
+        statement += join.format(using)
+    if conditions:
+        statement += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions)
+    before = _count_before_deletes(conn, manifest, target) if guard else None
+    deleted = int(execute(conn, statement, params).rowcount)
+    if guard:
+        _check_delete_fraction(manifest, target, deleted, before, guard)
     return deleted
 
 
@@ -243,11 +265,11 @@ def _count_before_deletes(conn: psycopg.Connection[Any], manifest: Manifest, tar
     return int(row[0]) if row else 0
 
 
-def _check_delete_fraction(manifest: Manifest, target: TargetTable, deleted: int, total: int | None) -> None:
+def _check_delete_fraction(manifest: Manifest, target: TargetTable, deleted: int, total: int | None, step: str) -> None:
     """Refuse (raise, so the load's transaction rolls back) deleting more than ``max_delete_fraction``."""
     if total and manifest.max_delete_fraction is not None and deleted / total > manifest.max_delete_fraction:
         raise UnsafeOperationError(
-            f"delete detection would delete {deleted} of {total} target rows "
+            f"{step} would delete {deleted} of {total} target rows "
             f"({deleted / total:.1%} > max_delete_fraction {manifest.max_delete_fraction:.1%}); "
             "nothing was changed. Check the source, or raise max_delete_fraction",
             sync_id=manifest.sync_id,
@@ -256,7 +278,7 @@ def _check_delete_fraction(manifest: Manifest, target: TargetTable, deleted: int
         )
 
 
-__all__ = ["delete_missing", "merge_and_delete", "merge_stage"]
+__all__ = ["delete_missing", "merge_and_delete", "merge_stage", "remove_rows"]
 
 
 def rejected_by_target(error: psycopg.Error, manifest: Manifest, target: TargetTable) -> DataError:

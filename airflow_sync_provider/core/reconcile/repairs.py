@@ -12,9 +12,10 @@ import pyarrow as pa
 import sqlalchemy as sa
 from psycopg import sql
 
-from airflow_sync_provider.core.errors import ConfigurationError, UnsafeOperationError
+from airflow_sync_provider.core.errors import ConfigurationError
 from airflow_sync_provider.core.load import apply_table_batch, copy_files
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
+from airflow_sync_provider.core.merge import remove_rows
 from airflow_sync_provider.core.progress import LOG, Logger
 from airflow_sync_provider.core.reconcile import limits
 from airflow_sync_provider.core.reconcile.differences import discard_keys, stamp
@@ -24,8 +25,7 @@ from airflow_sync_provider.core.reconcile.results import ReconcileResult, Repair
 from airflow_sync_provider.core.reconcile.sides import snapshot_connection, source_error, source_rows_by_key
 from airflow_sync_provider.core.schema import ColumnPlan
 from airflow_sync_provider.core.source import SourceTable, reflect_source, rows_to_table
-from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SyncSpec
-from airflow_sync_provider.core.sqltext import execute
+from airflow_sync_provider.core.spec import SyncSpec
 from airflow_sync_provider.core.staging import StagingArea, iter_staged_batches
 from airflow_sync_provider.core.state import hold_state_row
 from airflow_sync_provider.core.target import TargetTable, idle_autocommit
@@ -74,7 +74,7 @@ def repair(
                 not_deleted = gone
             elif gone:
                 assert delete_file is not None
-                deleted = _delete_keys(target_conn, spec, manifest, applied.target, delete_file, key_plans, run_id, log)
+                deleted = _delete_keys(target_conn, manifest, applied.target, delete_file, key_plans, run_id, log)
             repaired = RepairResult(
                 sync_id=spec.sync_id,
                 run_id=run_id,
@@ -177,12 +177,12 @@ def _repair_manifest(
         delete_mode=spec.delete_mode,
         detect_deletes=False,
         state_table=spec.state_table,
+        max_delete_fraction=spec.max_delete_fraction,  # guards the deletes of keys the source lacks
     )
 
 
 def _delete_keys(
     conn: psycopg.Connection[Any],
-    spec: SyncSpec,
     manifest: Manifest,
     target: TargetTable,
     keys_file: StagedFile,
@@ -190,7 +190,7 @@ def _delete_keys(
     run_id: str,
     log: Logger,
 ) -> int:
-    """Delete (or soft-delete) the target rows with the staged keys."""
+    """Delete (or soft-delete) the target rows with the staged keys, within ``max_delete_fraction``."""
     keys = [p.name for p in key_plans]
     stage = sql.Identifier(f"_sync_repair_keys_{uuid.uuid4().hex[:16]}")
     conn.execute(
@@ -200,29 +200,7 @@ def _delete_keys(
     )
     copy_files(conn, manifest, target, stage, log, [keys_file], keys, "loaded keys the source does not have")
     match = sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(sql.Identifier(k)) for k in keys)
-    if spec.delete_mode == "soft":
-        statement = sql.SQL("UPDATE {t} t SET {d} = now(), {r} = %s FROM {s} s WHERE {m} AND t.{d} IS NULL").format(
-            t=target.ident, d=sql.Identifier(DELETED_AT_COLUMN), r=sql.Identifier(RUN_ID_COLUMN), s=stage, m=match
-        )
-        params: tuple[Any, ...] = (run_id,)
-    else:
-        statement = sql.SQL("DELETE FROM {} t USING {} s WHERE {}").format(target.ident, stage, match)
-        params = ()
-    before = None
-    if spec.max_delete_fraction is not None:
-        before = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target.ident)).fetchone()
-    deleted = int(execute(conn, statement, params).rowcount)
-    if before is not None and spec.max_delete_fraction is not None and before[0]:
-        total = int(before[0])
-        if deleted / total > spec.max_delete_fraction:
-            raise UnsafeOperationError(
-                f"the repair would delete {deleted} of {total} target rows ({deleted / total:.1%} > "
-                f"max_delete_fraction {spec.max_delete_fraction:.1%}); nothing was changed",
-                sync_id=spec.sync_id,
-                table=target.display,
-                rule="max_delete_fraction",
-            )
-    return deleted
+    return remove_rows(conn, manifest, target, run_id, where=match, using=stage, guard="the repair")
 
 
 __all__ = [
