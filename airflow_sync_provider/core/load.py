@@ -36,7 +36,7 @@ from airflow_sync_provider.core.errors import (
 )
 from airflow_sync_provider.core.history import close_deleted, record_history
 from airflow_sync_provider.core.manifest import Manifest, StagedFile
-from airflow_sync_provider.core.merge import delete_missing, merge_and_delete
+from airflow_sync_provider.core.merge import delete_missing, key_match, merge_and_delete
 from airflow_sync_provider.core.pgcopy import BoundedQueuedWriter, hex_bytea, naive_utc, utc_session
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver, Progress
 from airflow_sync_provider.core.spec import RUN_ID_COLUMN, SYNCED_AT_COLUMN
@@ -415,12 +415,9 @@ class _Replay:
 def _not_older_than_target(manifest: Manifest, target: TargetTable) -> sql.Composable:
     """Stage rows (alias ``s``) whose target row, if any, has no newer cursor value."""
     assert manifest.cursor_column
-    match = sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier("n", k), sql.Identifier("s", k)) for k in manifest.primary_key
-    )
     return sql.SQL("NOT EXISTS (SELECT 1 FROM {} n WHERE {} AND {} > {})").format(
         target.ident,
-        match,
+        key_match("n", "s", manifest.primary_key),
         sql.Identifier("n", manifest.cursor_column),
         sql.Identifier("s", manifest.cursor_column),
     )

@@ -8,6 +8,7 @@ does not have.  Both run inside the load's transaction.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -18,6 +19,13 @@ from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SYNCED_AT_COLUMN
 from airflow_sync_provider.core.sqltext import execute
 from airflow_sync_provider.core.target import TargetTable, comparable
+
+
+def key_match(left: str, right: str, keys: Sequence[str]) -> sql.Composable:
+    """``left.k = right.k AND ...`` over ``keys``: two aliases of a table's rows joined by key."""
+    return sql.SQL(" AND ").join(
+        sql.SQL("{} = {}").format(sql.Identifier(left, k), sql.Identifier(right, k)) for k in keys
+    )
 
 
 def _value_columns(manifest: Manifest) -> list[str]:
@@ -154,9 +162,7 @@ def merge_and_delete(
             target=ident,
             stage=stage,
             where=filtered,
-            match=sql.SQL(" AND ").join(
-                sql.SQL("{} = {}").format(sql.Identifier("t", k), sql.Identifier("s", k)) for k in keys
-            ),
+            match=key_match("t", "s", keys),
             when_matched=when_matched,
             insert_columns=insert_columns,
             select_columns=select_columns,
@@ -210,10 +216,9 @@ def delete_missing(
     conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, stage: sql.Identifier, run_id: str
 ) -> int:
     """Remove (or mark) target rows whose key is not in ``stage`` (the complete source key set)."""
-    match = sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier("s", k), sql.Identifier("t", k)) for k in manifest.primary_key
+    missing = sql.SQL("NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(
+        stage, key_match("s", "t", manifest.primary_key)
     )
-    missing = sql.SQL("NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(stage, match)
     return remove_rows(conn, manifest, target, run_id, where=missing, guard="delete detection")
 
 
@@ -278,7 +283,7 @@ def _check_delete_fraction(manifest: Manifest, target: TargetTable, deleted: int
         )
 
 
-__all__ = ["delete_missing", "merge_and_delete", "merge_stage", "remove_rows"]
+__all__ = ["delete_missing", "key_match", "merge_and_delete", "merge_stage", "remove_rows"]
 
 
 def rejected_by_target(error: psycopg.Error, manifest: Manifest, target: TargetTable) -> DataError:

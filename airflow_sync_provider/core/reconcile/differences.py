@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
 
+from airflow_sync_provider.core.extract import new_manifest_id
 from airflow_sync_provider.core.progress import LOG
 from airflow_sync_provider.core.reconcile import limits
 from airflow_sync_provider.core.reconcile.fingerprint import canonical_column, canonical_keys, plan_of
@@ -144,9 +143,8 @@ def differing_columns(keys: Sequence[tuple[Any, ...]], sides: tuple[SourceSide, 
     return columns
 
 
-def stamp() -> str:
-    """A unique, time-ordered name for a staging folder of this module (differing keys, repair rows)."""
-    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+#: A unique, time-ordered name for a staging folder of this module (differing keys, repair rows).
+stamp = new_manifest_id
 
 
 def iter_differing_keys(result: ReconcileResult, batch_rows: int = 65_536) -> Iterable[dict[str, Any]]:

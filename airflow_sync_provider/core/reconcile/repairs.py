@@ -15,7 +15,7 @@ from psycopg import sql
 from airflow_sync_provider.core.errors import ConfigurationError
 from airflow_sync_provider.core.load import apply_table_batch, copy_files
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
-from airflow_sync_provider.core.merge import remove_rows
+from airflow_sync_provider.core.merge import key_match, remove_rows
 from airflow_sync_provider.core.progress import LOG, Logger
 from airflow_sync_provider.core.reconcile import limits
 from airflow_sync_provider.core.reconcile.differences import discard_keys, stamp
@@ -199,8 +199,7 @@ def _delete_keys(
         )
     )
     copy_files(conn, manifest, target, stage, log, [keys_file], keys, "loaded keys the source does not have")
-    match = sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(sql.Identifier(k)) for k in keys)
-    return remove_rows(conn, manifest, target, run_id, where=match, using=stage, guard="the repair")
+    return remove_rows(conn, manifest, target, run_id, where=key_match("t", "s", keys), using=stage, guard="the repair")
 
 
 __all__ = [
