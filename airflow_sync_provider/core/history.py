@@ -20,7 +20,6 @@ in a masked-away column does not open a version.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -28,6 +27,7 @@ from psycopg import sql
 
 from airflow_sync_provider.core.errors import SchemaError
 from airflow_sync_provider.core.manifest import Manifest
+from airflow_sync_provider.core.merge import key_match
 from airflow_sync_provider.core.progress import LOG
 from airflow_sync_provider.core.schema import validate_pg_type
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN
@@ -97,12 +97,6 @@ def _index_name(table: str) -> str:
     return table.encode()[: 63 - len(suffix)].decode(errors="ignore") + suffix
 
 
-def _key_match(left: str, right: str, keys: Sequence[str]) -> sql.Composable:
-    return sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier(left, k), sql.Identifier(right, k)) for k in keys
-    )
-
-
 def record_history(
     conn: psycopg.Connection[Any],
     manifest: Manifest,
@@ -133,7 +127,7 @@ def record_history(
         history,
         run_id,
         sql.SQL("FROM {} s WHERE {} AND h.{}{} AND {}").format(
-            stage, _key_match("h", "s", keys), sql.Identifier(IS_CURRENT), stage_filter, differs
+            stage, key_match("h", "s", keys), sql.Identifier(IS_CURRENT), stage_filter, differs
         ),
     )
     opened = execute(
@@ -150,7 +144,7 @@ def record_history(
             opened_by=sql.Identifier(OPENED_BY),
             selected=sql.SQL(", ").join(sql.Identifier("s", c) for c in columns),
             stage=stage,
-            match=_key_match("h", "s", keys),
+            match=key_match("h", "s", keys),
             stage_filter=stage_filter,
         ),
         {"run_id": run_id},
@@ -173,7 +167,7 @@ def close_deleted(conn: psycopg.Connection[Any], manifest: Manifest, target: sql
         history,
         run_id,
         sql.SQL("WHERE h.{} AND NOT EXISTS (SELECT 1 FROM {} t WHERE {}{})").format(
-            sql.Identifier(IS_CURRENT), target, _key_match("t", "h", manifest.primary_key), live
+            sql.Identifier(IS_CURRENT), target, key_match("t", "h", manifest.primary_key), live
         ),
         deleted=True,
     )

@@ -49,13 +49,13 @@ from airflow_sync_provider.core.cdc.position import CdcPosition
 from airflow_sync_provider.core.cdc.watch import Watch
 from airflow_sync_provider.core.errors import DataError, SchemaError
 from airflow_sync_provider.core.history import close_deleted, record_history
-from airflow_sync_provider.core.load import apply_table_batch, copy_files, notify, prepare_load
+from airflow_sync_provider.core.load import after_commit, apply_table_batch, copy_files, notify, prepare_load
 from airflow_sync_provider.core.manifest import Manifest, StagedFile
-from airflow_sync_provider.core.merge import merge_stage, rejected_by_target
+from airflow_sync_provider.core.merge import key_match, merge_stage, rejected_by_target, remove_rows
 from airflow_sync_provider.core.progress import LOG, Logger, PhaseObserver
 from airflow_sync_provider.core.spec import DELETED_AT_COLUMN, RUN_ID_COLUMN, SYNCED_AT_COLUMN
 from airflow_sync_provider.core.sqltext import execute
-from airflow_sync_provider.core.staging import StagingArea, read_staged_table, remove_staged
+from airflow_sync_provider.core.staging import StagingArea, read_staged_table
 from airflow_sync_provider.core.state import lock_state, write_state
 from airflow_sync_provider.core.target import TargetTable, comparable, ensure_target_table, metadata_columns
 
@@ -186,12 +186,7 @@ def load_cdc_manifest(
         result.deleted,
         result.seconds,
     )
-    notify(observer, "committed", result.to_dict())
-    if not keep_staged:
-        try:
-            remove_staged(manifest)
-        except OSError as error:
-            log.warning("sync %s: could not remove staged files %s: %s", manifest.sync_id, manifest.staging_dir, error)
+    after_commit(manifest, result.to_dict(), observer=observer, keep_staged=keep_staged, log=log)
     return result
 
 
@@ -220,13 +215,6 @@ def _audit_entry(manifest: CdcManifest, run_id: str, result: CdcLoadResult, chec
             "transactions": manifest.transactions,
             "message": result.message,
         },
-    )
-
-
-def _keys(manifest: Manifest, left: str, right: str) -> sql.Composable:
-    """``left.k = right.k AND ...`` over the key (for statements run with parameters, too)."""
-    return sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier(left, k), sql.Identifier(right, k)) for k in manifest.primary_key
     )
 
 
@@ -413,7 +401,7 @@ def _net_effect_in_sql(
             conn,
             sql.SQL(
                 "DELETE FROM {stage} s WHERE EXISTS (SELECT FROM {stage} n WHERE {same} AND n.{seq} > s.{seq})"
-            ).format(stage=stage, same=_keys(manifest, "n", "s"), seq=sql.Identifier(SEQ_COLUMN)),
+            ).format(stage=stage, same=key_match("n", "s", manifest.primary_key), seq=sql.Identifier(SEQ_COLUMN)),
             (),  # with parameters (a % in a column name reads as one)
         )
 
@@ -456,7 +444,7 @@ def _merge_with_deletes(
     ).format(
         target=target.ident,
         stage=stage,
-        match=_keys(manifest, "t", "s"),
+        match=key_match("t", "s", manifest.primary_key),
         op=op,
         update=update,
         columns=sql.SQL(", ").join(map(sql.Identifier, [*names, RUN_ID_COLUMN, SYNCED_AT_COLUMN])),
@@ -636,7 +624,7 @@ def _resolve_unchanged(
                 links=links,
                 seq=p_seq,
                 target=target.ident,
-                origin_key=_keys(manifest, "t", "o"),
+                origin_key=key_match("t", "o", manifest.primary_key),
                 op=p_op,
                 moved=p_moved,
                 segno=p_segno,
@@ -700,33 +688,11 @@ def _unknown_value(
 def _apply_deletes(
     conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, final: sql.Identifier, run_id: str
 ) -> int:
-    """Delete (or mark) the keys whose last change is a delete (run with parameters, through ``execute``)."""
-    ident = target.ident
-    deleting = sql.SQL("s.{} = 'D' AND {}").format(sql.Identifier(OP_COLUMN), _keys(manifest, "t", "s"))
-    if manifest.delete_mode == "soft":
-        statement = sql.SQL("UPDATE {} t SET {} = now(), {} = %s FROM {} s WHERE {} AND t.{} IS NULL").format(
-            ident,
-            sql.Identifier(DELETED_AT_COLUMN),
-            sql.Identifier(RUN_ID_COLUMN),
-            final,
-            deleting,
-            sql.Identifier(DELETED_AT_COLUMN),
-        )
-        return execute(conn, statement, (run_id,)).rowcount
-    return execute(conn, sql.SQL("DELETE FROM {} t USING {} s WHERE {}").format(ident, final, deleting), ()).rowcount
+    """Delete (or mark) the keys whose last change is a delete."""
+    deleting = sql.SQL("s.{} = 'D' AND {}").format(sql.Identifier(OP_COLUMN), key_match("t", "s", manifest.primary_key))
+    return remove_rows(conn, manifest, target, run_id, where=deleting, using=final)
 
 
 def _delete_all(conn: psycopg.Connection[Any], manifest: Manifest, target: TargetTable, run_id: str) -> int:
     """A TRUNCATE at the source: remove (or mark) every target row, in this transaction."""
-    if manifest.delete_mode == "soft":
-        return execute(
-            conn,
-            sql.SQL("UPDATE {} SET {} = now(), {} = %s WHERE {} IS NULL").format(
-                target.ident,
-                sql.Identifier(DELETED_AT_COLUMN),
-                sql.Identifier(RUN_ID_COLUMN),
-                sql.Identifier(DELETED_AT_COLUMN),
-            ),
-            (run_id,),
-        ).rowcount
-    return conn.execute(sql.SQL("DELETE FROM {}").format(target.ident)).rowcount
+    return remove_rows(conn, manifest, target, run_id)

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from airflow_sync_provider.core.cdc import slot
 from airflow_sync_provider.core.cdc.bulk import read_bulk
-from airflow_sync_provider.core.cdc.manifest import CdcManifest, manifest_header, new_manifest_id
+from airflow_sync_provider.core.cdc.manifest import CdcManifest, manifest_header
 from airflow_sync_provider.core.cdc.per_message import read_per_message
 from airflow_sync_provider.core.cdc.position import POSITION_KEYS, CdcPosition, SnapshotFilter, still_loadable
 from airflow_sync_provider.core.cdc.read import ChangeRead, TableStream, catalog_columns, stream_columns, table_manifest
@@ -28,6 +28,7 @@ from airflow_sync_provider.core.cdc.session import (
 from airflow_sync_provider.core.cdc.snapshot import snapshot_to_staging, table_snapshot_to_staging
 from airflow_sync_provider.core.cdc.spec import CdcSpec
 from airflow_sync_provider.core.cdc.watch import Watch
+from airflow_sync_provider.core.extract import new_manifest_id
 from airflow_sync_provider.core.progress import LOG, Logger, Progress
 from airflow_sync_provider.core.staging import StagingArea
 from airflow_sync_provider.core.state import SyncState

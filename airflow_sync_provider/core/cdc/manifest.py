@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -117,11 +116,6 @@ class CdcManifest:
             f"({self.changes} changes in {self.transactions} transactions) for {len(self.tables)} table(s), "
             f"up to commit {int_to_lsn(self.commit_lsn)}"
         )
-
-
-def new_manifest_id() -> str:
-    """A batch's id: sortable by when it was staged, unique across runs."""
-    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
 
 
 def manifest_header(

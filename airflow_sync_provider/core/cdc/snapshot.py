@@ -17,12 +17,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from airflow_sync_provider.core.cdc import pgoutput, slot
-from airflow_sync_provider.core.cdc.manifest import CdcManifest, manifest_header, new_manifest_id
+from airflow_sync_provider.core.cdc.manifest import CdcManifest, manifest_header
 from airflow_sync_provider.core.cdc.position import CdcPosition
 from airflow_sync_provider.core.cdc.session import NOT_UTF8, source_connection
 from airflow_sync_provider.core.cdc.spec import CdcSpec
 from airflow_sync_provider.core.errors import ConfigurationError, DataError, SyncError
-from airflow_sync_provider.core.extract import extract_to_staging
+from airflow_sync_provider.core.extract import extract_to_staging, new_manifest_id
 from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.progress import LOG, Logger
 from airflow_sync_provider.core.spec import SyncSpec

@@ -23,6 +23,7 @@ from airflow_sync_provider.core.catalog import table_exists
 from airflow_sync_provider.core.errors import ConfigurationError, DataError, SyncError, TargetUnavailableError
 from airflow_sync_provider.core.load import apply_table_batch
 from airflow_sync_provider.core.manifest import Manifest, ManifestColumn, StagedFile
+from airflow_sync_provider.core.merge import key_match
 from airflow_sync_provider.core.progress import LOG, Logger
 from airflow_sync_provider.core.quality.engine import Check, GxEngine
 from airflow_sync_provider.core.quality.evaluate import DEFAULT_CHUNK_ROWS, DEFAULT_EXAMPLES, MemorySource, evaluate
@@ -345,7 +346,7 @@ def _replay_group(
     # 1. Rows a later sync already brought again: the target's version is newer, keep it.
     newer: dict[int, Any] = {}
     if table_exists(conn, batch["target_schema"], batch["target_table"]):
-        match = sql.SQL(" AND ").join(sql.SQL("t.{0} = r.{0}").format(sql.Identifier(k)) for k in primary_key)
+        match = key_match("t", "r", primary_key)
         newer = dict(
             execute(
                 conn,
