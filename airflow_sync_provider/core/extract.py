@@ -491,7 +491,7 @@ def _pages(
     while True:
         query = sa.select(*selected).select_from(source.table).where(*conditions)
         if after is not None:
-            query = query.where(_after(order, after, source))
+            query = query.where(keyset_after(order, after, source))
         elif first_condition is not None:
             query = query.where(first_condition)
         order_by = [orderable(c, source.dialect) for c in order]
@@ -538,7 +538,9 @@ def _stage_keys(
     return files
 
 
-def _after(order: Sequence[sa.Column[Any]], values: tuple[Any, ...], source: SourceTable) -> Any:
+def keyset_after(order: Sequence[sa.Column[Any]], values: tuple[Any, ...], source: SourceTable) -> Any:
+    """``(order...) > (values...)`` in the dialect's comparable terms: the keyset page condition (and the
+    stream probe's), with every value a bound parameter."""
     columns = [orderable(c, source.dialect) for c in order]
     params = [
         orderable(c, source.dialect, bound_value(f"after_{i}", c, v, source))

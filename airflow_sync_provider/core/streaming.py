@@ -40,7 +40,7 @@ from airflow_sync_provider.core.cdc import CdcSpec, run_cdc_sync
 from airflow_sync_provider.core.cdc import slot as cdc_slot
 from airflow_sync_provider.core.cdc.extract import SourceSession
 from airflow_sync_provider.core.errors import ConfigurationError, SyncError
-from airflow_sync_provider.core.extract import BatchTransform, _after, compute_upper_bound
+from airflow_sync_provider.core.extract import BatchTransform, compute_upper_bound, keyset_after
 from airflow_sync_provider.core.manifest import Manifest
 from airflow_sync_provider.core.progress import Logger
 from airflow_sync_provider.core.source import SourceTable, orderable, reflect_source
@@ -385,7 +385,7 @@ class TableStream:
         if watermark is not None:
             if len(watermark) != len(order):
                 return True  # the key changed since that watermark: the batch decides
-            conditions.append(_after(order, watermark, source))
+            conditions.append(keyset_after(order, watermark, source))
         if self._held_back or self.spec.lag > dt.timedelta(0):
             upper, _ = compute_upper_bound(self.source, self.spec, source, _Unlogged())
             if upper is not None:
