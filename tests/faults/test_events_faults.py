@@ -113,8 +113,12 @@ def test_sigkill_between_the_target_commit_and_the_acknowledgement(env: SyncEnv,
         # The next read starts after the committed position: the killed batch is not read again.
         assert (result.events, result.superseded, result.inserted) == (200, 0, 200)
     assert rows(env, "SELECT count(*), count(DISTINCT event_id), sum(qty) FROM killed") == [(600, 600, 600)]
-    loads = 4 if broker.kind == "mqtt" else 3  # MQTT: the redelivered batch is one more (no-op) load
-    assert rows(env, "SELECT count(*) FROM _sync_audit WHERE sync_id = 'killed' AND status = 'applied'") == [(loads,)]
+    # Each batch of the rerun is one applied load after the two killed-run ones (MQTT: the redelivered
+    # batch is one more, a no-op); how the rerun cuts its batches depends on arrival times (a loaded
+    # machine cut 179 + 21), so count them from its result.
+    assert result.batches >= (2 if broker.kind == "mqtt" else 1) and result.stale_batches == 0
+    applied = rows(env, "SELECT count(*) FROM _sync_audit WHERE sync_id = 'killed' AND status = 'applied'")
+    assert applied == [(2 + result.batches,)]
 
 
 def test_sigkill_before_the_target_commit_changes_nothing(env: SyncEnv, broker: Broker) -> None:
