@@ -8,7 +8,6 @@ LSN range) and the load result, never rows.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
@@ -31,24 +30,24 @@ from airflow_sync_provider.core.cdc import (
 )
 from airflow_sync_provider.core.cdc.pgoutput import int_to_lsn
 from airflow_sync_provider.core.spec import DEFAULT_SCHEMA_DRIFT
-from airflow_sync_provider.core.streaming import (
-    IDLE_ADVANCE_BYTES,
-    LOG_EVERY,
-    CdcStream,
-    StopFlag,
-    run_stream,
-    stop_on_signals,
-)
+from airflow_sync_provider.core.streaming import IDLE_ADVANCE_BYTES, CdcStream
 from airflow_sync_provider.hooks.cdc import PostgresCdcHook
 from airflow_sync_provider.hooks.source import source_connection_defined, source_engine
 from airflow_sync_provider.hooks.target import target_connection
 from airflow_sync_provider.operators.common import (
     as_task_error,
     check_shared_staging,
+    extends_signature,
     record_dag_run,
     staging_area,
     xcom_dict,
 )
+from airflow_sync_provider.operators.streaming import (
+    STREAM_PARAMS_DOC,
+    STREAM_TEMPLATE_FIELDS,
+    StreamingOperator,
+)
+from airflow_sync_provider.operators.streaming import seconds_of as seconds_of  # its former home
 from airflow_sync_provider.plugins.links import SYNC_LINKS
 
 if TYPE_CHECKING:
@@ -203,10 +202,10 @@ class BaseCdcOperator(BaseOperator):
 
     It keeps the declaration, builds the spec from the rendered arguments, and runs a task's work
     with the source and target open (the run recorded in the target).  A subclass that takes more
-    arguments repeats these in its own signature and docstring (typed, documented, checked by type
-    checkers) and passes them on, as ``apache-airflow-providers-common-sql`` operators do with
-    ``BaseSQLOperator``'s.  The declaration (``tables`` ... ``history``) is that of
-    :class:`~airflow_sync_provider.core.cdc.CdcSpec`.
+    arguments declares only its own and passes the rest on in ``**kwargs``;
+    :func:`~airflow_sync_provider.operators.common.extends_signature` gives its ``__init__`` the
+    whole signature (these first), and its docstring ends with these ``:param`` lines, then its own.
+    The declaration (``tables`` ... ``history``) is that of :class:`~airflow_sync_provider.core.cdc.CdcSpec`.
 """
         + _DECLARATION_DOC
     )
@@ -444,93 +443,34 @@ class CdcLoadOperator(BaseOperator):
         return int_to_lsn(confirmed)
 
 
-class CdcSyncOperator(BaseCdcOperator):
+class CdcSyncOperator(BaseCdcOperator, StreamingOperator):
     __doc__ = (
         """Stage, apply and confirm one CDC batch in a single task: the simple case; or stream.
 
     Runs :func:`~airflow_sync_provider.core.cdc.run_cdc_sync`.  Returns ``{"manifest": <manifest
     summary>, "load": <load result>}``.  With ``stream_for`` it runs such batches one after another
-    (:func:`~airflow_sync_provider.core.streaming.run_stream`) and returns ``{"stream": <stats>}``.
-    The declaration (``tables`` ... ``history``) is that of :class:`~airflow_sync_provider.core.cdc.CdcSpec`.
+    (:class:`~airflow_sync_provider.core.streaming.CdcStream`: before each, a peek at the slot, which
+    writes nothing on the source) and returns ``{"stream": <stats>}``.  The declaration (``tables``
+    ... ``history``) is that of :class:`~airflow_sync_provider.core.cdc.CdcSpec`.
 """
         + _DECLARATION_DOC
-        + """    :param stream_for: stream: run micro-batches (each one exactly-once batch as above) for this
-        long, then end so the next run takes over (``schedule="@continuous"``, ``max_active_runs=1``);
-        a ``timedelta`` or seconds.  ``None`` (default): one batch.  The task holds a worker slot
-        while it streams. (templated)
-    :param poll_interval: streaming: seconds to wait when the slot holds no change (each poll is a
-        peek at the slot, which writes nothing on the source). (templated)
-    :param log_every: streaming: seconds between two throughput and lag log lines.
-    :param idle_advance_bytes: streaming: run a batch even without changes once the slot retains
+        + STREAM_PARAMS_DOC
+        + """    :param idle_advance_bytes: streaming: run a batch even without changes once the slot retains
         this much WAL written by others, so the slot advances and the source can recycle it.
 """
     )
 
-    template_fields: Sequence[str] = (*CDC_TEMPLATE_FIELDS, "stream_for", "poll_interval")
+    template_fields: Sequence[str] = (*CDC_TEMPLATE_FIELDS, *STREAM_TEMPLATE_FIELDS)
     ui_color = "#fcf0dc"
 
-    def __init__(
-        self,
-        *,
-        source_conn_id: str,
-        target_conn_id: str,
-        tables: Sequence[str] | str,
-        sync_id: str | None = None,
-        target_schema: str = "public",
-        slot_name: str = "",
-        publication: str = "",
-        delete_mode: str = "hard",
-        max_changes: int = 1_000_000,
-        batch_rows: int = 50_000,
-        batch_bytes: int = 16 * 1024 * 1024,
-        max_batch_bytes: int | None = 2 * 1024 * 1024 * 1024,
-        max_retained_wal_bytes: int | None = None,
-        state_table: str = "_sync_state",
-        schema_drift: str = DEFAULT_SCHEMA_DRIFT,
-        history: bool = False,
-        decoder: str = "bulk",
-        staging_uri: str | None = None,
-        stream_for: dt.timedelta | float | str | None = None,
-        poll_interval: float | str = 1.0,
-        log_every: float = LOG_EVERY,
-        idle_advance_bytes: int = IDLE_ADVANCE_BYTES,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            source_conn_id=source_conn_id,
-            target_conn_id=target_conn_id,
-            tables=tables,
-            sync_id=sync_id,
-            target_schema=target_schema,
-            slot_name=slot_name,
-            publication=publication,
-            delete_mode=delete_mode,
-            max_changes=max_changes,
-            batch_rows=batch_rows,
-            batch_bytes=batch_bytes,
-            max_batch_bytes=max_batch_bytes,
-            max_retained_wal_bytes=max_retained_wal_bytes,
-            state_table=state_table,
-            schema_drift=schema_drift,
-            history=history,
-            decoder=decoder,
-            staging_uri=staging_uri,
-            **kwargs,
-        )
-        self.stream_for = stream_for
-        self.poll_interval = poll_interval
-        self.log_every = log_every
+    @extends_signature(BaseCdcOperator.__init__, StreamingOperator.__init__)
+    def __init__(self, *, idle_advance_bytes: int = IDLE_ADVANCE_BYTES, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.idle_advance_bytes = idle_advance_bytes
-        self._stop: StopFlag | None = None  # made by execute: an Event cannot be deep-copied with the task
-
-    def on_kill(self) -> None:
-        """Cancelled or marked failed: a stream stops after the batch in flight (one transaction)."""
-        if self._stop is not None:
-            self._stop.request("task killed")
 
     def execute(self, context: Context) -> dict[str, Any]:
         spec = self._spec()
-        stream_seconds = seconds_of(self.stream_for, "stream_for")
+        stream_seconds = self.stream_seconds()
         if stream_seconds is not None:
             return self._stream(spec, stream_seconds, context)
         try:
@@ -550,30 +490,20 @@ class CdcSyncOperator(BaseCdcOperator):
     def _stream(self, spec: CdcSpec, stream_seconds: float, context: Context) -> dict[str, Any]:
         """Micro-batches for ``stream_seconds`` (a streaming run reports no lineage: it never
         completes one manifest)."""
-        run_id = context["run_id"]
-        poll = seconds_of(self.poll_interval, "poll_interval") or 0.0
-        stop = self._stop = StopFlag()
         try:
-            with self._source_and_target(spec, context) as (engine, target), stop_on_signals(stop):
+            with self.stopping() as stop, self._source_and_target(spec, context) as (engine, target):
                 stream = CdcStream(
                     engine,
                     target,
                     spec,
                     staging=staging_area(self.staging_uri),
-                    run_id=run_id,
+                    run_id=context["run_id"],
                     logger=self.log,
                     idle_advance_bytes=int(self.idle_advance_bytes),
                 )
                 try:
-                    stats = run_stream(
-                        stream.step,
-                        probe=stream.probe,
-                        stream_for=stream_seconds,
-                        poll_interval=poll,
-                        stop=stop,
-                        logger=self.log,
-                        log_every=float(self.log_every),
-                        what=f"sync {spec.sync_id}: stream",
+                    stats = self.run_stream(
+                        stream, stop, stream_for=stream_seconds, what=f"sync {spec.sync_id}: stream"
                     )
                 finally:
                     stream.close()
@@ -605,52 +535,9 @@ class CdcResnapshotOperator(BaseCdcOperator):
     template_fields: Sequence[str] = (*CDC_TEMPLATE_FIELDS, "resnapshot")
     ui_color = "#f6e3f0"
 
-    def __init__(
-        self,
-        *,
-        source_conn_id: str,
-        target_conn_id: str,
-        tables: Sequence[str] | str,
-        sync_id: str | None = None,
-        target_schema: str = "public",
-        slot_name: str = "",
-        publication: str = "",
-        delete_mode: str = "hard",
-        max_changes: int = 1_000_000,
-        batch_rows: int = 50_000,
-        batch_bytes: int = 16 * 1024 * 1024,
-        max_batch_bytes: int | None = 2 * 1024 * 1024 * 1024,
-        max_retained_wal_bytes: int | None = None,
-        state_table: str = "_sync_state",
-        schema_drift: str = DEFAULT_SCHEMA_DRIFT,
-        history: bool = False,
-        decoder: str = "bulk",
-        staging_uri: str | None = None,
-        resnapshot: Sequence[str] | str,
-        attempts: int = 3,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            source_conn_id=source_conn_id,
-            target_conn_id=target_conn_id,
-            tables=tables,
-            sync_id=sync_id,
-            target_schema=target_schema,
-            slot_name=slot_name,
-            publication=publication,
-            delete_mode=delete_mode,
-            max_changes=max_changes,
-            batch_rows=batch_rows,
-            batch_bytes=batch_bytes,
-            max_batch_bytes=max_batch_bytes,
-            max_retained_wal_bytes=max_retained_wal_bytes,
-            state_table=state_table,
-            schema_drift=schema_drift,
-            history=history,
-            decoder=decoder,
-            staging_uri=staging_uri,
-            **kwargs,
-        )
+    @extends_signature(BaseCdcOperator.__init__)
+    def __init__(self, *, resnapshot: Sequence[str] | str, attempts: int = 3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.resnapshot = resnapshot
         self.attempts = attempts
 
@@ -703,22 +590,6 @@ def cdc_lineage(
         inputs.setdefault(source, source_in)
         outputs.setdefault(target, target_out)  # an extract stages every table in one folder
     return lineage.operator_lineage(list(inputs.values()), list(outputs.values()))
-
-
-def seconds_of(value: dt.timedelta | float | str | None, name: str) -> float | None:
-    """Seconds from a ``timedelta``, a number or a rendered template (``""``/``"None"``: not given)."""
-    if value is None or (isinstance(value, str) and value.strip() in ("", "None")):
-        return None
-    if isinstance(value, dt.timedelta):
-        seconds = value.total_seconds()
-    else:
-        try:
-            seconds = float(value)
-        except ValueError as error:
-            raise ConfigurationError(f"{name} must be a number of seconds or a timedelta, not {value!r}") from error
-    if seconds < 0:
-        raise ConfigurationError(f"{name} must not be negative, not {value!r}")
-    return seconds
 
 
 __all__: Sequence[str] = (
