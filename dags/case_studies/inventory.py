@@ -491,7 +491,8 @@ class PushBatch:
 class RealtimeInventory:
     """One micro-batch of ``inventory_sync_realtime``: the step of a stream (see core/streaming.py).
 
-    In order: finish any push an earlier (killed) run left; sync the stores' orders (incremental);
+    In order: finish any push an earlier (killed) run left; sync the stores' orders (incremental,
+    only when an order changed past the watermark: :class:`~airflow_sync_provider.core.streaming.TableStream`);
     stream the warehouses' stock (CDC, only when their slots hold changes); recompute ATP for the SKUs
     the triggers marked, gate it with :data:`ATP_EXPECTATIONS` (Great Expectations, the same suite as
     the batch DAGs), write it and its outbox entries in one central transaction; then push the new
@@ -514,7 +515,7 @@ class RealtimeInventory:
 
         from airflow_sync_provider.core import StagingArea, SyncSpec
         from airflow_sync_provider.core.cdc import CdcSpec
-        from airflow_sync_provider.core.streaming import CdcStream
+        from airflow_sync_provider.core.streaming import CdcStream, TableStream
 
         self.uris = dict(uris)
         self.staging = staging if staging is not None else StagingArea()
@@ -543,6 +544,10 @@ class RealtimeInventory:
             s: SyncSpec(sync_id=f"{s}_orders", source_table="orders", target_schema=s, cursor_column="updated_at")
             for s in STORES
         }
+        self.order_streams = {
+            s: TableStream(self.engines[s], self.central, spec, staging=self.staging, run_id=run_id, logger=logger)
+            for s, spec in self.orders.items()
+        }
         self._gate: Any = None
         if gate:
             from airflow_sync_provider.core.quality.engine import GxEngine
@@ -562,6 +567,8 @@ class RealtimeInventory:
         self.close()
 
     def close(self) -> None:
+        for orders in self.order_streams.values():
+            orders.close()
         for stream in self.stock.values():
             stream.close()
         for conn in (self.central, *self.stock_targets.values(), *self.stores.values()):
@@ -573,15 +580,12 @@ class RealtimeInventory:
 
     def step(self) -> Any:
         """One micro-batch; returns a :class:`~airflow_sync_provider.core.streaming.BatchOutcome`."""
-        from airflow_sync_provider.core import run_sync
         from airflow_sync_provider.core.streaming import BatchOutcome
 
         pushed = self.push()  # what a killed run committed centrally but did not push yet
         changes, snapshot = 0, False
-        for store, spec in self.orders.items():
-            if self._orders_pending(store):
-                _, result = run_sync(self.engines[store], self.central, spec, staging=self.staging, run_id=self.run_id)
-                changes += result.inserted + result.updated + result.deleted
+        for orders in self.order_streams.values():  # before the stock (see the class docstring)
+            changes += orders.step().changes if orders.probe() else 0
         for outcome in self._stream_stock():
             changes += outcome.changes
             snapshot = snapshot or outcome.detail.startswith("snapshot")
@@ -603,22 +607,6 @@ class RealtimeInventory:
 
         with ThreadPoolExecutor(max_workers=len(self.stock), thread_name_prefix="stock") as pool:
             return list(pool.map(one, self.stock.values()))
-
-    def _orders_pending(self, store: str) -> bool:
-        """Whether the store has orders past the synced watermark (one indexed probe, no staging)."""
-        from airflow_sync_provider.core.state import committed_state
-        from airflow_sync_provider.core.values import decode_row
-
-        state = committed_state(self.central, self.orders[store])
-        if state is None or not isinstance(state.watermark, list) or len(state.watermark) != 2:
-            return True
-        cursor, key = decode_row(state.watermark)
-        row = (
-            self.stores[store]
-            .execute("SELECT EXISTS (SELECT 1 FROM orders WHERE (updated_at, order_id) > (%s, %s))", (cursor, key))
-            .fetchone()
-        )
-        return bool(row and row[0])
 
     def recompute(self) -> list[str]:
         """ATP and allocations for the marked SKUs, gated, with their outbox entries: one transaction."""
