@@ -450,7 +450,7 @@ def _variants(
             "rates": realtime,
         }
     }
-    plan = [
+    plan: list[tuple[str, str, dict[str, float]]] = [
         (
             "inventory_sync_on_change",
             "AssetWatchers (CdcChangesEventTrigger, poll 5 s) on both warehouses' slots start a DAG run",

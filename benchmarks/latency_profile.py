@@ -30,7 +30,6 @@ PHASES = {
     "recompute": "recompute (ATP, gate, outbox)",
     "_check": "GX gate",
     "push": "push to the stores",
-    "_orders_pending": "orders probe",
 }
 
 
@@ -64,6 +63,8 @@ def main(argv: list[str]) -> int:
             phases: dict[str, list[float]] = {}
             for name, label in PHASES.items():
                 _timed(stream, name, label, phases)
+            for orders in stream.order_streams.values():
+                _timed(orders, "probe", "orders probe", phases)
             for rate in rates:
                 phases.clear()
                 writer = Writer(uris, rate)
