@@ -24,19 +24,19 @@ from airflow.sdk import BaseOperator, Context
 
 from airflow_sync_provider import lineage
 from airflow_sync_provider.assets import emit_table_events
-from airflow_sync_provider.core import ConfigurationError, LoadResult, Manifest, SyncError, SyncSpec
+from airflow_sync_provider.core import ConfigurationError, LoadResult, Manifest, SyncSpec
 from airflow_sync_provider.core.extract import BatchTransform
 from airflow_sync_provider.core.spec import DEFAULT_SCHEMA_DRIFT
 from airflow_sync_provider.hooks.source import source_engine
 from airflow_sync_provider.hooks.target import target_connection
 from airflow_sync_provider.operators.common import (
     SPEC_TEMPLATE_FIELDS,
-    as_task_error,
     build_sync_spec,
     extends_signature,
     resolve_transform,
     staging_area,
     target_for_run,
+    task_errors,
 )
 
 if TYPE_CHECKING:
@@ -122,15 +122,6 @@ def backfill_window(context: Context, sync_id: str) -> tuple[Any, Any] | None:
 def manifest_summary(manifest: Manifest) -> dict[str, Any]:
     """The manifest without its file and column lists: what a one-task sync returns as XCom."""
     return {k: v for k, v in manifest.to_dict().items() if k not in ("files", "key_files", "columns")}
-
-
-@contextmanager
-def task_errors(sync_id: str | None) -> Iterator[None]:
-    """A :class:`SyncError` raised in the block fails the task as :func:`~.common.as_task_error` says."""
-    try:
-        yield
-    except SyncError as error:
-        raise as_task_error(error.with_context(sync_id=sync_id)) from error
 
 
 class BaseExtractOperator(BaseOperator):
@@ -349,5 +340,4 @@ __all__: Sequence[str] = (
     "BaseTableSyncOperator",
     "backfill_window",
     "manifest_summary",
-    "task_errors",
 )

@@ -40,6 +40,7 @@ from airflow_sync_provider.operators.common import (
     extends_signature,
     record_dag_run,
     staging_area,
+    task_errors,
     xcom_dict,
 )
 from airflow_sync_provider.operators.streaming import (
@@ -470,7 +471,8 @@ class CdcSyncOperator(BaseCdcOperator, StreamingOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         spec = self._spec()
-        stream_seconds = self.stream_seconds()
+        with task_errors(spec.sync_id):  # a bad stream_for fails at once: a retry cannot fix it
+            stream_seconds = self.stream_seconds()
         if stream_seconds is not None:
             return self._stream(spec, stream_seconds, context)
         try:

@@ -62,6 +62,15 @@ def as_task_error(error: SyncError) -> Exception:
     return AirflowFailException(str(error))
 
 
+@contextmanager
+def task_errors(sync_id: str | None) -> Iterator[None]:
+    """A :class:`SyncError` raised in the block fails the task as :func:`as_task_error` says."""
+    try:
+        yield
+    except SyncError as error:
+        raise as_task_error(error.with_context(sync_id=sync_id)) from error
+
+
 def default_staging_uri() -> str | None:
     """``[sync] staging_uri`` from the Airflow config, else ``SYNC_STAGING_DIR``, else the engine default."""
     from airflow.configuration import conf
@@ -310,5 +319,6 @@ __all__ = [
     "resolve_transform",
     "staging_area",
     "target_for_run",
+    "task_errors",
     "xcom_dict",
 ]

@@ -21,7 +21,6 @@ from airflow_sync_provider.operators.batch import (
     BaseTableExtractOperator,
     backfill_window,
     manifest_summary,
-    task_errors,
 )
 from airflow_sync_provider.operators.common import (
     check_shared_staging,
@@ -30,6 +29,7 @@ from airflow_sync_provider.operators.common import (
     parse_manifest,
     resolve_transform,
     target_for_run,
+    task_errors,
 )
 from airflow_sync_provider.operators.streaming import (
     STREAM_PARAMS_DOC,

@@ -107,6 +107,15 @@ def test_a_templated_stream_for_bounds_the_task(env: SyncEnv, stock_sync: str) -
     assert one["load"]["status"] == "no_changes"
 
 
+def test_a_bad_stream_for_fails_the_task_at_once(stock_sync: str) -> None:
+    """A ``stream_for`` that is no duration fails without retries (a retry renders the same value)."""
+    from airflow.exceptions import AirflowFailException
+
+    for bad in ("ten minutes", "-5"):
+        with pytest.raises(AirflowFailException, match="stream_for must"):
+            _operator(stock_sync, stream_for=bad).execute({"run_id": "bad__1"})
+
+
 def test_the_realtime_dag_parses_as_a_continuous_single_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     from airflow.dag_processing.dagbag import BundleDagBag
 
