@@ -8,11 +8,14 @@ notifier it was given with these context keys for their templates:
 
 * ``sync_alert_subject`` -- one line (``[sync alert: warning] orders: freshness 3 h 2 min > 1 h``);
 * ``sync_alert_text`` -- the plain-text body; ``sync_alert_html`` -- the same as HTML;
+* ``sync_alert_slack`` -- the plain text escaped for Slack's ``text`` (``&``, ``<``, ``>`` as entities, so
+  an error's ``<...>`` is neither swallowed as a link nor a ``<!channel>`` mention);
 * ``sync_alerts`` -- the alerts as dicts (:meth:`Alert.as_dict`).
 
 Fields a forwarded notifier leaves unset (None) are filled with these by name (``fill_fields``;
-by default SMTP's ``subject`` and ``html_content`` and Slack's ``text``), so
-``SmtpNotifier(to="ops@example.com")`` needs nothing more.
+by default SMTP's ``subject`` and ``html_content`` and ``text``: ``sync_alert_slack`` on Slack's
+notifiers, ``sync_alert_text`` on others), so ``SmtpNotifier(to="ops@example.com")`` and
+``SlackWebhookNotifier(text=None)`` need nothing more.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ DEFAULT_FILL_FIELDS: Mapping[str, str] = {
     "message": "sync_alert_text",
 }
 
+#: The defaults for Slack's notifiers (``SlackNotifier``, ``SlackWebhookNotifier``): ``text`` is mrkdwn there.
+SLACK_FILL_FIELDS: Mapping[str, str] = {**DEFAULT_FILL_FIELDS, "text": "sync_alert_slack"}
+
 
 class SyncAlertError(Exception):
     """A forwarded notifier failed to send (the others were still tried)."""
@@ -56,7 +62,8 @@ class SyncAlertNotifier(BaseNotifier):
     :param subject: a Jinja template for the subject instead of ours (the context keys above work).
     :param title: words put before our subject (e.g. the environment: ``"[prod]"``).
     :param fill_fields: forwarded notifiers' attributes to fill with our message when they are None
-        (attribute name -> context key); default :data:`DEFAULT_FILL_FIELDS`.
+        (attribute name -> context key); default :data:`DEFAULT_FILL_FIELDS` (:data:`SLACK_FILL_FIELDS`
+        for Slack's notifiers).
     """
 
     template_fields: Sequence[str] = ("subject", "title")
@@ -75,6 +82,7 @@ class SyncAlertNotifier(BaseNotifier):
         self.subject = subject
         self.title = title
         self.fill_fields = dict(DEFAULT_FILL_FIELDS if fill_fields is None else fill_fields)
+        self._default_fields = fill_fields is None
 
     # ------------------------------------------------------------------ message
 
@@ -96,7 +104,14 @@ class SyncAlertNotifier(BaseNotifier):
             "sync_alert_subject": subject,
             "sync_alert_text": f"{subject}\n\n{text}",
             "sync_alert_html": f"<p>{html.escape(subject)}</p>{body_html}",
+            "sync_alert_slack": slack_escape(f"{subject}\n\n{text}"),
         }
+
+    def fields_for(self, notifier: BaseNotifier) -> Mapping[str, str]:
+        """The attributes of ``notifier`` to fill (attribute -> context key): Slack's get escaped text."""
+        if self._default_fields and type(notifier).__module__.startswith("airflow.providers.slack."):
+            return SLACK_FILL_FIELDS
+        return self.fill_fields
 
     def _forwarded(self, context: Context) -> list[tuple[BaseNotifier, dict[str, Any]]] | None:
         message = self.message(context)
@@ -110,7 +125,7 @@ class SyncAlertNotifier(BaseNotifier):
         out = []
         for notifier in self.notifiers:
             clone = fresh(notifier)
-            for attribute, key in self.fill_fields.items():
+            for attribute, key in self.fields_for(clone).items():
                 if hasattr(clone, attribute) and getattr(clone, attribute) is None:
                     setattr(clone, attribute, "{{ " + key + " }}")
             out.append((clone, {**context, **message}))
@@ -144,6 +159,11 @@ class SyncAlertNotifier(BaseNotifier):
                 failures.append(f"{type(template).__name__}: {error}")
         if failures:
             raise SyncAlertError("sync alert not delivered by " + "; ".join(failures))
+
+
+def slack_escape(text: str) -> str:
+    """``text`` for Slack's mrkdwn: only ``&``, ``<`` and ``>`` are control characters there (Slack's rule)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _alert_dict(value: Alert | Mapping[str, Any]) -> dict[str, Any]:
@@ -224,4 +244,4 @@ def _failure_message(context: Mapping[str, Any]) -> tuple[str, str, str]:
     return subject, text, body_html
 
 
-__all__ = ["DEFAULT_FILL_FIELDS", "SyncAlertError", "SyncAlertNotifier", "fresh"]
+__all__ = ["DEFAULT_FILL_FIELDS", "SLACK_FILL_FIELDS", "SyncAlertError", "SyncAlertNotifier", "fresh", "slack_escape"]

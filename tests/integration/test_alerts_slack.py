@@ -7,6 +7,7 @@ webhook answering 500 leaves the alert unsent so the retry posts it (as the SMTP
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterator
@@ -16,13 +17,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from airflow.sdk import DAG
+from airflow.sdk import DAG, BaseNotifier
 
 from airflow_sync_provider.core.alert_log import sent_alerts
+from airflow_sync_provider.notifications import SyncAlertNotifier
 from airflow_sync_provider.operators.health import SyncHealthBreachedError, SyncHealthCheckOperator
 
 from ..conftest import SyncEnv
-from .test_alerts_smtp import ARCHIVE, _tables
+from .test_alerts_smtp import ARCHIVE, _await, _tables
 
 slack_webhook = pytest.importorskip(
     "airflow.providers.slack.notifications.slack_webhook",
@@ -73,7 +75,7 @@ class WebhookSink:
 
 def _handler(sink: WebhookSink) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             with sink.lock:
                 sink.posts.append(Post(self.path, self.headers.get("Content-Type", ""), json.loads(raw)))
@@ -150,11 +152,11 @@ def test_a_breach_is_posted_to_the_webhook_once_per_run(connections: SyncEnv, sl
     text = post.body["text"]
     first, _, rest = text.partition("\n")
     assert first.startswith("[sync alert: critical] archive: freshness 5 h ")  # the sync, the rule, the figure
-    assert first.endswith(" 1 h")  # the threshold
+    assert first.endswith(" &gt; 1 h")  # the threshold; '>' escaped as Slack's mrkdwn asks
     assert "sync archive (target health_target, table public.archive, source archive)" in rest
     assert "older than the threshold 1 h" in rest
     assert "dedupe key: health_target/public/archive:freshness" in rest
-    assert "<" not in text  # plain text: no HTML for Slack to show raw
+    assert "<" not in text and ">" not in text  # plain text, no HTML and no raw control character
     print("EXAMPLE SLACK POST", json.dumps(post.body, indent=2), sep="\n")
 
     # The same DAG run again (a retry): the alert is still open but is not posted twice.
@@ -185,3 +187,44 @@ def test_a_webhook_answering_500_leaves_the_alert_for_the_retry(connections: Syn
     assert post.body["text"].partition("\n")[0] == refused.body["text"].partition("\n")[0]  # the same alert
     with env.target() as conn:
         assert len(sent_alerts(conn, "public", "sync_health/scheduled__1")) == 1
+
+
+class TextKeeper(BaseNotifier):
+    """A notifier that is not Slack's, with a ``text`` field: it keeps what it is given."""
+
+    template_fields = ("text",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text: str | None = None
+        self.sent: list[str] = []
+
+    def notify(self, context: Any) -> None:
+        self.sent.append(str(self.text))
+
+
+def test_a_failed_sync_task_is_posted_escaped_for_slack(slack: WebhookSink, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_ALERT_SLACK", slack.connection())
+    error = RuntimeError("lost <psycopg.Connection [BAD] at 0x7f> & paged <!channel>")
+    context: dict[str, Any] = {
+        "run_id": "scheduled__7",
+        "ti": SimpleNamespace(dag_id="orders_hourly", task_id="sync_orders", try_number=2),
+        "task": SimpleNamespace(sync_id="orders", target_conn_id="warehouse"),
+        "exception": error,
+    }
+    kept = TextKeeper()
+    notifier = SyncAlertNotifier(notifiers=[slack_notifier(), kept], title="[prod]")
+    notifier(context)  # as Airflow calls an on_failure_callback
+    awaited = SyncAlertNotifier(notifiers=[slack_notifier()], title="[prod]")
+    awaited.context = context  # type: ignore[assignment]
+    asyncio.run(_await(awaited))  # SlackWebhookNotifier.async_notify, through aiohttp
+    posts = slack.take()
+    assert len(posts) == 2 and posts[0].body == posts[1].body
+    text = posts[0].body["text"]
+    assert text.startswith("[prod] [sync failed] sync orders: task orders_hourly.sync_orders failed: lost &lt;psycopg")
+    # Slack would swallow "<...>" as a link and ping the channel for "<!channel>": escaped, both show as text.
+    assert "&lt;!channel&gt;" in text and "at 0x7f&gt; &amp; paged" in text and "<" not in text
+    assert "run: scheduled__7" in text and "try: 2" in text and "target: warehouse" in text
+    # A notifier that is not Slack's gets the plain text, unescaped.
+    (plain,) = kept.sent
+    assert plain.startswith("[prod] [sync failed] sync orders: ") and "paged <!channel>" in plain
