@@ -38,11 +38,36 @@ from typing import IO, Any
 import psycopg
 
 from sync_dev import DAGS_FOLDER, REPO_ROOT
+from sync_dev.airflow_sandbox import PRELOAD
 from sync_dev.local_postgres import LocalPostgres, free_port
 
 BIN = Path(sys.executable).parent
 #: Environment variable a worker's host name comes from (see :func:`worker_hostname`).
 HOSTNAME_VARIABLE = "SYNC_WORKER_HOSTNAME"
+#: What the reference DAGs' tasks import (the dag.test() runner's list, plus S3 staging): a worker
+#: imports it once, before its pool forks, so each task process inherits it instead of importing it
+#: again (a cold task spent 10-20 s importing on a loaded 2-CPU machine).  Airflow's own worker does
+#: the same for a few modules (``on_celery_import_modules``); this goes through Celery's signal too.
+WORKER_PRELOAD = (*PRELOAD, "pyarrow.fs", "boto3", "airflow.providers.amazon.aws.hooks.base_aws")
+#: ``airflow_local_settings.py`` of each worker's home (Airflow imports it in every process of that
+#: home): connects the preload to the worker's ``import_modules`` signal.
+WORKER_LOCAL_SETTINGS = """# Written by sync_dev.cluster: import what the tasks import once, before the pool forks.
+
+import importlib
+
+from celery.signals import import_modules
+
+__all__: list[str] = []  # no cluster policies here
+MODULES = {modules!r}
+
+
+def _preload(**_: object) -> None:
+    for name in MODULES:
+        importlib.import_module(name)  # a failure is logged by Celery's signal and costs only speed
+
+
+import_modules.connect(_preload, weak=False)
+"""
 
 
 def worker_hostname() -> str:
@@ -224,7 +249,7 @@ class CeleryCluster:
             "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "3600",
             # a lost worker's running tasks fail (and retry) after this many seconds without a heartbeat
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
-            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
             "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",  # a busy 2-CPU machine answers slowly
             # ...and parses slowly: a task that cannot parse its DAG file in time is rescheduled (a minute lost)
             "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "300",
@@ -294,6 +319,10 @@ class CeleryCluster:
         """A worker in its own folder: ``AIRFLOW_HOME``, ``HOME``, working directory, staging folder."""
         home = self.root / name
         (home / "home").mkdir(parents=True, exist_ok=True)
+        (home / "config").mkdir(exist_ok=True)
+        (home / "config" / "airflow_local_settings.py").write_text(
+            WORKER_LOCAL_SETTINGS.format(modules=list(WORKER_PRELOAD))
+        )
         env = self._env(
             home,
             HOME=str(home / "home"),
@@ -341,8 +370,8 @@ class CeleryCluster:
         return [process.pid for process in tree]
 
     def stop(self) -> None:
-        _stop_groups([worker.process for worker in self.worker_processes.values()])
-        _stop_groups(list(self.processes.values()))
+        """Every process at once: the cluster is thrown away, so no worker needs the control processes to finish."""
+        _stop_groups([*(worker.process for worker in self.worker_processes.values()), *self.processes.values()])
         for log in self._logs:
             log.close()
         self._purge_broker()
@@ -369,7 +398,7 @@ class CeleryCluster:
             with self.meta() as conn:
                 return conn.execute("SELECT 1 FROM dag WHERE dag_id = %s", (dag_id,)).fetchone() is not None
 
-        _wait(stored, f"DAG {dag_id} parsed", timeout, every=2, process=self.processes["dag-processor"])
+        _wait(stored, f"DAG {dag_id} parsed", timeout, process=self.processes["dag-processor"])
 
     def trigger(self, dag_id: str, run_id: str, conf: Mapping[str, Any] | None = None) -> None:
         args = ["dags", "trigger", dag_id, "--run-id", run_id]
@@ -397,7 +426,7 @@ class CeleryCluster:
             self.check_alive()
             return self.run_state(dag_id, run_id) in ("success", "failed")
 
-        _wait(finished, f"run {dag_id}/{run_id}", timeout, every=1)
+        _wait(finished, f"run {dag_id}/{run_id}", timeout)
         return str(self.run_state(dag_id, run_id))
 
     def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
