@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,25 +50,43 @@ HOSTNAME_VARIABLE = "SYNC_WORKER_HOSTNAME"
 #: again (a cold task spent 10-20 s importing on a loaded 2-CPU machine).  Airflow's own worker does
 #: the same for a few modules (``on_celery_import_modules``); this goes through Celery's signal too.
 WORKER_PRELOAD = (*PRELOAD, "pyarrow.fs", "boto3", "airflow.providers.amazon.aws.hooks.base_aws")
-#: ``airflow_local_settings.py`` of each worker's home (Airflow imports it in every process of that
-#: home): connects the preload to the worker's ``import_modules`` signal.
-WORKER_LOCAL_SETTINGS = """# Written by sync_dev.cluster: import what the tasks import once, before the pool forks.
-
+#: ``airflow_local_settings.py`` (Airflow imports it in every process of the home it is in): the
+#: preload of a worker, connected to its Celery ``import_modules`` signal...
+PRELOAD_SETTINGS = """
 import importlib
 
 from celery.signals import import_modules
 
-__all__: list[str] = []  # no cluster policies here
-MODULES = {modules!r}
+PRELOAD = {modules!r}
 
 
 def _preload(**_: object) -> None:
-    for name in MODULES:
+    for name in PRELOAD:
         importlib.import_module(name)  # a failure is logged by Celery's signal and costs only speed
 
 
 import_modules.connect(_preload, weak=False)
 """
+#: ...and the cluster policy that sets every task's ``retry_delay`` (see ``CeleryCluster.retry_delay``).
+RETRY_DELAY_POLICY = """
+import datetime
+
+
+def task_policy(task: object) -> None:
+    task.retry_delay = datetime.timedelta(seconds={seconds!r})  # type: ignore[attr-defined]
+"""
+
+
+def _write_local_settings(home: Path, *, preload: bool, retry_delay: float | None) -> None:
+    """``home/config/airflow_local_settings.py`` with what this process home needs (nothing: no file)."""
+    parts = [PRELOAD_SETTINGS.format(modules=list(WORKER_PRELOAD))] if preload else []
+    if retry_delay is not None:
+        parts.append(RETRY_DELAY_POLICY.format(seconds=retry_delay))
+    if parts:
+        (home / "config").mkdir(parents=True, exist_ok=True)
+        policies = '["task_policy"]' if retry_delay is not None else "[]"
+        header = f"# Written by sync_dev.cluster.\n__all__ = {policies}  # the cluster policies defined here\n"
+        (home / "config" / "airflow_local_settings.py").write_text(header + "".join(parts))
 
 
 def worker_hostname() -> str:
@@ -203,14 +222,21 @@ class Worker:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    @property
+    def ready(self) -> bool:
+        """Whether Celery has logged the worker ready (consuming from the broker)."""
+        text = Path(self.log.name).read_text(errors="replace")
+        return re.search(rf"{re.escape(self.name)}@\S+ ready\.", text) is not None
+
 
 @dataclass
 class CeleryCluster:
     """Airflow on CeleryExecutor: one metadata database, the control processes and ``workers`` workers.
 
     ``environment``: what every process gets on top of the cluster's own settings (connections,
-    variables, ``AIRFLOW__SYNC__STAGING_URI``...).  Call :meth:`start`, then :meth:`stop` (or use
-    :func:`celery_cluster`).
+    variables, ``AIRFLOW__SYNC__STAGING_URI``...).  ``retry_delay``: seconds between a task's tries,
+    for every task (a cluster policy, ``task_policy`` in ``airflow_local_settings``); ``None`` keeps
+    the DAGs' own.  Call :meth:`start`, then :meth:`stop` (or use :func:`celery_cluster`).
     """
 
     server: LocalPostgres
@@ -219,6 +245,7 @@ class CeleryCluster:
     workers: int = 2
     concurrency: int = 2
     redis_url: str = "redis://127.0.0.1:6379/13"
+    retry_delay: float | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
     worker_processes: dict[str, Worker] = field(default_factory=dict, init=False)
     _logs: list[IO[bytes]] = field(default_factory=list, init=False)
@@ -229,6 +256,7 @@ class CeleryCluster:
         self.key_prefix = f"sync-cluster-{uuid.uuid4().hex[:8]}-"
         self.control_home = self.root / "control"
         self.control_home.mkdir(parents=True, exist_ok=True)
+        _write_local_settings(self.control_home, preload=False, retry_delay=self.retry_delay)
         self.base_environment = {
             **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
             **self.environment,
@@ -292,9 +320,14 @@ class CeleryCluster:
         )
 
     def start(self) -> None:
+        """Migrate the metadata database, start every process, return once the api-server answers and
+        every worker is ready.  The workers start first: they do not use the metadata database until
+        a task arrives, so their start (imports, preload) overlaps with the migration."""
         with self.server.connect() as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{self.meta_db}" WITH (FORCE)')
             admin.execute(f'CREATE DATABASE "{self.meta_db}"')
+        for number in range(1, self.workers + 1):
+            self.start_worker(f"worker-{number}")
         migrated = self.cli("db", "migrate", timeout=600)
         if migrated.returncode:
             raise RuntimeError(f"airflow db migrate failed:\n{migrated.stdout[-3000:]}\n{migrated.stderr[-3000:]}")
@@ -306,23 +339,25 @@ class CeleryCluster:
             "triggerer": ["triggerer"],
         }.items():
             self.processes[name] = self._spawn(name, args, env, self.control_home)
-        for number in range(1, self.workers + 1):
-            self.start_worker(f"worker-{number}")
         _wait(
             lambda: _http_ok(f"http://127.0.0.1:{self.api_port}/api/v2/version"),
             "api-server",
             180,
             process=self.processes["api-server"],
         )
+        _wait(self._workers_ready, "workers ready", 180)
+
+    def _workers_ready(self) -> bool:
+        dead = [worker.name for worker in self.worker_processes.values() if not worker.alive]
+        if dead:
+            raise RuntimeError(f"worker(s) exited: {', '.join(dead)} (logs in {self.root})")
+        return all(worker.ready for worker in self.worker_processes.values())
 
     def start_worker(self, name: str) -> Worker:
         """A worker in its own folder: ``AIRFLOW_HOME``, ``HOME``, working directory, staging folder."""
         home = self.root / name
         (home / "home").mkdir(parents=True, exist_ok=True)
-        (home / "config").mkdir(exist_ok=True)
-        (home / "config" / "airflow_local_settings.py").write_text(
-            WORKER_LOCAL_SETTINGS.format(modules=list(WORKER_PRELOAD))
-        )
+        _write_local_settings(home, preload=True, retry_delay=self.retry_delay)
         env = self._env(
             home,
             HOME=str(home / "home"),
@@ -371,10 +406,13 @@ class CeleryCluster:
 
     def stop(self) -> None:
         """Every process at once: the cluster is thrown away, so no worker needs the control processes to finish."""
-        _stop_groups([*(worker.process for worker in self.worker_processes.values()), *self.processes.values()])
+        processes = [*(worker.process for worker in self.worker_processes.values()), *self.processes.values()]
+        _stop_groups(processes, timeout=5)
         for log in self._logs:
             log.close()
         self._purge_broker()
+        with self.server.connect() as admin:  # the server may outlive the cluster (a test suite's)
+            admin.execute(f'DROP DATABASE IF EXISTS "{self.meta_db}" WITH (FORCE)')
 
     def _purge_broker(self) -> None:
         """Remove this cluster's keys from Redis (best effort: its database may be shared)."""

@@ -5,7 +5,7 @@ talk to), scheduler, dag-processor, triggerer and two ``airflow celery worker`` 
 its own home and working directory with its own host name (no shared local disk: the split
 operators' batches must travel through S3, here ``moto_server`` behind an Airflow ``aws``
 connection).  Broker: the Redis of this machine (a dedicated database and key prefix); metadata and
-the bank's systems: an embedded PostgreSQL.
+the bank's systems: databases on the suite's embedded PostgreSQL.
 
 One scheduled run proves both claims (one run, not two: each costs about a minute of cluster time):
 
@@ -17,7 +17,8 @@ One scheduled run proves both claims (one run, not two: each costs about a minut
    and waits to append its audit-ledger entry, held there by a lock the test takes on the ledger
    (created beforehand by the engine's own ``ensure_audit_table``: an empty target has no table to
    lock).  The scheduler finds the task lost, its retry runs on the other worker, and the run
-   converges: targets equal the master, no duplicates, the bucket empty.
+   converges: targets equal the master, no duplicates, the bucket empty.  (A cluster policy sets the
+   delay between tries to 2 s: the DAG's 30 s would only be waited out.)
 
 A worker killed mid-load in an incremental run (after a day of changes) converges the same way; the
 fault-injection suite (tests/faults) kills incremental loads at random points.
@@ -44,7 +45,7 @@ from sync_dev.cluster import (
     moto_s3,
     redis_available,
 )
-from sync_dev.local_postgres import LocalPostgres, local_postgres
+from sync_dev.local_postgres import LocalPostgres
 
 pytestmark = [
     pytest.mark.cluster,
@@ -60,36 +61,51 @@ KEY = "cluster-token-key"
 BUCKET = "sync-staging"
 PREFIX = "batches"
 SYSTEMS = (bank.SOURCE, *bank.TARGET_SCHEMAS)
+DB_PREFIX = "cluster_"  # the bank's databases on the suite's server
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CeleryCluster, MotoS3, dict[str, str]]]:
+def stack(
+    pg_server: LocalPostgres, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[CeleryCluster, MotoS3, dict[str, str]]]:
     root = tmp_path_factory.mktemp("cluster")
     started = time.monotonic()
-    with local_postgres(root / "pg") as server, ThreadPoolExecutor(max_workers=1) as pool:
-        uris = {k: v for k, v in databases.connection_uris("127.0.0.1", server.port).items() if k in SYSTEMS}
-        seeded = pool.submit(_bank_systems, server, uris)  # while the S3 server and the cluster start
-        with moto_s3(root) as s3:
-            s3.create_bucket(BUCKET)
-            environment = {
-                **databases.airflow_environment(uris),
-                "AIRFLOW_CONN_STAGING_S3": s3.airflow_connection(),
-                "AIRFLOW__SYNC__STAGING_URI": f"s3://staging_s3@{BUCKET}/{PREFIX}",
-                "AIRFLOW_VAR_SYNC_TOKEN_KEY": KEY,
-            }
-            with celery_cluster(server, root / "airflow", environment=environment, workers=2, concurrency=2) as cluster:
-                seeded.result()
-                print(f"cluster up in {time.monotonic() - started:.0f} s")
-                try:
-                    yield cluster, s3, uris
-                finally:
-                    for name in ("scheduler", "worker-1", "worker-2"):
-                        print(f"--- {name} log (tail) ---\n{cluster.log_tail(name, 30)}")
+    found = databases.connection_uris("127.0.0.1", pg_server.port, prefix=DB_PREFIX)
+    uris = {system: uri for system, uri in found.items() if system in SYSTEMS}
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            seeded = pool.submit(_bank_systems, pg_server, uris)  # while the S3 server and the cluster start
+            with moto_s3(root) as s3:
+                s3.create_bucket(BUCKET)
+                environment = {
+                    **databases.airflow_environment(uris),
+                    "AIRFLOW_CONN_STAGING_S3": s3.airflow_connection(),
+                    "AIRFLOW__SYNC__STAGING_URI": f"s3://staging_s3@{BUCKET}/{PREFIX}",
+                    "AIRFLOW_VAR_SYNC_TOKEN_KEY": KEY,
+                }
+                # retry_delay: the DAG's 30 s between tries would be idle time here (the claim is where
+                # the retry of a lost task runs, not when)
+                with celery_cluster(
+                    pg_server, root / "airflow", environment=environment, workers=2, concurrency=2, retry_delay=2
+                ) as cluster:
+                    seeded.result()
+                    print(f"cluster up in {time.monotonic() - started:.0f} s")
+                    try:
+                        yield cluster, s3, uris
+                    finally:
+                        for name in ("scheduler", "worker-1", "worker-2"):
+                            print(f"--- {name} log (tail) ---\n{cluster.log_tail(name, 30)}")
+    finally:
+        with pg_server.connect() as admin:
+            for system in SYSTEMS:
+                admin.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DB_PREFIX + system))
+                )
 
 
 def _bank_systems(server: LocalPostgres, uris: dict[str, str]) -> None:
     with server.connect() as admin:
-        databases.create_databases(admin, systems=SYSTEMS)
+        databases.create_databases(admin, DB_PREFIX, systems=SYSTEMS)
     bank.seed(uris[bank.SOURCE], scale=400)
 
 
