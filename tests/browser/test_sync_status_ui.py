@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import socket
 import subprocess
@@ -28,6 +27,8 @@ from typing import Any
 
 import pytest
 import requests
+
+from sync_dev.airflow_sandbox import _copy_database, _migrated_template
 
 from ..conftest import CdcEnv, SyncEnv
 
@@ -142,8 +143,9 @@ class ApiServer:
 
 @pytest.fixture
 def api_server(cdc: CdcEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ApiServer]:
-    """``airflow db migrate`` then ``airflow api-server`` on a free port, started in the background, with
-    the plugin (from a plugins folder), the test auth manager and the target of ``cdc.env``."""
+    """``airflow api-server`` on a free port (on a copy of the session's migrated metadata database),
+    started in the background, with the plugin (from a plugins folder), the test auth manager and the
+    target of ``cdc.env``."""
     env = cdc.env
     home = tmp_path / "airflow"
     home.mkdir()
@@ -173,13 +175,15 @@ def api_server(cdc: CdcEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         "SYNC_TEST_DAG_ACCESS": json.dumps(ACCESS),
         "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "dags"), os.environ.get("PYTHONPATH", "")]),
     }
+    # the session's migrated metadata database (a copy), not an ``airflow db migrate`` of our own
+    _copy_database(_migrated_template(), home / "airflow.db")
     port = _free_port()
-    airflow = f"{shlex.quote(sys.executable)} -m airflow"
-    command = f"{airflow} db migrate && exec {airflow} api-server --port {port} --host 127.0.0.1 --apps core"
+    airflow = [sys.executable, "-m", "airflow"]
+    command = [*airflow, "api-server", "--port", str(port), "--host", "127.0.0.1", "--apps", "core"]
     log_path = tmp_path / "api-server.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            ["sh", "-c", command], env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
         yield ApiServer(f"http://127.0.0.1:{port}", process, log_path)
