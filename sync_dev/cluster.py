@@ -149,7 +149,8 @@ class MotoS3:
     SECRET_KEY = "cluster-test-secret"  # moto accepts any credentials
     REGION = "us-east-1"
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, *, wait: bool = True) -> None:
+        """Start the server; ``wait``: until it answers (else call :meth:`wait_ready` before using it)."""
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log = (log_dir / "moto.log").open("wb")
@@ -159,6 +160,10 @@ class MotoS3:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
         try:
             _wait(lambda: _http_ok(f"{self.endpoint}/moto-api/"), "moto_server", 60, process=self.process)
         except BaseException:
@@ -201,8 +206,8 @@ class MotoS3:
 
 
 @contextlib.contextmanager
-def moto_s3(log_dir: Path) -> Iterator[MotoS3]:
-    server = MotoS3(log_dir)
+def moto_s3(log_dir: Path, *, wait: bool = True) -> Iterator[MotoS3]:
+    server = MotoS3(log_dir, wait=wait)
     try:
         yield server
     finally:

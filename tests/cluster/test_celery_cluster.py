@@ -75,8 +75,7 @@ def stack(
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             seeded = pool.submit(_bank_systems, pg_server, uris)  # while the S3 server and the cluster start
-            with moto_s3(root) as s3:
-                s3.create_bucket(BUCKET)
+            with moto_s3(root, wait=False) as s3:  # it starts while the cluster does
                 environment = {
                     **databases.airflow_environment(uris),
                     "AIRFLOW_CONN_STAGING_S3": s3.airflow_connection(),
@@ -89,6 +88,8 @@ def stack(
                     pg_server, root / "airflow", environment=environment, workers=2, concurrency=2, retry_delay=2
                 ) as cluster:
                     seeded.result()
+                    s3.wait_ready()
+                    s3.create_bucket(BUCKET)
                     print(f"cluster up in {time.monotonic() - started:.0f} s")
                     try:
                         yield cluster, s3, uris
