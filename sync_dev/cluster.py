@@ -11,7 +11,9 @@ alone:
   scheduler, dag-processor, triggerer and N ``airflow celery worker`` processes.  Each worker has
   its own ``AIRFLOW_HOME``, ``HOME``, working directory and staging folder (no shared local disk)
   and its own host name (:func:`worker_hostname`, ``[core] hostname_callable``), which Airflow
-  records as ``TaskInstance.hostname``.
+  records as ``TaskInstance.hostname``.  Each worker imports what the reference DAGs' tasks import
+  once, before its pool forks (:data:`WORKER_PRELOAD`, through its ``airflow_local_settings.py``);
+  ``retry_delay`` sets every task's delay between tries by a cluster policy.
 
 The broker is Redis (``redis://127.0.0.1:6379/<db>``): a dedicated database number and a key
 prefix (``[celery_broker_transport_options] global_keyprefix``) keep one cluster's queues apart
@@ -47,8 +49,9 @@ BIN = Path(sys.executable).parent
 HOSTNAME_VARIABLE = "SYNC_WORKER_HOSTNAME"
 #: What the reference DAGs' tasks import (the dag.test() runner's list, plus S3 staging): a worker
 #: imports it once, before its pool forks, so each task process inherits it instead of importing it
-#: again (a cold task spent 10-20 s importing on a loaded 2-CPU machine).  Airflow's own worker does
-#: the same for a few modules (``on_celery_import_modules``); this goes through Celery's signal too.
+#: again (on a loaded 2-CPU machine the bank DAG's first tasks took 15-22 s each, later ones 4-8 s;
+#: with the preload 1-5 s).  Airflow's own worker does the same for a few modules
+#: (``on_celery_import_modules``); this goes through Celery's signal too.
 WORKER_PRELOAD = (*PRELOAD, "pyarrow.fs", "boto3", "airflow.providers.amazon.aws.hooks.base_aws")
 #: ``airflow_local_settings.py`` (Airflow imports it in every process of the home it is in): the
 #: preload of a worker, connected to its Celery ``import_modules`` signal...
