@@ -233,6 +233,12 @@ def _copy_database(source: Path, target: Path) -> None:
         src.backup(dst)
 
 
+def copy_migrated_database(target: Path) -> None:
+    """A migrated Airflow metadata database (SQLite) at ``target``, copied from this process's
+    template: a new Airflow home without its own ``airflow db migrate`` (seconds saved per home)."""
+    _copy_database(_migrated_template(), target)
+
+
 # --------------------------------------------------------------------------- the forking runner
 
 
@@ -403,7 +409,7 @@ class AirflowSandbox:
     def migrate(self) -> None:
         """Give the home a migrated metadata database (a copy of the process's template) and lease a
         runner: a new one's imports then overlap with whatever the caller does before the first run."""
-        _copy_database(_migrated_template(), self.home / "airflow.db")
+        copy_migrated_database(self.home / "airflow.db")
         self._lease()
 
     def _lease(self) -> _Runner:
@@ -451,4 +457,4 @@ class AirflowSandbox:
         return DagRunOutcome(dag_id, state, seconds, tasks, log_file)
 
 
-__all__ = ["DAGS_FOLDER", "AirflowSandbox", "DagRunOutcome"]
+__all__ = ["DAGS_FOLDER", "AirflowSandbox", "DagRunOutcome", "copy_migrated_database"]

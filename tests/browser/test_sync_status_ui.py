@@ -7,8 +7,9 @@ Airflow's task instance, and record their DAG as in a real run).  The api-server
 provider's plugin and a test auth manager that gives ``analyst`` the orders DAG only and
 ``outsider`` no DAG.  Headless Chromium (Debian's ``chromium`` + ``chromium-driver``, installed here
 when missing) signs in through Airflow's login page, reads the overview and a detail page, and the
-screenshots go to docs/images/: the view inside the Airflow UI (sync-status.png) and a detail page
-(sync-status-detail.png).
+screenshots go to the test's temporary folder, or to docs/images/ with ``SYNC_UPDATE_SCREENSHOTS=1``
+(for the docs): the view inside the Airflow UI (sync-status.png) and a detail page (sync-status-detail.png).
+A normal test run leaves the committed screenshots alone.
 """
 
 from __future__ import annotations
@@ -28,13 +29,12 @@ from typing import Any
 import pytest
 import requests
 
-from sync_dev.airflow_sandbox import _copy_database, _migrated_template
+from sync_dev.airflow_sandbox import copy_migrated_database
 
 from ..conftest import CdcEnv, SyncEnv
 
 REPO = Path(__file__).resolve().parents[2]
-SCREENSHOT = REPO / "docs" / "images" / "sync-status.png"
-DETAIL_SCREENSHOT = REPO / "docs" / "images" / "sync-status-detail.png"
+DOCS_IMAGES = REPO / "docs" / "images"
 PASSWORDS = {"admin": "admin-pass", "analyst": "analyst-pass", "outsider": "outsider-pass"}
 ACCESS = {"analyst": ["orders_status"], "outsider": []}
 SUITE = {
@@ -176,7 +176,7 @@ def api_server(cdc: CdcEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "dags"), os.environ.get("PYTHONPATH", "")]),
     }
     # the session's migrated metadata database (a copy), not an ``airflow db migrate`` of our own
-    _copy_database(_migrated_template(), home / "airflow.db")
+    copy_migrated_database(home / "airflow.db")
     port = _free_port()
     airflow = [sys.executable, "-m", "airflow"]
     command = [*airflow, "api-server", "--port", str(port), "--host", "127.0.0.1", "--apps", "core"]
@@ -303,12 +303,14 @@ def _sign_in(driver: Any, url: str, user: str) -> None:
 
 
 def test_sync_status_view_in_a_browser(
-    chromium: tuple[str, str], api_server: ApiServer, synced: dict[str, Any]
+    chromium: tuple[str, str], api_server: ApiServer, synced: dict[str, Any], tmp_path: Path
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
+    images = DOCS_IMAGES if os.environ.get("SYNC_UPDATE_SCREENSHOTS") == "1" else tmp_path
+    screenshot, detail_screenshot = images / "sync-status.png", images / "sync-status-detail.png"
     url = api_server.wait_ready()
     # The JSON endpoint applies the same rules: per-DAG access decides which syncs a user sees.
     assert _syncs_json(url, "admin") == ["items_cdc", "orders", "payroll"]
@@ -363,9 +365,9 @@ def test_sync_status_view_in_a_browser(
         )
         history = driver.find_element(By.CSS_SELECTOR, "table.history").text
         assert history.count("manual__") >= 5 and "498 / 0 / 0" in history and "0 / 30 / 0" in history
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
         driver.set_window_size(1300, 2000)
-        driver.save_screenshot(str(DETAIL_SCREENSHOT))
+        driver.save_screenshot(str(detail_screenshot))
         driver.set_window_size(1500, 1100)
 
         # The view inside the Airflow UI (Browse -> Sync status), for the README.
@@ -375,8 +377,8 @@ def test_sync_status_view_in_a_browser(
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "tr[data-sync-id=orders]")))
         driver.switch_to.default_content()
         time.sleep(1)  # let the UI's fonts and nav settle
-        driver.save_screenshot(str(SCREENSHOT))
-        assert SCREENSHOT.stat().st_size > 20_000
+        driver.save_screenshot(str(screenshot))
+        assert detail_screenshot.stat().st_size > 20_000 and screenshot.stat().st_size > 20_000
 
         # A user without access to any of the DAGs sees none of their syncs, and not their pages either.
         _sign_in(driver, url, "outsider")
