@@ -262,10 +262,8 @@ class BaseCdcOperator(BaseOperator):
         return build_cdc_spec(self)
 
     def _spec(self) -> CdcSpec:
-        try:
+        with task_errors(self.sync_id):
             return self.build_spec()
-        except SyncError as error:
-            raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
 
     @contextmanager
     def _source_and_target(
@@ -325,11 +323,9 @@ class CdcExtractOperator(BaseCdcOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         spec = self._spec()
-        try:
+        with task_errors(spec.sync_id):
             log_slot_lag(self.log, self.source_conn_id, spec)
             manifest = self._extract(spec, context["run_id"])
-        except SyncError as error:
-            raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
         self._manifest = manifest
         self.log.info("%s", manifest.summary())
         return manifest.to_dict()
@@ -396,7 +392,7 @@ class CdcLoadOperator(BaseOperator):
             raise as_task_error(error) from error
         spec = manifest_spec(manifest)
         self._manifest = manifest
-        try:
+        with task_errors(spec.sync_id):
             check_shared_staging(manifest.staging_dir, executor=self.executor, what=f"the load of {spec.sync_id}")
             if self.source_conn_id:
                 log_slot_lag(self.log, self.source_conn_id, spec)
@@ -424,8 +420,6 @@ class CdcLoadOperator(BaseOperator):
             output = result.to_dict()
             if position is not None and self.source_conn_id:
                 output["confirmed_lsn"] = self._confirm(spec, position.end_lsn)
-        except SyncError as error:
-            raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
         return output
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
@@ -475,42 +469,38 @@ class CdcSyncOperator(BaseCdcOperator, StreamingOperator):
             stream_seconds = self.stream_seconds()
         if stream_seconds is not None:
             return self._stream(spec, stream_seconds, context)
-        try:
-            with self._source_and_target(spec, context) as (engine, target):
-                manifest, result = run_cdc_sync(
-                    engine,
-                    target,
-                    spec,
-                    staging=staging_area(self.staging_uri),
-                    run_id=context["run_id"],
-                    logger=self.log,
-                )
-        except SyncError as error:
-            raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
+        with task_errors(spec.sync_id), self._source_and_target(spec, context) as (engine, target):
+            manifest, result = run_cdc_sync(
+                engine,
+                target,
+                spec,
+                staging=staging_area(self.staging_uri),
+                run_id=context["run_id"],
+                logger=self.log,
+            )
         return self._applied(manifest, result, context)
 
     def _stream(self, spec: CdcSpec, stream_seconds: float, context: Context) -> dict[str, Any]:
         """Micro-batches for ``stream_seconds`` (a streaming run reports no lineage: it never
         completes one manifest)."""
-        try:
-            with self.stopping() as stop, self._source_and_target(spec, context) as (engine, target):
-                stream = CdcStream(
-                    engine,
-                    target,
-                    spec,
-                    staging=staging_area(self.staging_uri),
-                    run_id=context["run_id"],
-                    logger=self.log,
-                    idle_advance_bytes=int(self.idle_advance_bytes),
-                )
-                try:
-                    stats = self.run_stream(
-                        stream, stop, stream_for=stream_seconds, what=f"sync {spec.sync_id}: stream"
-                    )
-                finally:
-                    stream.close()
-        except SyncError as error:
-            raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
+        with (
+            task_errors(spec.sync_id),
+            self.stopping() as stop,
+            self._source_and_target(spec, context) as (engine, target),
+        ):
+            stream = CdcStream(
+                engine,
+                target,
+                spec,
+                staging=staging_area(self.staging_uri),
+                run_id=context["run_id"],
+                logger=self.log,
+                idle_advance_bytes=int(self.idle_advance_bytes),
+            )
+            try:
+                stats = self.run_stream(stream, stop, stream_for=stream_seconds, what=f"sync {spec.sync_id}: stream")
+            finally:
+                stream.close()
         return {"stream": stats.to_dict()}
 
 
@@ -546,20 +536,17 @@ class CdcResnapshotOperator(BaseCdcOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         spec = self._spec()
         tables = _table_list(self.resnapshot)
-        try:
-            with self._source_and_target(spec, context) as (engine, target):
-                manifest, result = resnapshot_tables(
-                    engine,
-                    target,
-                    spec,
-                    tables,
-                    staging=staging_area(self.staging_uri),
-                    run_id=context["run_id"],
-                    logger=self.log,
-                    attempts=int(self.attempts),
-                )
-        except SyncError as error:
-            raise as_task_error(error.with_context(sync_id=spec.sync_id)) from error
+        with task_errors(spec.sync_id), self._source_and_target(spec, context) as (engine, target):
+            manifest, result = resnapshot_tables(
+                engine,
+                target,
+                spec,
+                tables,
+                staging=staging_area(self.staging_uri),
+                run_id=context["run_id"],
+                logger=self.log,
+                attempts=int(self.attempts),
+            )
         return self._applied(manifest, result, context)
 
 

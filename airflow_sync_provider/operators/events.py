@@ -15,17 +15,17 @@ from airflow.sdk import BaseHook, BaseOperator, Context
 
 from airflow_sync_provider import lineage
 from airflow_sync_provider.assets import emit_table_events
-from airflow_sync_provider.core.errors import ConfigurationError, SyncError
+from airflow_sync_provider.core.errors import ConfigurationError
 from airflow_sync_provider.core.events import EventColumn, EventSchema, EventSpec, drain_events
 from airflow_sync_provider.core.events.schema import DEFAULT_MAX_PAYLOAD_BYTES, EventTransform
 from airflow_sync_provider.core.events.spec import DEFAULT_BATCH_BYTES, DEFAULT_BATCH_EVENTS
 from airflow_sync_provider.hooks.events import event_source
 from airflow_sync_provider.hooks.target import target_connection
 from airflow_sync_provider.operators.common import (
-    as_task_error,
     record_dag_run,
     resolve_transform,
     staging_area,
+    task_errors,
 )
 from airflow_sync_provider.plugins.links import SYNC_LINKS
 
@@ -153,7 +153,7 @@ class EventStreamToPostgresOperator(BaseOperator):
         )
 
     def execute(self, context: Context) -> dict[str, Any]:
-        try:
+        with task_errors(self.sync_id):
             spec = self.build_spec()
             transform = resolve_transform(self.transform)
             source = event_source(
@@ -182,8 +182,6 @@ class EventStreamToPostgresOperator(BaseOperator):
                     )
             finally:
                 source.close()
-        except SyncError as error:
-            raise as_task_error(error.with_context(sync_id=self.sync_id)) from error
         self._result = result
         emit_table_events(context, self.outlets, self.target_conn_id, self._writes(result), self.log)
         return result.to_dict()
