@@ -68,7 +68,8 @@ def _statement(
         return f"INSERT INTO {a} (id, v, note, body) VALUES (%s, 0, 'new', %s)", (key, _body(data.draw(BODY)))
     if kind == "insert_b":
         k1, k2 = data.draw(st.integers(0, 3), label="k1"), data.draw(st.sampled_from(["x", "y", "z é"]), label="k2")
-        return f"INSERT INTO {b} VALUES (%s, %s, %s, now()) ON CONFLICT DO NOTHING", (k1, k2, data.draw(st.integers()))
+        n = data.draw(st.integers(-(2**63), 2**63 - 1))  # n is a bigint: outside, the source refuses the row
+        return f"INSERT INTO {b} VALUES (%s, %s, %s, now()) ON CONFLICT DO NOTHING", (k1, k2, n)
     if kind == "truncate_b":
         return f"TRUNCATE {b}", ()
     if kind == "message":
