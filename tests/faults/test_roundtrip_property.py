@@ -45,11 +45,11 @@ class ColumnType:
 
 
 def _numeric(precision: int, scale: int) -> ColumnType:
-    exact = decimal.Context(prec=100)  # the default 28 digits would round the limit up to 10**28
+    exact = decimal.Context(prec=100)  # the default 28 digits would round the limit (and -limit) to 10**28
     limit = exact.subtract(exact.power(10, precision - scale), decimal.Decimal(1).scaleb(-scale))
     return ColumnType(
         f"numeric({precision},{scale})",
-        st.decimals(-limit, limit, places=scale, allow_nan=False, allow_infinity=False),
+        st.decimals(limit.copy_negate(), limit, places=scale, allow_nan=False, allow_infinity=False),
     )
 
 
