@@ -56,6 +56,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PROBES = 40
 SCALE = 500
+#: The comparison DAGs measured after the real-time one (``--variants``).
+VARIANTS = ("inventory_sync_on_change", "inventory_sync")
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -372,6 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="10 s per rate instead of 40 s, one 5-minute period")
     parser.add_argument("--no-variants", action="store_true", help="only the real-time DAG")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"which comparison DAGs to measure, in this order (default: {','.join(VARIANTS)})",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work folder (Airflow home with its logs, PostgreSQL data)"
+    )
     parser.add_argument("--periods", type=int, default=2, help="periods of the five-minute DAG to sample")
     parser.add_argument("--rates", default="10,100,1000")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest-latency.json")
@@ -417,13 +427,22 @@ def main(argv: list[str] | None = None) -> int:
             _write(args.output, results)
             if not args.no_variants:
                 results["variants"] = _variants(
-                    airflow, uris, results["rates"], seconds, stream_seconds, 1 if args.quick else args.periods
+                    airflow,
+                    uris,
+                    results["rates"],
+                    seconds,
+                    stream_seconds,
+                    1 if args.quick else args.periods,
+                    [v for v in args.variants.split(",") if v],
                 )
         finally:
             airflow.stop()
     results["load_average_at_end"] = _load()
     _write(args.output, results)
-    shutil.rmtree(work, ignore_errors=True)
+    if args.keep:
+        print(f"kept {work} (Airflow home: {work / 'airflow'})", flush=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     from benchmarks.latency_plot import plot
 
     print(f"plot: {plot(args.output)}", flush=True)
@@ -437,6 +456,7 @@ def _variants(
     seconds: float,
     stream_seconds: float,
     periods: int,
+    names: list[str],
 ) -> dict[str, Any]:
     """The AssetWatcher and five-minute DAGs, one after the other once the stream's run ended.
 
@@ -463,7 +483,10 @@ def _variants(
         ),
     ]
     previous = "inventory_sync_realtime"
-    for dag_id, how, options in plan:
+    unknown = set(names) - {dag_id for dag_id, _, _ in plan}
+    if unknown:
+        raise ValueError(f"unknown variant(s) {sorted(unknown)}; known: {VARIANTS}")
+    for dag_id, how, options in sorted((p for p in plan if p[0] in names), key=lambda p: names.index(p[0])):
         entry: dict[str, Any] = {"how": how}
         variants[dag_id] = entry
         try:
@@ -472,7 +495,8 @@ def _variants(
             except RuntimeError as error:  # measured anyway: the runs share the sync state, safely
                 entry["note"] = f"{error} when this variant started"
             airflow.unpause(dag_id)
-            print(f"{dag_id}:", flush=True)
+            entry["unpaused_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+            print(f"{dag_id}: unpaused at {entry['unpaused_at']}", flush=True)
             entry["rates"] = [measure(uris, 10, options["seconds"], every=options["every"], timeout=options["timeout"])]
         except Exception as error:
             entry["error"] = f"{type(error).__name__}: {error}"
