@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -40,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ class Airflow:
     """``airflow standalone`` in a temporary home, its metadata on the benchmark's PostgreSQL."""
 
     def __init__(self, server: LocalPostgres, uris: Mapping[str, str], home: Path, stream_seconds: float) -> None:
+        self.server = server
         with server.connect() as admin:
             admin.execute("CREATE DATABASE airflow_meta")
         self.environment = {
@@ -131,6 +133,27 @@ class Airflow:
 
     def pause(self, dag_id: str) -> None:
         self.cli("dags", "pause", dag_id)
+
+    def request_parse(self, dag_id: str) -> None:
+        """Have the dag-processor parse the DAG's file next (what the UI's "Reparse Dag" button writes).
+
+        Airflow creates an AssetWatcher's triggers only when it parses the file of an *unpaused* DAG
+        (``dag_processing/collection.py``, ``add_asset_trigger_references``): unpausing alone starts
+        no watcher until the next parse, ``min_file_process_interval`` later (120 s here).
+        """
+        with self.server.connect("airflow_meta") as meta:
+            meta.execute(_PARSE_REQUEST, (dag_id,))
+
+    def wait_first_run(self, dag_id: str, since: dt.datetime, timeout: float) -> str:
+        """Until a run of ``dag_id`` created after ``since`` has ended; its state."""
+        deadline = time.monotonic() + timeout
+        with self.server.connect("airflow_meta") as meta:
+            while time.monotonic() < deadline:
+                row = meta.execute(_FIRST_RUN, (dag_id, since)).fetchone()
+                if row and row[0] in ("success", "failed"):
+                    return str(row[0])
+                time.sleep(1)
+        raise RuntimeError(f"no run of {dag_id} ended within {timeout:.0f} s of the unpause")
 
     def wait_no_running_run(self, dag_id: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -314,17 +337,117 @@ def _wait_streaming(uris: Mapping[str, str], timeout: float) -> None:
     raise RuntimeError("the realtime stream did not push to the stores in time")
 
 
+_PARSE_REQUEST = """
+INSERT INTO dag_priority_parsing_request (id, bundle_name, relative_fileloc)
+SELECT md5(bundle_name || ':' || relative_fileloc), bundle_name, relative_fileloc FROM dag WHERE dag_id = %s
+ON CONFLICT (id) DO NOTHING
+"""
+_FIRST_RUN = "SELECT state FROM dag_run WHERE dag_id = %s AND created_at >= %s ORDER BY created_at LIMIT 1"
+_WATCHERS = """
+SELECT min(t.created_date) FROM trigger t
+JOIN asset_watcher w ON w.trigger_id = t.id
+JOIN dag_schedule_asset_reference r ON r.asset_id = w.asset_id
+WHERE r.dag_id = %s
+"""
+_EVENTS = """
+SELECT min(e.timestamp), count(*) FROM asset_event e
+JOIN dag_schedule_asset_reference r ON r.asset_id = e.asset_id
+WHERE r.dag_id = %s AND e.timestamp >= %s
+"""
+_RUNS = """
+SELECT run_id, created_at, queued_at, start_date, end_date, state FROM dag_run
+WHERE dag_id = %s AND created_at >= %s ORDER BY created_at LIMIT %s
+"""
+_TASKS = """
+SELECT task_id, map_index, try_number, scheduled_dttm, queued_dttm, start_date, end_date, state FROM task_instance
+WHERE dag_id = %s AND run_id = %s ORDER BY start_date NULLS LAST, task_id
+"""
+
+
+def timeline(server: LocalPostgres, dag_id: str, since: dt.datetime, runs: int = 3) -> dict[str, Any]:
+    """Where the time went after ``since`` (the unpause), from Airflow's metadata: seconds after it.
+
+    ``watchers_registered``: the AssetWatcher triggers exist (the dag-processor writes them when it
+    parses the file of an unpaused DAG), ``first_asset_event``: a trigger fired; then the first
+    ``runs`` DAG runs created since, each with its tasks (scheduled, queued, started, ended).
+    """
+
+    def after(moment: Any) -> float | None:
+        return None if moment is None else round((moment - since).total_seconds(), 2)
+
+    with server.connect("airflow_meta") as meta:
+        watchers = meta.execute(_WATCHERS, (dag_id,)).fetchone()
+        first_event, events = meta.execute(_EVENTS, (dag_id, since)).fetchone() or (None, 0)
+        result: dict[str, Any] = {
+            "since": since.isoformat(timespec="milliseconds"),
+            "watchers_registered": after(watchers[0]) if watchers else None,
+            "first_asset_event": after(first_event),
+            "asset_events": events,
+            "runs": [],
+        }
+        for run_id, created, queued, started, ended, state in meta.execute(_RUNS, (dag_id, since, runs)):
+            tasks = [
+                {
+                    "task": task_id if map_index == -1 else f"{task_id}[{map_index}]",
+                    "try": attempt,
+                    "scheduled": after(scheduled),
+                    "queued": after(queued_t),
+                    "started": after(start),
+                    "ended": after(end),
+                    "state": task_state,
+                }
+                for task_id, map_index, attempt, scheduled, queued_t, start, end, task_state in meta.execute(
+                    _TASKS, (dag_id, run_id)
+                )
+            ]
+            result["runs"].append(
+                {
+                    "run_id": run_id,
+                    "created": after(created),
+                    "queued": after(queued),
+                    "started": after(started),
+                    "ended": after(ended),
+                    "state": state,
+                    "tasks": tasks,
+                }
+            )
+    return result
+
+
+def _print_startup(startup: dict[str, Any]) -> None:
+    first = (startup["runs"] or [{}])[0]
+    print(
+        f"  start-up (s after unpause): watchers registered {startup['watchers_registered']}, first asset event "
+        f"{startup['first_asset_event']}, first run created {first.get('created')}, started {first.get('started')}, "
+        f"ended {first.get('ended')} ({first.get('state')})",
+        flush=True,
+    )
+
+
 def _load() -> list[float]:
     """The machine's load average (1, 5, 15 min), as ``uptime`` shows it."""
     return [round(x, 2) for x in os.getloadavg()]
 
 
 def measure(
-    uris: Mapping[str, str], rate: float, seconds: float, every: float = 0.5, timeout: float = 120
+    uris: Mapping[str, str],
+    rate: float,
+    seconds: float,
+    every: float = 0.5,
+    timeout: float = 120,
+    warmup: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
+    """Samples for ``seconds``; ``warmup`` runs first, while the writer already commits (a DAG's start-up
+    is not a sample: the first probes would measure it, not the steady state)."""
     load_before = _load()
     checker = Checker(uris)
     writer = Writer(uris, rate)
+    warmup_s = None
+    if warmup is not None:
+        started = time.monotonic()
+        warmup()
+        warmup_s = round(time.monotonic() - started, 1)
+        print(f"  warm-up: {warmup_s} s", flush=True)
     sampler = Sampler(uris, every=every, timeout=timeout)
     time.sleep(seconds)
     sampler.running.clear()
@@ -335,6 +458,7 @@ def measure(
     result = {
         "rate_per_s": rate,
         "probe_every_s": every,
+        "warmup_s": warmup_s,
         "achieved_per_s": round(achieved + (1 / every), 1),
         "samples": len(values),
         "lost_samples": sampler.lost,
@@ -495,9 +619,15 @@ def _variants(
             except RuntimeError as error:  # measured anyway: the runs share the sync state, safely
                 entry["note"] = f"{error} when this variant started"
             airflow.unpause(dag_id)
-            entry["unpaused_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-            print(f"{dag_id}: unpaused at {entry['unpaused_at']}", flush=True)
-            entry["rates"] = [measure(uris, 10, options["seconds"], every=options["every"], timeout=options["timeout"])]
+            unpaused = dt.datetime.now(dt.UTC)
+            airflow.request_parse(dag_id)  # starts the AssetWatchers now, not at the next periodic parse
+            print(f"{dag_id}: unpaused at {unpaused.isoformat(timespec='seconds')}; warming up", flush=True)
+            warmup = functools.partial(airflow.wait_first_run, dag_id, unpaused, options["timeout"])
+            entry["rates"] = [
+                measure(uris, 10, options["seconds"], every=options["every"], timeout=options["timeout"], warmup=warmup)
+            ]
+            entry["startup"] = timeline(airflow.server, dag_id, unpaused, runs=2)
+            _print_startup(entry["startup"])
         except Exception as error:
             entry["error"] = f"{type(error).__name__}: {error}"
             print(f"{dag_id} failed: {entry['error']}", flush=True)
