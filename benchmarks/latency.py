@@ -1,7 +1,8 @@
 """Latency under the real scheduler: warehouse commit -> visible in every store's ``catalog_availability``.
 
 ``python -m benchmarks.latency`` (``--quick``: shorter phases; ``--no-variants``: the real-time DAG
-only).  Starts an embedded PostgreSQL with the inventory case study's databases (seeded) and
+only; ``--variants``: which comparison DAGs; ``--keep``: keep the Airflow home and its logs).
+Starts an embedded PostgreSQL with the inventory case study's databases (seeded) and
 ``airflow standalone`` (scheduler, dag-processor, triggerer, api-server; LocalExecutor; the metadata
 database on the same PostgreSQL server), then measures the three inventory DAGs one after the other
 in the same run:
@@ -16,6 +17,12 @@ in the same run:
    changes/s, one probe every 5 s;
 3. ``inventory_sync`` (every five minutes), at 10 changes/s, one probe every 30 s over two periods
    (``--periods``; its samples are minutes: the wait for the next run, plus the run).
+
+Each comparison DAG is unpaused with a parse request for its file (Airflow starts an AssetWatcher
+only when it parses the file of an unpaused DAG), and sampled only once its first run has ended
+(the writer commits meanwhile): the samples are the steady state; the start-up is recorded apart
+(``startup``: seconds after the unpause until the watchers exist, the first asset event, and the
+first two runs with their tasks, from Airflow's metadata database).
 
 Results: ``benchmarks/results/latest-latency.json``: per rate of the real-time DAG (``rates``)
 ``rate_per_s``, ``achieved_per_s``, ``samples``, ``p50_s``, ``p95_s``, ``p99_s``, ``max_s``,
