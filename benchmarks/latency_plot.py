@@ -22,7 +22,8 @@ def _series(results: dict[str, Any]) -> list[tuple[str, dict[str, Any], float | 
     names = {"inventory_sync_on_change": "AssetWatcher", "inventory_sync": "every 5 min"}
     for dag_id, label in names.items():
         for r in (results.get("variants") or {}).get(dag_id, {}).get("rates", []):
-            series.append((f"{label}\n{r['rate_per_s']:,.0f}/s", r, None))
+            steady = "\nafter warm-up" if r.get("warmup_s") is not None else ""  # see benchmarks.latency.measure
+            series.append((f"{label}\n{r['rate_per_s']:,.0f}/s{steady}", r, None))
     return series
 
 
