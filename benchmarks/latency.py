@@ -151,6 +151,24 @@ class Airflow:
         with self.server.connect("airflow_meta") as meta:
             meta.execute(_PARSE_REQUEST, (dag_id,))
 
+    def wait_idle(self, dag_id: str, timeout: float, quiet: float = 8) -> None:
+        """Until ``dag_id`` has had no queued or running run for ``quiet`` seconds (longer than a peek
+        plus the event -> run step), so that pausing it strands no run: the scheduler starts no further
+        task of a paused DAG's run, which stays "running" until the DAG is unpaused."""
+        deadline = time.monotonic() + timeout
+        idle_since: float | None = None
+        with self.server.connect("airflow_meta") as meta:
+            while time.monotonic() < deadline:
+                busy = meta.execute(_ACTIVE_RUNS, (dag_id,)).fetchone()
+                if busy and busy[0]:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= quiet:
+                    return
+                time.sleep(1)
+        raise RuntimeError(f"{dag_id} still had a queued or running run after {timeout:.0f} s")
+
     def wait_first_run(self, dag_id: str, since: dt.datetime, timeout: float) -> str:
         """Until a run of ``dag_id`` created after ``since`` has ended; its state."""
         deadline = time.monotonic() + timeout
@@ -349,6 +367,7 @@ INSERT INTO dag_priority_parsing_request (id, bundle_name, relative_fileloc)
 SELECT md5(bundle_name || ':' || relative_fileloc), bundle_name, relative_fileloc FROM dag WHERE dag_id = %s
 ON CONFLICT (id) DO NOTHING
 """
+_ACTIVE_RUNS = "SELECT count(*) FROM dag_run WHERE dag_id = %s AND state IN ('queued', 'running')"
 _FIRST_RUN = "SELECT state FROM dag_run WHERE dag_id = %s AND created_at >= %s ORDER BY created_at LIMIT 1"
 _WATCHERS = """
 SELECT min(t.created_date) FROM trigger t
@@ -635,6 +654,7 @@ def _variants(
             ]
             entry["startup"] = timeline(airflow.server, dag_id, unpaused, runs=2)
             _print_startup(entry["startup"])
+            airflow.wait_idle(dag_id, timeout=options["timeout"])  # the writer stopped: the last runs end
         except Exception as error:
             entry["error"] = f"{type(error).__name__}: {error}"
             print(f"{dag_id} failed: {entry['error']}", flush=True)
