@@ -391,7 +391,7 @@ WHERE dag_id = %s AND run_id = %s ORDER BY start_date NULLS LAST, task_id
 
 
 def timeline(server: LocalPostgres, dag_id: str, since: dt.datetime, runs: int = 3) -> dict[str, Any]:
-    """Where the time went after ``since`` (the unpause), from Airflow's metadata: seconds after it.
+    """Where the time went after ``since`` (just before the unpause), from Airflow's metadata: seconds after it.
 
     ``watchers_registered``: the AssetWatcher triggers exist (the dag-processor writes them when it
     parses the file of an unpaused DAG), ``first_asset_event``: a trigger fired; then the first
@@ -644,8 +644,11 @@ def _variants(
                 airflow.wait_no_running_run(previous, timeout=stream_seconds + 300)
             except RuntimeError as error:  # measured anyway: the runs share the sync state, safely
                 entry["note"] = f"{error} when this variant started"
-            airflow.unpause(dag_id)
+            # Just before: the scheduler may create a run while the CLI still confirms the unpause
+            # (the five-minute DAG's first run did, and the warm-up then waited for the second).
             unpaused = dt.datetime.now(dt.UTC)
+            airflow.unpause(dag_id)
+            entry["unpause_cli_s"] = round((dt.datetime.now(dt.UTC) - unpaused).total_seconds(), 2)
             airflow.request_parse(dag_id)  # starts the AssetWatchers now, not at the next periodic parse
             print(f"{dag_id}: unpaused at {unpaused.isoformat(timespec='seconds')}; warming up", flush=True)
             warmup = functools.partial(airflow.wait_first_run, dag_id, unpaused, options["timeout"])
