@@ -115,6 +115,12 @@ def airflow_orders(env: SyncEnv, monkeypatch: pytest.MonkeyPatch, rows: int) -> 
     monkeypatch.setenv("AIRFLOW_CONN_SYNC_SOURCE", f"postgres://postgres@127.0.0.1:{port}/{env.source_db}")
     monkeypatch.setenv("AIRFLOW_CONN_SYNC_TARGET", f"postgres://postgres@127.0.0.1:{port}/{env.target_db}")
     monkeypatch.setenv("SYNC_STAGING_DIR", str(Path(env.staging.base_uri.removeprefix("file://"))))
+    make_orders(env, rows)
+    return env
+
+
+def make_orders(env: SyncEnv, rows: int = 1_000) -> None:
+    """A source ``orders`` table of ``rows`` rows (ids 1..rows, quantity ``id % 7``, price 9.99)."""
     with env.source() as conn:
         conn.execute(
             "CREATE TABLE orders (id bigint PRIMARY KEY, customer text, quantity int, unit_price numeric(10,2), "
@@ -125,7 +131,6 @@ def airflow_orders(env: SyncEnv, monkeypatch: pytest.MonkeyPatch, rows: int) -> 
             "SELECT g, 'customer ' || g, g %% 7, 9.99 FROM generate_series(1, %s) g",
             (rows,),
         )
-    return env
 
 
 def table_checksum(

@@ -34,23 +34,10 @@ from airflow_sync_provider.core.quality import (
 from airflow_sync_provider.core.schema import pg_type_for_arrow
 from airflow_sync_provider.core.staging import StagingArea, filesystem_for
 
-from ..conftest import SyncEnv, source_columns, table_checksum
+from ..conftest import SyncEnv, make_orders, source_columns, table_checksum
 
 E = gx.expectations
 SPEC: dict[str, Any] = {"sync_id": "orders", "source_table": "orders", "cursor_column": "updated_at"}
-
-
-def make_orders(env: SyncEnv, rows: int = 1_000) -> None:
-    with env.source() as conn:
-        conn.execute(
-            "CREATE TABLE orders (id bigint PRIMARY KEY, customer text, quantity int, unit_price numeric(10,2), "
-            "updated_at timestamptz NOT NULL DEFAULT now())"
-        )
-        conn.execute(
-            "INSERT INTO orders (id, customer, quantity, unit_price) "
-            "SELECT g, 'customer ' || g, g %% 7, 9.99 FROM generate_series(1, %s) g",
-            (rows,),
-        )
 
 
 def change(env: SyncEnv, statement: str, *params: Any) -> None:

@@ -109,12 +109,20 @@ def test_an_idle_stream_writes_nothing_on_the_source(cdc: CdcEnv) -> None:
     with _streaming(cdc, stream_for=60):
         _wait_converged(cdc)
         time.sleep(0.5)  # past the snapshot batch
+        confirmed = cdc.slot(SPEC).confirmed_flush_lsn
+        written: list[int] = []
         with cdc.env.source() as src:
-            before = _wal_lsn(src)
-            time.sleep(2.0)  # ~40 polls
-            after = _wal_lsn(src)
+            # The WAL is the whole server's: another test database's autovacuum can land in a window
+            # (7.6 kB once in a full run), so up to three windows; a batch per poll fails every one.
+            for _ in range(3):
+                before = _wal_lsn(src)
+                time.sleep(2.0)  # ~40 polls
+                written.append(_wal_lsn(src) - before)
+                if written[-1] < 2_000:
+                    break
+        assert cdc.slot(SPEC).confirmed_flush_lsn == confirmed, "an idle poll ran a batch: the slot moved"
     # a batch per poll would commit ~40 heartbeat messages (each a WAL record and a flush)
-    assert after - before < 2_000, f"the idle stream wrote {after - before} bytes of WAL"
+    assert min(written) < 2_000, f"the idle stream wrote {written} bytes of WAL per 2 s window"
 
 
 def test_a_busy_database_lets_the_idle_stream_advance_its_slot(cdc: CdcEnv) -> None:
